@@ -1,0 +1,190 @@
+"""Tiny, randomly initialised Stable Diffusion pipelines for tests and benchmarks.
+
+Nothing here downloads anything. :func:`build_tiny_sd` writes a standard diffusers folder (VAE, UNet
+with cross-attention at several resolutions, CLIP text model, a CLIP tokenizer built from local
+vocabulary files, a DDIM scheduler) that loads with ``StableDiffusionPipeline.from_pretrained(path)``
+exactly like a real Stable Diffusion checkpoint, so every code path is exercised the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SPECIAL_BOS = "<|startoftext|>"
+SPECIAL_EOS = "<|endoftext|>"
+
+
+def _byte_alphabet() -> list[str]:
+    """The 256 printable stand-ins GPT-2/CLIP byte-level BPE uses for raw bytes, in byte order."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return [table[b] for b in range(256)]
+
+
+def _merge_path(word: str) -> list[tuple[str, str]]:
+    """Left-to-right merges that build ``word`` (as a final ``</w>`` piece) from single characters."""
+    merges = []
+    pieces = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(pieces) > 1:
+        a, b = pieces[0], pieces[1]
+        merges.append((a, b))
+        pieces = [a + b] + pieces[2:]
+    return merges
+
+
+def write_clip_tokenizer(path: str | Path, words: list[str] | tuple[str, ...] = (), model_max_length: int = 77) -> Path:
+    """Write a CLIP BPE tokenizer folder that covers every byte (no input becomes UNK).
+
+    ``words`` become single tokens (so "cat" is one piece, like in the real CLIP vocabulary); any other
+    text falls back to byte-level pieces.
+    """
+    from transformers import CLIPTokenizer
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    alphabet = _byte_alphabet()
+    vocab: dict[str, int] = {}
+    for ch in alphabet:
+        vocab[ch] = len(vocab)
+    for ch in alphabet:
+        vocab[ch + "</w>"] = len(vocab)
+    merges: list[tuple[str, str]] = []
+    seen = set()
+    for word in words:
+        word = word.lower()
+        if len(word) < 2:
+            continue
+        for a, b in _merge_path(word):
+            if (a, b) in seen:
+                continue
+            seen.add((a, b))
+            merges.append((a, b))
+            if a + b not in vocab:
+                vocab[a + b] = len(vocab)
+    vocab[SPECIAL_BOS] = len(vocab)
+    vocab[SPECIAL_EOS] = len(vocab)
+    (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (path / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    tok = CLIPTokenizer.from_pretrained(str(path), model_max_length=model_max_length)
+    tok.save_pretrained(str(path))
+    return path
+
+
+DEFAULT_WORDS = (
+    "a", "photo", "of", "and", "the", "in", "on", "with", "snow", "beach", "cat", "dog", "bowl",
+    "stone", "creature", "object", "background", "red", "green", "blue", "toy", "bear", "shell",
+)
+
+
+@dataclass
+class TinySDConfig:
+    """Shape of a random SD-like model. Defaults: fast enough for unit tests on 2 CPU cores."""
+
+    resolution: int = 32  # image side in pixels
+    vae_channels: tuple[int, ...] = (8, 16)  # one down-sampling per entry after the first
+    latent_channels: int = 4
+    unet_channels: tuple[int, ...] = (32, 64)
+    # "cross" blocks have cross-attention; the others are plain ResNet blocks
+    unet_blocks: tuple[str, ...] = ("cross", "cross")
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    norm_groups: int = 8
+    text_hidden: int = 32
+    text_layers: int = 2
+    text_heads: int = 4
+    words: tuple[str, ...] = field(default_factory=lambda: DEFAULT_WORDS)
+    seed: int = 0
+
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae_channels) - 1)
+
+
+# a bigger random config with SD's block structure (3 cross-attention levels + 1 plain level)
+SD_LIKE = TinySDConfig(
+    resolution=256,
+    vae_channels=(32, 64, 64, 64),
+    unet_channels=(160, 320, 640, 640),
+    unet_blocks=("cross", "cross", "cross", "plain"),
+    layers_per_block=2,
+    attention_head_dim=32,
+    norm_groups=32,
+    text_hidden=256,
+    text_layers=4,
+    text_heads=8,
+)
+
+
+def build_tiny_sd(path: str | Path, config: TinySDConfig | None = None) -> Path:
+    """Build a random Stable Diffusion pipeline with ``config`` and save it (safetensors) at ``path``."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    cfg = config or TinySDConfig()
+    path = Path(path)
+    torch.manual_seed(cfg.seed)
+    tok_dir = write_clip_tokenizer(path / "_tok_tmp", cfg.words)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
+    n = len(cfg.vae_channels)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=cfg.vae_channels,
+        latent_channels=cfg.latent_channels,
+        layers_per_block=1,
+        norm_num_groups=min(8, cfg.vae_channels[0]),
+        sample_size=cfg.resolution,
+    )
+    down = tuple("CrossAttnDownBlock2D" if b == "cross" else "DownBlock2D" for b in cfg.unet_blocks)
+    up = tuple("CrossAttnUpBlock2D" if b == "cross" else "UpBlock2D" for b in reversed(cfg.unet_blocks))
+    heads = tuple(max(1, c // cfg.attention_head_dim) for c in cfg.unet_channels)
+    unet = UNet2DConditionModel(
+        sample_size=cfg.resolution // cfg.vae_factor,
+        in_channels=cfg.latent_channels,
+        out_channels=cfg.latent_channels,
+        down_block_types=down,
+        up_block_types=up,
+        block_out_channels=cfg.unet_channels,
+        layers_per_block=cfg.layers_per_block,
+        cross_attention_dim=cfg.text_hidden,
+        attention_head_dim=heads,
+        norm_num_groups=cfg.norm_groups,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=cfg.text_hidden,
+            intermediate_size=cfg.text_hidden * 4,
+            num_hidden_layers=cfg.text_layers,
+            num_attention_heads=cfg.text_heads,
+            max_position_embeddings=77,
+            projection_dim=cfg.text_hidden,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(path), safe_serialization=True)
+    for f in tok_dir.iterdir():
+        f.unlink()
+    tok_dir.rmdir()
+    return path

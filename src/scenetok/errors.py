@@ -1,0 +1,36 @@
+"""Errors raised at the edges of scenetok.
+
+Every error a user can cause is a :class:`ScenetokError`: its message says what is wrong (naming the
+file or option) and its ``hint`` says what to try. The CLI prints ``error: <message>`` and the hint on
+one or two lines and exits non-zero, with no traceback unless ``--debug`` is given.
+"""
+
+from __future__ import annotations
+
+
+class ScenetokError(Exception):
+    """A problem the user can fix. ``hint`` suggests how."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:  # pragma: no cover - trivial
+        return self.message if not self.hint else f"{self.message} ({self.hint})"
+
+
+class SceneError(ScenetokError):
+    """The input scene (image, masks, scene.json) is unusable."""
+
+
+class ConfigError(ScenetokError):
+    """A hyperparameter, option or config file is wrong."""
+
+
+class BundleError(ScenetokError):
+    """An output bundle is missing, damaged, or from an incompatible version."""
+
+
+class PromptError(ScenetokError):
+    """A prompt names a handle the bundle does not know."""
