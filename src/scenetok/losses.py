@@ -1,0 +1,141 @@
+"""Loss terms and the small map operations they are built from.
+
+Every function here is a pure tensor function (no model, no config), computed in fp32 whatever the
+input dtype, so the methods in :mod:`scenetok.methods` can share them and tests can check them on
+hand-made tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "bas_attention_loss",
+    "gaussian_smooth",
+    "masked_diffusion_loss",
+    "minmax_normalize",
+    "resize_masks",
+    "soft_iou",
+]
+
+
+def _as_grid(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """(..., H, W) -> (N, 1, H, W) and the leading shape."""
+    if x.ndim < 2:
+        raise ValueError(f"expected a tensor of shape (..., H, W), got shape {tuple(x.shape)}")
+    lead = tuple(x.shape[:-2])
+    return x.reshape(-1, 1, x.shape[-2], x.shape[-1]), lead
+
+
+def resize_masks(masks: torch.Tensor, size: int, mode: str = "area") -> torch.Tensor:
+    """Resize masks ``(..., H, W)`` (bool or float) to float32 ``(..., size, size)``.
+
+    ``mode="area"``: each output pixel is the fraction of its input area that is covered (soft values
+    in [0, 1]; on up-sampling this repeats pixels). ``mode="nearest"``: the input pixel nearest to the
+    output pixel's centre (values stay 0/1 for binary masks).
+    """
+    if mode not in ("area", "nearest"):
+        raise ValueError(f"mode must be 'area' or 'nearest' (got {mode!r})")
+    size = int(size)
+    if size < 1:
+        raise ValueError(f"size must be positive (got {size})")
+    masks = torch.as_tensor(masks)
+    grid, lead = _as_grid(masks.float())
+    if grid.shape[0] == 0:
+        return grid.new_zeros(*lead, size, size)
+    if grid.shape[-2:] == (size, size):
+        out = grid
+    elif mode == "area":
+        out = F.adaptive_avg_pool2d(grid, (size, size))
+    else:
+        out = F.interpolate(grid, size=(size, size), mode="nearest-exact")
+    return out.reshape(*lead, size, size)
+
+
+def masked_diffusion_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``MSE(pred·m, target·m)`` averaged over every element (fp32).
+
+    ``mask``: ``(B, 1, h, w)`` or ``(B, h, w)``, broadcast over channels; ``None`` gives the plain MSE.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"pred and target shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}")
+    diff = pred.float() - target.float()
+    if mask is not None:
+        m = mask.float()
+        if m.ndim == pred.ndim - 1:
+            m = m.unsqueeze(1)
+        if m.ndim != pred.ndim or m.shape[-2:] != pred.shape[-2:] or m.shape[0] not in (1, pred.shape[0]):
+            raise ValueError(
+                f"mask of shape {tuple(mask.shape)} does not fit predictions of shape {tuple(pred.shape)}: "
+                "expected (B, 1, h, w) or (B, h, w) at the latent size (see resize_masks)"
+            )
+        diff = diff * m.to(diff.device)
+    return diff.square().mean()
+
+
+def bas_attention_loss(maps: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor | None = None,
+                       eps: float = 1e-8) -> torch.Tensor:
+    """Break-A-Scene's cross-attention loss.
+
+    ``maps`` (B, K, h, w): the cross-attention map of each chosen token; ``masks`` (B, K, h, w) in
+    [0, 1]. For each valid (b, k): mean over pixels of ``(map / max(map) - mask)²``; summed over k,
+    averaged over b. ``valid`` (B, K) bool (None: all). A map that is all zero is divided by ``eps``
+    instead of 0.
+    """
+    if maps.ndim != 4 or masks.shape != maps.shape:
+        raise ValueError(
+            f"maps and masks must both be (B, K, h, w) of the same shape; got {tuple(maps.shape)} and "
+            f"{tuple(masks.shape)}"
+        )
+    a = maps.float()
+    peak = a.amax(dim=(-2, -1), keepdim=True).clamp_min(eps)
+    err = (a / peak - masks.float().to(a.device)).square().mean(dim=(-2, -1))  # (B, K)
+    if valid is not None:
+        if valid.shape != err.shape:
+            raise ValueError(f"valid must be (B, K) = {tuple(err.shape)}, got {tuple(valid.shape)}")
+        err = err * valid.to(device=err.device, dtype=err.dtype)
+    return err.sum(dim=1).mean()
+
+
+def minmax_normalize(x: torch.Tensor, dims=(-2, -1), eps: float = 1e-8) -> torch.Tensor:
+    """``(x - min) / (max - min + eps)`` with min/max taken over ``dims``."""
+    dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    lo = x.amin(dim=dims, keepdim=True)
+    hi = x.amax(dim=dims, keepdim=True)
+    return (x - lo) / (hi - lo + eps)
+
+
+def _gaussian_kernel(kernel_size: int, sigma: float, dtype, device) -> torch.Tensor:
+    r = torch.arange(kernel_size, dtype=torch.float64) - (kernel_size - 1) / 2
+    g = torch.exp(-(r**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return torch.outer(g, g).to(dtype=dtype, device=device)
+
+
+def gaussian_smooth(x: torch.Tensor, kernel_size: int = 3, sigma: float = 0.5) -> torch.Tensor:
+    """Blur each ``(H, W)`` map of ``x (..., H, W)`` with a normalised 2-D Gaussian (reflect padding)."""
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be a positive odd number (got {kernel_size})")
+    if not (sigma > 0 and math.isfinite(sigma)):
+        raise ValueError(f"sigma must be positive (got {sigma})")
+    if kernel_size == 1:
+        return x
+    dtype = x.dtype if x.is_floating_point() else torch.float32
+    grid, lead = _as_grid(x.to(dtype))
+    pad = kernel_size // 2
+    h, w = grid.shape[-2:]
+    # reflect padding needs at least pad+1 pixels; tiny maps fall back to edge replication
+    mode = "reflect" if min(h, w) > pad else "replicate"
+    grid = F.pad(grid, (pad, pad, pad, pad), mode=mode)
+    kernel = _gaussian_kernel(kernel_size, sigma, dtype, x.device)[None, None]
+    return F.conv2d(grid, kernel).reshape(*lead, h, w)
+
+
+def soft_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Soft IoU ``(Σ a·b + 1) / (Σ(a + b) − Σ a·b + 1)`` over the last two dims."""
+    inter = (a * b).sum(dim=(-2, -1))
+    total = (a + b).sum(dim=(-2, -1))
+    return (inter + 1) / (total - inter + 1)
