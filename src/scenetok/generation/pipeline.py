@@ -1,0 +1,359 @@
+"""Text-to-image generation from a bundle: load the base pipeline with the bundle's handles, check
+prompts, generate reproducible images, and (optionally) per-handle cross-attention overlays.
+
+Image ``i`` of a call always comes from its own generator seeded ``seed + i`` (a CPU generator, so the
+same seed gives the same starting noise on any device), so any image can be regenerated alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scenetok.bundle import Bundle, _file_stem, atomic_write_bytes, atomic_write_text, read_bundle
+from scenetok.errors import BundleError, ConfigError, PromptError
+
+HANDLE_RE = re.compile(r"<[^<>\s|][^<>\s]*>")
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "pndm": "PNDMScheduler",
+    "base": None,  # keep the base model's own scheduler
+}
+
+
+@dataclass
+class Generated:
+    """One generated image and how it was made. ``attention``: handle → ``(h, w)`` map in [0, 1]."""
+
+    image: "PIL.Image.Image"  # noqa: F821
+    prompt: str
+    seed: int
+    attention: dict[str, np.ndarray] | None = None
+
+
+# ----------------------------------------------------------------------------------------------------
+# loading
+
+
+def _component_class(folder: Path):
+    """The class that loads a saved component folder, from its ``config.json`` (diffusers or transformers)."""
+    cfg = json.loads((folder / "config.json").read_text())
+    if "_class_name" in cfg:
+        import diffusers
+
+        cls = getattr(diffusers, cfg["_class_name"], None)
+    else:
+        import transformers
+
+        arch = (cfg.get("architectures") or [None])[0]
+        cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        raise BundleError(f"cannot tell which model class loads {folder}", hint="the bundle is damaged")
+    return cls
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
+
+
+def _looks_like_local_path(model: str) -> bool:
+    """True unless ``model`` has the shape of a Hub id (``org/name``)."""
+    return not _HUB_ID.match(model) or model.startswith(".")
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_pipeline(bundle, base_model: str | None = None, device=None, dtype=None, scheduler: str = "ddim"):
+    """Load the base Stable Diffusion pipeline with the bundle's changed components and handles.
+
+    ``bundle`` is a :class:`Bundle` or its folder. The base model is the manifest's ``base_model`` unless
+    ``base_model`` overrides it. Components the method fine-tuned replace the base ones (from
+    ``weights/``); the handles are added with diffusers' ``load_textual_inversion``; the scheduler is
+    ``scheduler`` (default DDIM) built from the base model's scheduler config; no safety checker.
+    Returns ``(pipe, bundle)``.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    import diffusers
+
+    bundle = read_bundle(bundle)
+    base = str(base_model or bundle.base_model)
+    if scheduler not in SCHEDULERS:
+        raise ConfigError(f"unknown scheduler {scheduler!r}", hint=f"choose one of {', '.join(SCHEDULERS)}")
+    if not Path(base).expanduser().exists() and _looks_like_local_path(base):
+        raise BundleError(
+            f"the base model {base} of bundle {bundle.path} is not there",
+            hint="pass the base model's folder or Hub id with --base-model (base_model=...)",
+        )
+    if Path(base).expanduser().exists():
+        base = str(Path(base).expanduser())
+
+    overrides = {}
+    for name, folder in bundle.component_dirs().items():
+        overrides[name] = _component_class(folder).from_pretrained(str(folder))
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            base, safety_checker=None, feature_extractor=None, requires_safety_checker=False, **overrides
+        )
+    except (OSError, ValueError) as e:
+        raise BundleError(f"could not load the base model {base}: {e}",
+                          hint="check the path or Hub id, or pass another with --base-model") from None
+    if SCHEDULERS[scheduler] is not None:
+        pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
+
+    dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    embeddings = bundle.embeddings()
+    for token, vec in embeddings.items():
+        if vec.numel() != dim:
+            raise BundleError(
+                f"handle {token} has {vec.numel()} dimensions but the text encoder of {base} has {dim}",
+                hint=f"this bundle was made for {bundle.base_model}; use that base model",
+            )
+    known = [t for t in embeddings if t in pipe.tokenizer.get_vocab()]
+    if known:
+        raise BundleError(f"the base model's tokenizer already has the token(s) {known}",
+                          hint="load the bundle on a fresh base pipeline")
+    files = [str(bundle.embedding_file(t)) for t in embeddings]
+    pipe.load_textual_inversion(files, token=list(embeddings))
+    pipe.to(device or _default_device())
+    if dtype is not None:
+        pipe.to(dtype=dtype)
+    return pipe, bundle
+
+
+# ----------------------------------------------------------------------------------------------------
+# prompts
+
+
+def _describe(bundle: Bundle) -> str:
+    return ", ".join(f"{h.token} ({h.name})" for h in bundle.handles)
+
+
+def check_prompt(prompt: str, bundle) -> None:
+    """Raise :class:`PromptError` when ``prompt`` uses a ``<...>`` handle the bundle does not have."""
+    bundle = read_bundle(bundle)
+    found = HANDLE_RE.findall(prompt)
+    unknown = [t for t in dict.fromkeys(found) if t not in bundle.tokens]
+    if unknown:
+        raise PromptError(
+            f"the prompt uses {', '.join(unknown)}, which bundle {bundle.path} does not have",
+            hint=f"known handles: {_describe(bundle)}",
+        )
+
+
+def handle_positions(tokenizer, prompt: str, tokens: list[str]) -> dict[str, list[int]]:
+    """Positions of each handle token in ``prompt`` as the text encoder sees it (by tokenizing)."""
+    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+    out = {}
+    for tok in tokens:
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        pos = [i for i, x in enumerate(ids) if x == tid]
+        if pos:
+            out[tok] = pos
+        elif tok in prompt:
+            warnings.warn(f"{tok} falls beyond the text encoder's {tokenizer.model_max_length} tokens; "
+                          "it has no effect and no attention map", stacklevel=3)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# generation
+
+
+def _resolve(bundle_or_pipe):
+    if isinstance(bundle_or_pipe, tuple):
+        pipe, bundle = bundle_or_pipe
+        return pipe, (read_bundle(bundle) if bundle is not None else None)
+    if isinstance(bundle_or_pipe, (Bundle, str, os.PathLike)):
+        return load_pipeline(bundle_or_pipe)
+    return bundle_or_pipe, None
+
+
+class _AttentionAccumulator:
+    """Sums the conditional-half cross-attention maps at the handle positions over denoising steps."""
+
+    def __init__(self, store, size: int, positions: dict[str, list[int]], batch: int, cfg: bool):
+        self.store = store
+        self.size = size
+        self.positions = positions
+        self.batch = batch
+        self.cfg = cfg
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+
+    def __call__(self, pipe, step, timestep, callback_kwargs):
+        maps = self.store.maps(self.size).detach().float().cpu()  # (B', T, s, s)
+        cond = maps[-self.batch:] if self.cfg else maps
+        for tok, pos in self.positions.items():
+            m = cond[:, pos].mean(1)
+            self.sums[tok] = self.sums[tok] + m if tok in self.sums else m
+        self.steps += 1
+        self.store.reset()
+        return {}
+
+    def result(self, j: int) -> dict[str, np.ndarray]:
+        from scenetok.viz import normalize_map
+
+        return {tok: normalize_map(s[j] / max(self.steps, 1)).astype(np.float32) for tok, s in self.sums.items()}
+
+
+def _attention_size(pipe, latent: int) -> tuple[int, list[str]]:
+    from scenetok.attention import available_sizes, select_layers
+
+    sizes = sorted(available_sizes(pipe.unet, latent))
+    if not sizes:
+        raise ConfigError("this UNet has no cross-attention layers to read maps from")
+    small = [s for s in sizes if s <= latent // 2]
+    size = max(small) if small else min(sizes)
+    return size, select_layers(pipe.unet, latent, sizes=[size])
+
+
+def generate(
+    bundle_or_pipe,
+    prompt: str,
+    *,
+    n: int = 4,
+    seed: int = 0,
+    steps: int = 50,
+    guidance: float = 7.5,
+    negative_prompt: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    batch_size: int = 4,
+    attention: bool = False,
+    out_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> list[Generated]:
+    """Generate ``n`` images of ``prompt``; image ``i`` uses a generator seeded ``seed + i``.
+
+    ``bundle_or_pipe``: a bundle (folder or :class:`Bundle`, loaded with :func:`load_pipeline`), a
+    ``(pipe, bundle)`` pair from :func:`load_pipeline`, or a bare pipeline. ``height``/``width`` default
+    to the bundle's resolution. ``attention=True`` also returns, per handle in the prompt, its
+    cross-attention map (conditional half of classifier-free guidance, averaged over steps and layers at
+    the largest map size ≤ latent/2). ``out_dir`` receives ``{i:02d}_seed{s}.png``, the overlays
+    ``{i:02d}_seed{s}_asset0.png``, ``grid.png`` and ``prompts.jsonl`` (one appended row per image).
+    """
+    pipe, bundle = _resolve(bundle_or_pipe)
+    if bundle is not None:
+        check_prompt(prompt, bundle)
+    for name, value in (("n", n), ("batch_size", batch_size), ("steps", steps)):
+        if int(value) < 1:
+            raise ConfigError(f"{name} must be at least 1 (got {value})")
+    vae_factor = getattr(pipe, "vae_scale_factor", 8)
+    default = bundle.resolution if bundle is not None else pipe.unet.config.sample_size * vae_factor
+    height = int(height or width or default)
+    width = int(width or height)
+    for name, value in (("height", height), ("width", width)):
+        if value % 8 or value < 8:
+            raise ConfigError(f"image {name} {value} is not a positive multiple of 8", hint="use e.g. --size 512")
+    if attention and height != width:
+        raise ConfigError("attention overlays need a square image (height == width)")
+
+    if bundle is not None:
+        tokens = bundle.tokens
+    else:
+        added = set(getattr(pipe.tokenizer, "get_added_vocab", dict)())
+        tokens = [t for t in dict.fromkeys(HANDLE_RE.findall(prompt)) if t in added]
+    positions = handle_positions(pipe.tokenizer, prompt, tokens) if attention else {}
+    if attention:
+        size, layers = _attention_size(pipe, height // vae_factor)
+    cfg = guidance > 1.0 and pipe.unet.config.time_cond_proj_dim is None
+    pipe.set_progress_bar_config(disable=not progress)
+
+    results: list[Generated] = []
+    for start in range(0, n, batch_size):
+        count = min(batch_size, n - start)
+        seeds = [seed + start + j for j in range(count)]
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        kwargs = dict(
+            prompt=[prompt] * count,
+            negative_prompt=[negative_prompt] * count if negative_prompt is not None else None,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=height,
+            width=width,
+            generator=generators,
+            output_type="pil",
+        )
+        if attention and positions:
+            from scenetok.attention import capture_attention
+
+            with capture_attention(pipe.unet, layers) as store:
+                acc = _AttentionAccumulator(store, size, positions, count, cfg)
+                with torch.no_grad():
+                    images = pipe(**kwargs, callback_on_step_end=acc).images
+            maps = [acc.result(j) for j in range(count)]
+        else:
+            with torch.no_grad():
+                images = pipe(**kwargs).images
+            maps = [({} if attention else None)] * count
+        for img, s, m in zip(images, seeds, maps):
+            results.append(Generated(image=img, prompt=prompt, seed=s, attention=m))
+
+    if out_dir is not None:
+        write_outputs(results, out_dir, bundle=bundle, negative_prompt=negative_prompt, steps=steps,
+                      guidance=guidance, first_index=0)
+    return results
+
+
+def _png(image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_outputs(results: list[Generated], out_dir, *, bundle: Bundle | None = None, negative_prompt=None,
+                  steps=None, guidance=None, first_index: int = 0) -> Path:
+    """Write generated images, their attention overlays, ``grid.png`` and ``prompts.jsonl`` to ``out_dir``."""
+    from PIL import Image
+
+    from scenetok import viz
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = {h.token: h.name for h in bundle.handles} if bundle is not None else {}
+    rows, tiles, labels = [], [], []
+    per_row = 1 + max((len(r.attention or {}) for r in results), default=0)
+    for i, r in enumerate(results, start=first_index):
+        fname = f"{i:02d}_seed{r.seed}.png"
+        atomic_write_bytes(out / fname, _png(r.image))
+        row = {"file": fname, "prompt": r.prompt, "negative_prompt": negative_prompt, "seed": r.seed,
+               "steps": steps, "guidance": guidance, "width": r.image.width, "height": r.image.height,
+               "bundle": str(bundle.path) if bundle is not None else None}
+        tiles.append(r.image)
+        labels.append(f"seed {r.seed}")
+        if r.attention is not None:
+            row["attention"] = {}
+            for tok, heat in r.attention.items():
+                overlay = viz.overlay_heatmap(r.image, heat)
+                oname = f"{i:02d}_seed{r.seed}_{_file_stem(tok)}.png"
+                atomic_write_bytes(out / oname, _png(overlay))
+                row["attention"][tok] = oname
+                tiles.append(overlay)
+                labels.append(f"{tok} {names.get(tok, '')}".strip())
+            for _ in range(per_row - 1 - len(r.attention)):  # keep one image per grid row
+                tiles.append(Image.new("RGB", r.image.size, (255, 255, 255)))
+                labels.append("")
+        rows.append(row)
+    cols = per_row if per_row > 1 else None
+    atomic_write_bytes(out / "grid.png", _png(viz.grid(tiles, labels=labels, cols=cols)))
+    log = out / "prompts.jsonl"
+    old = log.read_text(encoding="utf-8") if log.is_file() else ""
+    if old and not old.endswith("\n"):
+        old += "\n"
+    atomic_write_text(log, old + "".join(json.dumps(r) + "\n" for r in rows))
+    return out

@@ -1,0 +1,124 @@
+"""Generation from a bundle on a tiny random Stable Diffusion: loading, prompts, seeds, attention, files."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from scenetok.bundle import HandleInfo, write_bundle  # noqa: E402
+from scenetok.errors import BundleError, PromptError  # noqa: E402
+from scenetok.generation import Generated, check_prompt, generate, load_pipeline  # noqa: E402
+
+PROMPT = "a photo of <asset0> on <asset1> in the snow"
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, tiny_sd):
+    from diffusers import UNet2DConditionModel
+
+    root = tmp_path_factory.mktemp("gen")
+    sd = tiny_sd
+    unet = UNet2DConditionModel.from_pretrained(str(sd / "unet"))
+    with torch.no_grad():  # a "fine-tuned" UNet: one weight visibly changed
+        unet.conv_out.bias.add_(0.25)
+    g = torch.Generator().manual_seed(1)
+    handles = [HandleInfo("<asset0>", "creature", "toy", "bear"), HandleInfo("<asset1>", "bowl", "bowl", "bowl")]
+    return write_bundle(
+        root / "bundle", method="break-a-scene", base_model=str(sd), handles=handles,
+        embeddings={h.token: torch.randn(32, generator=g) for h in handles}, components={"unet": unet},
+        config={}, resolution=32, input_hashes={},
+    )
+
+
+@pytest.fixture(scope="module")
+def loaded(bundle):
+    return load_pipeline(bundle, device="cpu")
+
+
+def _arr(img):
+    return np.asarray(img).astype(np.int16)
+
+
+def test_load_pipeline(bundle, loaded):
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    pipe, b = loaded
+    assert b.path == bundle.path
+    assert isinstance(pipe.scheduler, DDIMScheduler) and pipe.safety_checker is None
+    changed = UNet2DConditionModel.from_pretrained(str(bundle.path / "weights" / "unet"))
+    assert torch.equal(pipe.unet.conv_out.bias, changed.conv_out.bias)  # the bundle's UNet, not the base one
+    w = pipe.text_encoder.get_input_embeddings().weight
+    for token, vec in bundle.embeddings().items():
+        assert torch.equal(w[pipe.tokenizer.convert_tokens_to_ids(token)], vec)
+
+
+def test_missing_base_model_says_what_to_do(bundle, tmp_path):
+    with pytest.raises(BundleError, match="not there") as e:
+        load_pipeline(bundle, base_model=str(tmp_path / "gone"), device="cpu")
+    assert "--base-model" in e.value.hint
+
+
+def test_generate_sizes_and_per_image_seeds(loaded):
+    out = generate(loaded, PROMPT, n=3, seed=5, steps=STEPS, batch_size=2, progress=False)
+    assert [type(r) for r in out] == [Generated] * 3
+    assert [r.seed for r in out] == [5, 6, 7]
+    assert all(r.image.size == (32, 32) and r.prompt == PROMPT and r.attention is None for r in out)
+    alone = generate(loaded, PROMPT, n=1, seed=7, steps=STEPS, progress=False)[0]
+    np.testing.assert_array_equal(_arr(alone.image), _arr(out[2].image))  # image i alone with seed+i
+    assert np.abs(_arr(out[0].image) - _arr(out[1].image)).max() > 0  # different seeds, different images
+    big = generate(loaded, PROMPT, n=1, steps=2, height=48, width=48, progress=False)[0]
+    assert big.image.size == (48, 48)
+
+
+def test_unknown_handle_lists_known_ones(bundle, loaded):
+    check_prompt(PROMPT, bundle)
+    check_prompt("a photo of a cat", bundle)
+    with pytest.raises(PromptError, match="<asset7>") as e:
+        check_prompt("a photo of <asset7> and <asset0>", bundle)
+    assert "<asset0> (creature)" in e.value.hint and "<asset1> (bowl)" in e.value.hint
+    with pytest.raises(PromptError):
+        generate(loaded, "a <asset2>", n=1, steps=1, progress=False)
+
+
+def test_attention_maps_per_handle(loaded):
+    pytest.importorskip("scenetok.attention")
+    out = generate(loaded, "a photo of <asset1>", n=2, steps=STEPS, attention=True, progress=False)
+    for r in out:
+        assert set(r.attention) == {"<asset1>"}  # only the handles in the prompt
+        heat = r.attention["<asset1>"]
+        # 32 px → 16×16 latents; cross-attention at 16 and 8; the largest size ≤ latent/2 is 8
+        assert heat.shape == (8, 8) and heat.dtype == np.float32
+        assert heat.min() >= 0.0 and heat.max() <= 1.0 and heat.max() > heat.min()
+    assert not np.array_equal(out[0].attention["<asset1>"], out[1].attention["<asset1>"])
+    plain = generate(loaded, "a photo of <asset1>", n=1, seed=0, steps=STEPS, progress=False)[0]
+    np.testing.assert_array_equal(_arr(plain.image), _arr(out[0].image))  # capturing does not change images
+
+
+def test_out_dir_files(loaded, tmp_path):
+    attention = True
+    try:
+        import scenetok.attention  # noqa: F401
+    except ImportError:
+        attention = False
+    out = tmp_path / "images"
+    generate(loaded, PROMPT, n=2, seed=3, steps=2, attention=attention, out_dir=out, progress=False)
+    names = {p.name for p in out.iterdir()}
+    expected = {"00_seed3.png", "01_seed4.png", "grid.png", "prompts.jsonl"}
+    if attention:
+        expected |= {f"{i:02d}_seed{s}_{h}.png" for i, s in ((0, 3), (1, 4)) for h in ("asset0", "asset1")}
+    assert names == expected
+    rows = [json.loads(x) for x in (out / "prompts.jsonl").read_text().splitlines()]
+    assert [r["seed"] for r in rows] == [3, 4] and rows[0]["prompt"] == PROMPT and rows[0]["file"] == "00_seed3.png"
+    from PIL import Image
+
+    with Image.open(out / "00_seed3.png") as im:
+        assert im.size == (32, 32)
+    generate(loaded, PROMPT, n=1, seed=9, steps=1, out_dir=out, progress=False)  # the log is appended to
+    assert len((out / "prompts.jsonl").read_text().splitlines()) == 3
