@@ -1,0 +1,218 @@
+"""The ``scenetok`` command line: a thin skin over the library.
+
+Every subcommand parses its options, calls one library function, and prints. Errors a user can fix are
+printed as one line (``error: …`` plus a hint) with exit status 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from scenetok import __version__
+from scenetok.errors import ScenetokError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def default_model() -> str | None:
+    """The shipped toy model, if this installation has it."""
+    path = Path(__file__).parent / "assets" / "toy-sd"
+    return str(path) if (path / "model_index.json").is_file() else None
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scenetok",
+        description="Break one photo into text tokens: one learned handle (<asset0>, <asset1>, …) per thing "
+        "in the scene, for Stable Diffusion.",
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"scenetok {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    model_help = "base model: a Hub id (e.g. stabilityai/stable-diffusion-2-1-base) or a local diffusers folder"
+    dm = default_model()
+    if dm:
+        model_help += " (default: the shipped toy model)"
+
+    p = sub.add_parser("extract", help="learn one handle per concept of a scene; writes a bundle folder",
+                       formatter_class=_Formatter,
+                       description="Learn handles for a scene folder (img.png|jpg + mask0.png … + optional "
+                       "scene.json) and write a bundle to -o.")
+    p.add_argument("scene", help="scene folder: img.jpg|png, mask0.png … maskN.png, optional scene.json")
+    p.add_argument("-o", "--output", required=True, help="output bundle folder")
+    p.add_argument("--method", default="break-a-scene", help="method name (see `scenetok methods`)")
+    p.add_argument("--model", default=dm, required=dm is None, help=model_help)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a hyperparameter, e.g. --set phase1.steps=50 --set attn.weight=0.02 (repeatable)")
+    p.add_argument("--config", help="YAML or JSON file of hyperparameters (applied before --set)")
+    p.add_argument("--background", action=argparse.BooleanOptionalAction, default=None,
+                   help="add the background (complement of all masks) as a concept; default: scene.json's choice")
+    p.add_argument("--policy", choices=["crop", "pad"], default="crop",
+                   help="how a non-square image becomes square: center-crop or pad")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in the output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="autocast precision (default: the method's, normally 'no')")
+    _add_common(p)
+
+    p = sub.add_parser("generate", help="generate images from a bundle and a prompt", formatter_class=_Formatter)
+    p.add_argument("bundle", help="bundle folder written by `scenetok extract`")
+    p.add_argument("prompt", help='prompt using the handles, e.g. "a photo of <asset0> in the snow"')
+    p.add_argument("-n", "--num-images", type=int, default=4, help="number of images")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image (image i uses seed+i)")
+    p.add_argument("-o", "--output", default="images", help="output folder for the images")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--negative", default=None, help="negative prompt")
+    p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the bundle's resolution)")
+    p.add_argument("--batch-size", type=int, default=4, help="images generated at once")
+    p.add_argument("--attention", action="store_true", help="also write per-handle attention overlays")
+    p.add_argument("--base-model", default=None, help="override the bundle's base model path/id")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    _add_common(p)
+
+    p = sub.add_parser("info", help="describe a bundle", formatter_class=_Formatter)
+    p.add_argument("bundle", help="bundle folder")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    _add_common(p)
+
+    p = sub.add_parser("methods", help="list the methods and their default hyperparameters",
+                       formatter_class=_Formatter)
+    p.add_argument("name", nargs="?", help="show every default of this method")
+    _add_common(p)
+    return parser
+
+
+def _cmd_extract(args) -> int:
+    from scenetok.methods import get_method
+    from scenetok.scene import load_scene
+    from scenetok.training import load_model, method_config, train
+    from scenetok import config as cfglib
+
+    method = get_method(args.method)
+    overrides = list(args.overrides)
+    if args.mixed_precision:
+        overrides.append(f"mixed_precision={args.mixed_precision}")
+    file_cfg = cfglib.load_config_file(args.config) if args.config else None
+    cfg = method_config(method, file_cfg, overrides)
+    scene = load_scene(args.scene, background=args.background, policy=args.policy, require_masks=method.needs_masks)
+    out = Path(args.output)
+    if not args.quiet:
+        print(f"scene {args.scene}: {len(scene.concepts)} concepts "
+              f"({', '.join(f'{h}={c.name}' for h, c in zip(scene.handles, scene.concepts))})")
+    from scenetok.bundle import check_output_dir
+
+    if not args.resume:
+        check_output_dir(out, overwrite=args.overwrite)
+    model = load_model(args.model)
+    bundle = train(scene, out, method=method, model=model, cfg=cfg, resume=args.resume, overwrite=args.overwrite,
+                   device=args.device, progress=not args.quiet)
+    print(f"bundle written to {bundle.path}")
+    print(f'next: scenetok generate {bundle.path} "a photo of {" and ".join(h.token for h in bundle.handles)}"')
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from scenetok.generation import generate, load_pipeline, check_prompt
+    from scenetok.bundle import read_bundle
+
+    if args.num_images < 1:
+        raise ScenetokError("-n must be at least 1")
+    bundle = read_bundle(args.bundle)
+    check_prompt(args.prompt, bundle)
+    pipe, bundle = load_pipeline(bundle, base_model=args.base_model, device=args.device)
+    results = generate(
+        (pipe, bundle), args.prompt, n=args.num_images, seed=args.seed, steps=args.steps, guidance=args.guidance,
+        negative_prompt=args.negative, height=args.size, width=args.size, batch_size=args.batch_size,
+        attention=args.attention, out_dir=args.output, progress=not args.quiet,
+    )
+    print(f"{len(results)} image(s) written to {args.output}")
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from scenetok.bundle import read_bundle
+
+    b = read_bundle(args.bundle)
+    if args.json:
+        print(json.dumps(b.manifest, indent=2))
+        return 0
+    man = b.manifest
+    print(f"bundle      {b.path}")
+    print(f"method      {man.get('method')}")
+    print(f"base model  {man.get('base_model')}")
+    print(f"resolution  {man.get('resolution')}")
+    print(f"made by     scenetok {man.get('scenetok_version')} on {man.get('created', '?')}")
+    print("handles:")
+    for h in b.handles:
+        bg = " (background)" if h.is_background else ""
+        print(f"  {h.token:10s} {h.name}{bg}  class word: {h.class_word}  init: {h.init_word}")
+    changed = man.get("components") or []
+    print(f"trained weights: {', '.join(changed) if changed else 'token embeddings only'}")
+    return 0
+
+
+def _cmd_methods(args) -> int:
+    from scenetok.methods import available_methods, get_method
+    from scenetok.training import method_config
+    from scenetok.config import flatten
+
+    if args.name:
+        m = get_method(args.name)
+        print(f"{m.name}: {m.summary}")
+        for k, v in flatten(method_config(m)).items():
+            print(f"  {k} = {v}")
+        return 0
+    for name in available_methods():
+        m = get_method(name)
+        masks = "masks" if m.needs_masks else "no masks"
+        print(f"{name:22s} [{masks}] {m.summary}")
+    return 0
+
+
+COMMANDS = {"extract": _cmd_extract, "generate": _cmd_generate, "info": _cmd_info, "methods": _cmd_methods}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return EXIT_USER_ERROR
+    try:
+        return COMMANDS[args.command](args)
+    except ScenetokError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        from scenetok.training import TrainingInterrupted
+
+        return EXIT_INTERRUPTED if isinstance(exc, TrainingInterrupted) else EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

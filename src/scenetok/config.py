@@ -1,0 +1,103 @@
+"""Nested hyperparameter dictionaries: method defaults, config files and ``--set key=value`` overrides.
+
+A method's defaults are a nested dict (``{"phase1": {"steps": 400, "lr": 5e-4}, ...}``). A YAML/JSON
+config file and ``--set`` overrides may only change keys that exist (typos are errors that list the valid
+keys); values given as text are parsed as YAML scalars (``1e-3``, ``true``, ``[16, 32]``) and must keep
+the default's type (an int where a float is expected is fine).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from scenetok.errors import ConfigError
+
+
+def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, (int, float)) and isinstance(value, str):
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
+        if value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if isinstance(default, (list, tuple)) and not isinstance(value, (list, tuple)):
+        return [value]
+    return value
+
+
+def set_key(cfg: dict, key: str, value: Any) -> None:
+    """Set dotted ``key`` in ``cfg`` (in place); the key must exist."""
+    parts = key.split(".")
+    node = cfg
+    for i, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            valid = ", ".join(sorted(flatten(cfg)))
+            raise ConfigError(f"unknown setting {key!r}", hint=f"valid settings: {valid}")
+        if i == len(parts) - 1:
+            node[part] = _coerce(key, value, node[part])
+        else:
+            node = node[part]
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}", hint="for example --set phase1.steps=50")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_config_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings")
+    return data
+
+
+def resolve(defaults: dict, file_cfg: dict | None = None, overrides: Iterable[str] = ()) -> dict:
+    """defaults ← config file ← ``key=value`` overrides; returns a new dict."""
+    cfg = copy.deepcopy(defaults)
+    if file_cfg:
+        for key, value in flatten(file_cfg).items():
+            set_key(cfg, key, value)
+    for text in overrides:
+        key, value = parse_assignment(text)
+        set_key(cfg, key, value)
+    return cfg

@@ -1,0 +1,149 @@
+"""Handles: the new tokens (``<asset0>``, ``<asset1>`` …) that stand for the concepts of a scene.
+
+The handles are added to the tokenizer and the text encoder's vocabulary. While training, the token
+embedding matrix stays frozen and the handle rows live in a small separate parameter
+(:class:`HandleEmbedding`): every other vocabulary row is bit-for-bit unchanged by construction (no
+restore-after-step dance, no weight-decay drift), and the optimizer only holds ``K × D`` numbers instead
+of the whole vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from scenetok.errors import ConfigError
+
+
+def handle_token(i: int) -> str:
+    return f"<asset{i}>"
+
+
+def word_ids(tokenizer, word: str) -> list[int]:
+    """Token ids of ``word`` without special tokens (several for a multi-piece word)."""
+    ids = tokenizer(word, add_special_tokens=False).input_ids
+    if not ids:
+        raise ConfigError(f"init word {word!r} tokenizes to nothing", hint="pick a plain word such as 'object'")
+    return list(ids)
+
+
+class HandleEmbedding(nn.Module):
+    """Token embedding whose handle rows come from a trainable ``(K, D)`` parameter.
+
+    ``base`` is the (frozen) resized vocabulary embedding; ids ``first_id .. first_id + K - 1`` are the
+    handles and read from :attr:`vectors` instead of ``base``.
+    """
+
+    def __init__(self, base: nn.Embedding, first_id: int, vectors: torch.Tensor):
+        super().__init__()
+        self.base = base
+        self.first_id = int(first_id)
+        self.vectors = nn.Parameter(vectors.detach().clone())
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that reads get_input_embeddings().weight sees the base rows
+        return self.base.weight
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.base.num_embeddings
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.base.embedding_dim
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = self.base(input_ids)
+        k = self.vectors.shape[0]
+        rel = input_ids - self.first_id
+        is_handle = (rel >= 0) & (rel < k)
+        if not bool(is_handle.any()):
+            return out
+        picked = self.vectors.to(out.dtype)[rel.clamp(0, k - 1)]
+        return torch.where(is_handle.unsqueeze(-1), picked, out)
+
+
+@dataclass
+class Handles:
+    """The handles of one training run: tokens, their ids, and how they were initialised."""
+
+    tokens: list[str]
+    ids: list[int]
+    init_words: list[str]
+
+    def module(self, text_encoder) -> HandleEmbedding:
+        emb = text_encoder.get_input_embeddings()
+        if not isinstance(emb, HandleEmbedding):
+            raise RuntimeError("the text encoder's handles are not attached")
+        return emb
+
+    def vectors(self, text_encoder) -> torch.Tensor:
+        """The current handle embeddings, ``(K, D)``."""
+        return self.module(text_encoder).vectors
+
+    def as_dict(self, text_encoder) -> dict[str, torch.Tensor]:
+        vecs = self.vectors(text_encoder).detach().float().cpu()
+        return {t: vecs[i].clone() for i, t in enumerate(self.tokens)}
+
+    def detach(self, text_encoder) -> None:
+        """Write the learned rows into a plain ``nn.Embedding`` again (for saving/inference)."""
+        mod = self.module(text_encoder)
+        base = mod.base
+        with torch.no_grad():
+            base.weight[mod.first_id : mod.first_id + len(self.ids)] = mod.vectors.to(base.weight.dtype)
+        text_encoder.set_input_embeddings(base)
+
+
+def add_handles(tokenizer, text_encoder, tokens: list[str], init_words: list[str]) -> Handles:
+    """Add ``tokens`` to the tokenizer and text encoder; initialise each from its init word.
+
+    A word of several BPE pieces is initialised with the mean of its pieces. The embedding matrix is
+    frozen afterwards and the handle rows become the trainable :class:`HandleEmbedding` parameter.
+    """
+    if len(tokens) != len(init_words):
+        raise ValueError("one init word per handle is needed")
+    for tok in tokens:
+        if tok in tokenizer.get_vocab():
+            raise ConfigError(
+                f"the handle {tok!r} already exists in the tokenizer",
+                hint="this base model already knows it; pick another handle prefix",
+            )
+    init_vectors = []
+    base_emb = text_encoder.get_input_embeddings()
+    if isinstance(base_emb, HandleEmbedding):
+        raise RuntimeError("handles are already attached to this text encoder")
+    with torch.no_grad():
+        for word in init_words:
+            ids = word_ids(tokenizer, word)
+            init_vectors.append(base_emb.weight[ids].float().mean(0))
+    added = tokenizer.add_tokens(list(tokens))
+    if added != len(tokens):
+        raise RuntimeError(f"tokenizer added {added} of {len(tokens)} handles")
+    ids = tokenizer.convert_tokens_to_ids(list(tokens))
+    if ids != list(range(ids[0], ids[0] + len(ids))):
+        raise RuntimeError(f"handle ids are not contiguous: {ids}")
+    text_encoder.resize_token_embeddings(len(tokenizer))
+    base = text_encoder.get_input_embeddings()
+    vecs = torch.stack(init_vectors).to(base.weight.dtype)
+    with torch.no_grad():
+        base.weight[ids[0] : ids[0] + len(ids)] = vecs
+    base.weight.requires_grad_(False)
+    text_encoder.set_input_embeddings(HandleEmbedding(base, ids[0], vecs.float()))
+    return Handles(tokens=list(tokens), ids=list(ids), init_words=list(init_words))
+
+
+def token_positions(tokenizer, prompts: list[str], token_ids: list[int]) -> torch.Tensor:
+    """Position of each token id in each tokenized prompt (padding as the text encoder sees it).
+
+    Returns ``(B, K)`` long; -1 where the token is absent. Positions are found by tokenizing, never
+    assumed.
+    """
+    enc = tokenizer(prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length).input_ids
+    out = torch.full((len(prompts), len(token_ids)), -1, dtype=torch.long)
+    for b, row in enumerate(enc):
+        for k, tid in enumerate(token_ids):
+            if tid in row:
+                out[b, k] = row.index(tid)
+    return out

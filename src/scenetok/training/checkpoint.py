@@ -1,0 +1,116 @@
+"""Resumable checkpoints without pickle: tensors in safetensors, everything else in JSON.
+
+A checkpoint holds the trainable state (handle vectors; UNet / text-encoder weights once a phase trains
+them), the optimizer state, the random generators and the position in the schedule. Only the latest
+checkpoint is kept; it is written to a temporary folder and renamed into place, so a crash while saving
+never destroys the previous one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from scenetok.errors import BundleError
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for pid, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[key] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    for pid, extra in meta["scalars"].items():
+        state.setdefault(int(pid), {}).update(extra)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(
+    out_dir: Path,
+    *,
+    trainable: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer | None,
+    torch_gen: torch.Generator,
+    np_rng: np.random.Generator,
+    progress: dict,
+) -> Path:
+    final = Path(out_dir) / CHECKPOINT_DIR
+    tmp = Path(out_dir) / f".{CHECKPOINT_DIR}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+    opt_meta = None
+    if optimizer is not None:
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    save_file({"torch_rng": torch_gen.get_state()}, str(tmp / "rng.safetensors"))
+    meta = {"progress": progress, "optimizer": opt_meta, "numpy_rng": np_rng.bit_generator.state}
+    (tmp / "state.json").write_text(json.dumps(meta, default=_json_default))
+    old = Path(out_dir) / f".{CHECKPOINT_DIR}.old"
+    if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+    return final
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    raise TypeError(f"cannot store {type(obj)} in a checkpoint")
+
+
+def has_checkpoint(out_dir: Path) -> bool:
+    return (Path(out_dir) / CHECKPOINT_DIR / "state.json").is_file()
+
+
+def load_checkpoint(out_dir: Path) -> dict:
+    folder = Path(out_dir) / CHECKPOINT_DIR
+    if not has_checkpoint(out_dir):
+        raise BundleError(
+            f"no checkpoint to resume from in {out_dir}",
+            hint="run without --resume to start a new training run",
+        )
+    meta = json.loads((folder / "state.json").read_text())
+    out = {
+        "trainable": load_file(str(folder / "trainable.safetensors")),
+        "torch_rng": load_file(str(folder / "rng.safetensors"))["torch_rng"],
+        "numpy_rng": meta["numpy_rng"],
+        "progress": meta["progress"],
+        "optimizer": None,
+    }
+    if meta["optimizer"] is not None:
+        out["optimizer"] = _unflatten_optimizer(load_file(str(folder / "optimizer.safetensors")), meta["optimizer"])
+    return out
+
+
+def remove_checkpoint(out_dir: Path) -> None:
+    folder = Path(out_dir) / CHECKPOINT_DIR
+    if folder.exists():
+        shutil.rmtree(folder)

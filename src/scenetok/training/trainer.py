@@ -1,0 +1,653 @@
+"""The one training loop. Every method runs through :func:`train`.
+
+Read top to bottom: load the base model → add handles → cache the image latents (once per flip state) →
+for each phase of the method: choose what trains, build the optimizer, and step: sample concepts and a
+prompt per batch element, noise the cached latents, run the UNet with attention capture only where a loss
+reads maps, sum the method's loss terms (+ prior preservation), step, log, preview, checkpoint. At the end
+the bundle is written.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from scenetok import config as cfglib
+from scenetok.errors import ConfigError, ScenetokError
+from scenetok.methods import Batch, Method, Outputs, Phase, get_method
+from scenetok.scene import Scene
+from scenetok.tokens import Handles, add_handles, handle_token, token_positions
+from scenetok.training import checkpoint as ckpt
+
+TRAIN_DEFAULTS: dict = {
+    "seed": 0,
+    "resolution": 0,  # 0: the model's native resolution
+    "batch_size": 1,
+    "grad_accum": 1,
+    "mixed_precision": "no",  # no | fp16 | bf16
+    "flip_p": 0.5,
+    "gradient_checkpointing": False,
+    "optim": {"beta1": 0.9, "beta2": 0.999, "weight_decay": 1e-2, "eps": 1e-8, "grad_clip": 1.0, "use_8bit": False},
+    "checkpoint_every": 100,
+    "preview_every": 100,
+    "prior": {
+        "enabled": False, "weight": 1.0, "num_images": 100, "prompt": "", "images_dir": "", "batch_size": 1,
+        "steps": 25, "guidance": 7.5, "cache_dir": "",
+    },
+}
+
+
+class TrainingInterrupted(ScenetokError):
+    """Ctrl-C during training: a checkpoint was saved."""
+
+
+def method_config(method: Method, file_cfg: dict | None = None, overrides=()) -> dict:
+    """Paper defaults of ``method`` + shared training defaults, then config file, then ``--set``."""
+    defaults = copy.deepcopy(TRAIN_DEFAULTS)
+    defaults.update(method.defaults())
+    cfg = cfglib.resolve(defaults, file_cfg, overrides)
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: dict) -> None:
+    if cfg["batch_size"] < 1 or cfg["grad_accum"] < 1:
+        raise ConfigError("batch_size and grad_accum must be at least 1")
+    if cfg["mixed_precision"] not in ("no", "fp16", "bf16"):
+        raise ConfigError(f"mixed_precision must be no, fp16 or bf16, got {cfg['mixed_precision']!r}")
+    if not 0.0 <= cfg["flip_p"] <= 1.0:
+        raise ConfigError("flip_p must be in [0, 1]")
+    for key, value in cfglib.flatten(cfg).items():
+        if key.endswith(".steps") and isinstance(value, int) and value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+        if key.endswith(".lr") and isinstance(value, float) and value <= 0:
+            raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+@dataclass
+class Model:
+    """The base model's parts, as loaded by the real ``from_pretrained`` loaders."""
+
+    model_id: str
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    scheduler: object
+
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_resolution(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_factor
+
+
+def load_model(model_id: str) -> Model:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    try:
+        return Model(
+            model_id=str(model_id),
+            tokenizer=CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer"),
+            text_encoder=CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder"),
+            vae=AutoencoderKL.from_pretrained(model_id, subfolder="vae"),
+            unet=UNet2DConditionModel.from_pretrained(model_id, subfolder="unet"),
+            scheduler=DDPMScheduler.from_pretrained(model_id, subfolder="scheduler"),
+        )
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise ConfigError(
+            f"cannot load the base model {model_id!r}: {str(exc).splitlines()[0]}",
+            hint="give a local diffusers folder or a Hub id such as stabilityai/stable-diffusion-2-1-base "
+            "(Hub ids need the network or a filled HF cache)",
+        ) from None
+
+
+@dataclass
+class Run:
+    """State of one training run, shared by the loop's helpers."""
+
+    scene: Scene
+    method: Method
+    cfg: dict
+    model: Model
+    handles: Handles
+    out_dir: Path
+    device: torch.device
+    accelerator: object
+    resolution: int
+    latent_size: int
+    attention_layers: list[str]
+    attention_size: int | None
+    latents: dict  # flip -> (mean, std) at latent size, fp32
+    masks: dict  # flip -> (N, H, W) float masks
+    prior_latents: torch.Tensor | None
+    prior_ids: torch.Tensor | None
+    torch_gen: torch.Generator
+    np_rng: np.random.Generator
+    log_rows: list = field(default_factory=list)
+    trainable: list = field(default_factory=list)  # parameters of the current phase (for clipping)
+
+
+def train(
+    scene: Scene,
+    out_dir: str | Path,
+    *,
+    method: str | Method = "break-a-scene",
+    model: str | Model,
+    cfg: dict | None = None,
+    overrides=(),
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str | None = None,
+    progress: bool = True,
+    on_preview: Callable[[int, dict], None] | None = None,
+):
+    """Train handles for ``scene`` with ``method`` on ``model`` and write a bundle to ``out_dir``.
+
+    Returns the :class:`scenetok.bundle.Bundle`. With ``resume=True`` the run continues from the
+    checkpoint in ``out_dir`` and ends with the same weights as an uninterrupted run.
+    """
+    from scenetok import bundle as bundlelib
+
+    method = get_method(method) if isinstance(method, str) else method
+    cfg = method_config(method, None, overrides) if cfg is None else cfg
+    out_dir = Path(out_dir)
+    if resume:
+        if not ckpt.has_checkpoint(out_dir):
+            raise ScenetokError(f"--resume: {out_dir} holds no checkpoint", hint="start without --resume")
+        saved_cfg = json.loads((out_dir / "run_config.json").read_text())
+        if saved_cfg["method"] != method.name:
+            raise ConfigError(f"--resume: {out_dir} was trained with {saved_cfg['method']}, not {method.name}")
+        cfg = saved_cfg["config"]
+    else:
+        bundlelib.check_output_dir(out_dir, overwrite=overwrite)
+        if out_dir.exists() and overwrite:
+            _clear_dir(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        bundlelib.atomic_write_text(
+            out_dir / "run_config.json", json.dumps({"method": method.name, "config": cfg}, indent=2)
+        )
+    if method.needs_masks and not scene.concepts:
+        raise ScenetokError(f"{method.name} needs masks and the scene has none")
+
+    run = _setup(scene, method, cfg, model, out_dir, device)
+    phases = [p for p in method.phases(cfg) if p.steps > 0]
+    total = sum(p.steps for p in phases)
+    start = {"phase": 0, "step": 0, "global": 0}
+    state = None
+    if resume:
+        state = ckpt.load_checkpoint(out_dir)
+        start = state["progress"]
+        run.torch_gen.set_state(state["torch_rng"])
+        run.np_rng.bit_generator.state = state["numpy_rng"]
+        _load_trainable(run, state["trainable"])
+        log_path = out_dir / "train_log.jsonl"
+        if log_path.exists():  # keep only the rows up to the checkpoint
+            rows = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()]
+            run.log_rows = [r for r in rows if r.get("global_step", 0) <= start["global"]]
+            bundlelib.atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in run.log_rows))
+
+    bar = _progress_bar(total, start["global"], progress)
+    capture = _capture_context(run)
+    try:
+        with capture as store:
+            for pi, phase in enumerate(phases):
+                if pi < start["phase"]:
+                    continue
+                first_step = start["step"] if pi == start["phase"] else 0
+                optimizer = _setup_phase(run, phase)
+                if state is not None and pi == start["phase"] and state["optimizer"] is not None and first_step > 0:
+                    optimizer.load_state_dict(state["optimizer"])
+                global_step = sum(p.steps for p in phases[:pi]) + first_step
+                if global_step == 0:
+                    _preview(run, 0, on_preview)
+                for step in range(first_step, phase.steps):
+                    rng_before = (run.torch_gen.get_state(), run.np_rng.bit_generator.state)
+                    try:
+                        terms = _train_step(run, phase, optimizer, store)
+                    except KeyboardInterrupt:
+                        # drop the unfinished step: rewind the random streams so --resume redoes it exactly
+                        run.torch_gen.set_state(rng_before[0])
+                        run.np_rng.bit_generator.state = rng_before[1]
+                        optimizer.zero_grad(set_to_none=True)
+                        _save(run, optimizer, pi, step, global_step)
+                        raise TrainingInterrupted(
+                            f"training interrupted at step {global_step}/{total}; checkpoint saved in {out_dir}",
+                            hint=f"continue with: scenetok extract ... -o {out_dir} --resume",
+                        ) from None
+                    global_step += 1
+                    row = {"global_step": global_step, "phase": phase.name, "step": step + 1, "lr": phase.lr}
+                    row.update({k: float(v) for k, v in terms.items()})
+                    _log(run, row)
+                    bar.update(1)
+                    bar.set_postfix({k: f"{v:.4f}" for k, v in terms.items()}, refresh=False)
+                    done_phase = step + 1 == phase.steps
+                    if global_step % cfg["preview_every"] == 0 and global_step != total:
+                        _preview(run, global_step, on_preview)
+                    if cfg["checkpoint_every"] and global_step % cfg["checkpoint_every"] == 0 and global_step != total:
+                        if done_phase:
+                            _save(run, None, pi + 1, 0, global_step)
+                        else:
+                            _save(run, optimizer, pi, step + 1, global_step)
+                del optimizer
+            _preview(run, total, on_preview)
+    finally:
+        bar.close()
+    result = _write_bundle(run, bundlelib)
+    ckpt.remove_checkpoint(out_dir)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# setup
+
+
+def _setup(scene: Scene, method: Method, cfg: dict, model: str | Model, out_dir: Path, device: str | None) -> Run:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from scenetok.attention import available_sizes, select_layers
+
+    cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
+    # gradient accumulation is done by the loop itself (it divides the loss), not by accelerate
+    accelerator = Accelerator(mixed_precision=cfg["mixed_precision"], cpu=cpu)
+    set_seed(cfg["seed"])
+    m = load_model(model) if isinstance(model, (str, Path)) else model
+    m.model_id = str(m.model_id)
+    dev = accelerator.device
+    resolution = cfg["resolution"] or m.native_resolution
+    if resolution % m.vae_factor:
+        raise ConfigError(f"resolution {resolution} is not a multiple of the VAE factor {m.vae_factor}")
+    latent_size = resolution // m.vae_factor
+    scene_r = scene.resized(resolution)
+
+    tokens = [handle_token(i) for i in range(len(scene_r.concepts))]
+    handles = add_handles(m.tokenizer, m.text_encoder, tokens, [c.init_word for c in scene_r.concepts])
+    for module in (m.vae, m.unet, m.text_encoder):
+        module.requires_grad_(False)
+        module.to(dev)
+    if cfg["gradient_checkpointing"]:
+        m.unet.enable_gradient_checkpointing()
+        m.text_encoder.gradient_checkpointing_enable()
+
+    sizes = available_sizes(m.unet, latent_size)
+    attention_size = method.attention_size(cfg, latent_size, sizes)
+    layers = select_layers(m.unet, latent_size, sizes=[attention_size]) if attention_size else []
+
+    latents, masks = {}, {}
+    image = torch.from_numpy(scene_r.image).permute(2, 0, 1).float().div(127.5).sub(1.0)[None]
+    mask_t = torch.from_numpy(scene_r.masks()).float()
+    with torch.no_grad():
+        for flip in (False, True):
+            img = image.flip(-1) if flip else image
+            dist = m.vae.encode(img.to(dev, m.vae.dtype)).latent_dist
+            latents[flip] = (dist.mean.float(), dist.std.float())
+            masks[flip] = (mask_t.flip(-1) if flip else mask_t).to(dev)
+
+    prior_latents = prior_ids = None
+    if cfg["prior"]["enabled"]:
+        prior_latents, prior_ids = _prepare_prior(m, scene_r, cfg, resolution, dev)
+
+    torch_gen = torch.Generator("cpu").manual_seed(cfg["seed"])
+    np_rng = np.random.default_rng(cfg["seed"])
+    return Run(
+        scene=scene_r, method=method, cfg=cfg, model=m, handles=handles, out_dir=out_dir, device=dev,
+        accelerator=accelerator, resolution=resolution, latent_size=latent_size, attention_layers=layers,
+        attention_size=attention_size, latents=latents, masks=masks, prior_latents=prior_latents,
+        prior_ids=prior_ids, torch_gen=torch_gen, np_rng=np_rng,
+    )
+
+
+def _prepare_prior(m: Model, scene: Scene, cfg: dict, resolution: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from scenetok.training.prior import generate_prior_images, load_image_folder
+
+    pc = cfg["prior"]
+    prompt = pc["prompt"] or "a photo of " + " and ".join(
+        f"a {c.class_word}" for c in scene.concepts if not c.is_background
+    )
+    if pc["images_dir"]:
+        images = load_image_folder(pc["images_dir"], resolution)
+    else:
+        # generated by the base model before any handle exists (handles are added after this call)
+        base_te = m.text_encoder
+        pipe = StableDiffusionPipeline(
+            vae=m.vae, text_encoder=base_te, tokenizer=m.tokenizer, unet=m.unet,
+            scheduler=DDIMScheduler.from_config(m.scheduler.config), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False,
+        )
+        images = generate_prior_images(
+            pipe, prompt, pc["num_images"], resolution, model_id=m.model_id, seed=cfg["seed"], steps=pc["steps"],
+            guidance=pc["guidance"], cache_root=pc["cache_dir"] or None,
+        )
+    with torch.no_grad():
+        lat = []
+        for img in images:
+            x = torch.from_numpy(img).permute(2, 0, 1).float().div(127.5).sub(1.0)[None].to(dev, m.vae.dtype)
+            lat.append(m.vae.encode(x).latent_dist.mean.float())
+    ids = m.tokenizer(prompt, padding="max_length", truncation=True, max_length=m.tokenizer.model_max_length,
+                      return_tensors="pt").input_ids
+    return torch.cat(lat), ids
+
+
+def _setup_phase(run: Run, phase: Phase) -> torch.optim.Optimizer:
+    """Freeze everything, unfreeze what ``phase`` trains, and build its optimizer."""
+    m, cfg = run.model, run.cfg
+    m.unet.requires_grad_(False)
+    m.text_encoder.requires_grad_(False)
+    vectors = run.handles.vectors(m.text_encoder)
+    params = []
+    if "handles" in phase.train:
+        vectors.requires_grad_(True)
+        params.append(vectors)
+    if "unet" in phase.train:
+        m.unet.requires_grad_(True)
+        params += [p for p in m.unet.parameters()]
+    if "text_encoder" in phase.train:
+        m.text_encoder.requires_grad_(True)
+        base = run.handles.module(m.text_encoder).base.weight
+        base.requires_grad_(False)  # the vocabulary never changes
+        params += [p for p in m.text_encoder.parameters() if p is not vectors and p is not base]
+    m.unet.train("unet" in phase.train)
+    m.text_encoder.train("text_encoder" in phase.train)
+    o = cfg["optim"]
+    kwargs = dict(lr=phase.lr, betas=(o["beta1"], o["beta2"]), weight_decay=o["weight_decay"], eps=o["eps"])
+    if o["use_8bit"]:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("optim.use_8bit needs bitsandbytes", hint="pip install bitsandbytes") from None
+        optimizer = bnb.optim.AdamW8bit(params, **kwargs)
+    else:
+        optimizer = torch.optim.AdamW(params, **kwargs)
+    optimizer = run.accelerator.prepare_optimizer(optimizer, device_placement=False)
+    run.trainable = params
+    return optimizer
+
+
+def _capture_context(run: Run):
+    import contextlib
+
+    from scenetok.attention import capture_attention
+
+    if not run.attention_layers:
+        return contextlib.nullcontext(None)
+    return capture_attention(run.model.unet, run.attention_layers)
+
+
+# ----------------------------------------------------------------------------------------------------
+# one step
+
+
+def _make_batch(run: Run, cfg: dict) -> tuple[Batch, torch.Tensor, torch.Tensor]:
+    """Sample concepts/prompts/flips for the scene rows, append prior rows; returns batch, latents, ids."""
+    m, n_concepts = run.model, len(run.scene.concepts)
+    bs = cfg["batch_size"]
+    chosen, prompts, flips = [], [], []
+    for _ in range(bs):
+        c = run.method.sample_concepts(run.np_rng, n_concepts, cfg)
+        chosen.append(c)
+        prompts.append(run.method.prompt(run.handles.tokens, c, cfg))
+        flips.append(bool(run.np_rng.random() < cfg["flip_p"]))
+    means = torch.cat([run.latents[f][0] for f in flips])
+    stds = torch.cat([run.latents[f][1] for f in flips])
+    eps = torch.randn(means.shape, generator=run.torch_gen).to(run.device)
+    latents = means + stds * eps
+    sf = m.vae.config.scaling_factor
+    shift = getattr(m.vae.config, "shift_factor", None) or 0.0
+    latents = (latents - shift) * sf
+    masks = torch.stack([run.masks[f] for f in flips])  # (B, N, H, W)
+    valid = torch.zeros(bs, n_concepts, dtype=torch.bool)
+    for b, c in enumerate(chosen):
+        valid[b, c] = True
+    from scenetok.losses import resize_masks
+
+    lat_masks = resize_masks(masks, run.latent_size, mode="area")  # (B, N, h, w)
+    union = (lat_masks * valid[:, :, None, None].to(lat_masks)).amax(dim=1, keepdim=True)
+    ids = m.tokenizer(prompts, padding="max_length", truncation=True, max_length=m.tokenizer.model_max_length,
+                      return_tensors="pt").input_ids
+    positions = token_positions(m.tokenizer, prompts, run.handles.ids)
+    if run.prior_latents is not None:
+        pb = cfg["prior"]["batch_size"]
+        pick = torch.randint(0, run.prior_latents.shape[0], (pb,), generator=run.torch_gen)
+        latents = torch.cat([latents, run.prior_latents[pick.to(run.prior_latents.device)] * sf])
+        ids = torch.cat([ids, run.prior_ids.expand(pb, -1)])
+        prompts = prompts + ["<prior>"] * pb
+    batch = Batch(
+        prompts=prompts, chosen=chosen, valid=valid, positions=positions, masks=masks, latent_mask=union,
+        timesteps=torch.empty(0), n_instance=bs,
+    )
+    return batch, latents, ids.to(run.device)
+
+
+def _train_step(run: Run, phase: Phase, optimizer, store) -> dict[str, torch.Tensor]:
+    m, cfg, acc = run.model, run.cfg, run.accelerator
+    sums: dict[str, float] = {}
+    for _ in range(cfg["grad_accum"]):
+        batch, latents, ids = _make_batch(run, cfg)
+        noise = torch.randn(latents.shape, generator=run.torch_gen).to(run.device)
+        t = torch.randint(0, m.scheduler.config.num_train_timesteps, (latents.shape[0],), generator=run.torch_gen)
+        t = t.to(run.device)
+        batch.timesteps = t
+        noisy = m.scheduler.add_noise(latents, noise, t)
+        if m.scheduler.config.prediction_type == "v_prediction":
+            target = m.scheduler.get_velocity(latents, noise, t)
+        else:
+            target = noise
+        if store is not None:
+            store.reset()
+        with acc.autocast():
+            enc = m.text_encoder(ids)[0]
+            pred = m.unet(noisy, t, enc).sample
+        out = Outputs(pred=pred.float(), target=target.float(), store=store, attention_size=run.attention_size)
+        terms = run.method.losses(batch, out, cfg)
+        if batch.n_instance < pred.shape[0]:
+            n = batch.n_instance
+            terms["prior"] = cfg["prior"]["weight"] * F.mse_loss(out.pred[n:], out.target[n:])
+        loss = sum(terms.values())
+        acc.backward(loss / cfg["grad_accum"])
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg["grad_accum"]
+        sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / cfg["grad_accum"]
+    if cfg["optim"]["grad_clip"] > 0:
+        acc.clip_grad_norm_(run.trainable, cfg["optim"]["grad_clip"])
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return sums
+
+
+# ----------------------------------------------------------------------------------------------------
+# logging, previews, checkpoints, bundle
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="training", disable=not enabled, dynamic_ncols=True)
+
+
+def _log(run: Run, row: dict) -> None:
+    row["time"] = round(time.time(), 3)
+    run.log_rows.append(row)
+    with open(run.out_dir / "train_log.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+@torch.no_grad()
+def preview_maps(run: Run, timesteps=(0.3, 0.5, 0.7)) -> dict[str, np.ndarray]:
+    """Each handle's cross-attention map for "a photo of <all handles>" averaged over a few timesteps.
+
+    Uses its own fixed random numbers, so previews never change the training run's random stream.
+    """
+    from scenetok.attention import capture_attention, select_layers
+
+    m = run.model
+    size = run.attention_size or max(1, run.latent_size // 4)
+    from scenetok.attention import available_sizes
+    from scenetok.methods.base import nearest_size
+
+    size = nearest_size(size, available_sizes(m.unet, run.latent_size))
+    layers = select_layers(m.unet, run.latent_size, sizes=[size])
+    prompt = run.method.prompt(run.handles.tokens, list(range(len(run.handles.tokens))), run.cfg)
+    ids = m.tokenizer([prompt], padding="max_length", truncation=True, max_length=m.tokenizer.model_max_length,
+                      return_tensors="pt").input_ids.to(run.device)
+    pos = token_positions(m.tokenizer, [prompt], run.handles.ids)[0]
+    gen = torch.Generator("cpu").manual_seed(1234)
+    mean, std = run.latents[False]
+    lat = (mean + std * torch.randn(mean.shape, generator=gen).to(run.device)) * m.vae.config.scaling_factor
+    was = (m.unet.training, m.text_encoder.training)
+    m.unet.eval()
+    m.text_encoder.eval()
+    acc = None
+    with capture_attention(m.unet, layers) as store:
+        enc = m.text_encoder(ids)[0]
+        for frac in timesteps:
+            t = torch.tensor([int(frac * (m.scheduler.config.num_train_timesteps - 1))], device=run.device)
+            noise = torch.randn(lat.shape, generator=gen).to(run.device)
+            store.reset()
+            with run.accelerator.autocast():
+                m.unet(m.scheduler.add_noise(lat, noise, t), t, enc)
+            maps = store.maps(size)[0].float()
+            acc = maps if acc is None else acc + maps
+    m.unet.train(was[0])
+    m.text_encoder.train(was[1])
+    acc = acc / len(timesteps)
+    return {tok: acc[int(p)].cpu().numpy() for tok, p in zip(run.handles.tokens, pos) if p >= 0}
+
+
+def attention_iou(maps: dict[str, np.ndarray], masks: np.ndarray, tokens: list[str]) -> dict[str, float]:
+    """IoU between each handle's min-max-normalised map (threshold 0.5) and its mask at map size."""
+    from scenetok.losses import resize_masks
+
+    out = {}
+    for k, tok in enumerate(tokens):
+        if tok not in maps:
+            continue
+        a = maps[tok]
+        a = (a - a.min()) / (a.max() - a.min() + 1e-8)
+        m = resize_masks(torch.from_numpy(masks[k]).float(), a.shape[-1], mode="area").numpy() >= 0.5
+        pred = a >= 0.5
+        union = (pred | m).sum()
+        out[tok] = float((pred & m).sum() / union) if union else 0.0
+    return out
+
+
+def _preview(run: Run, global_step: int, on_preview) -> None:
+    from PIL import Image
+
+    from scenetok import viz
+    from scenetok.bundle import atomic_write_bytes
+
+    maps = preview_maps(run)
+    ious = attention_iou(maps, run.scene.masks(), run.handles.tokens)
+    _log(run, {"global_step": global_step, "preview": True, "attn_iou": ious})
+    folder = run.out_dir / "previews"
+    folder.mkdir(exist_ok=True)
+    image = Image.fromarray(run.scene.image)
+    tiles = [image] + [viz.overlay_heatmap(image, maps[t]) for t in run.handles.tokens if t in maps]
+    labels = ["input"] + [f"{t} {c.name}" for t, c in zip(run.handles.tokens, run.scene.concepts) if t in maps]
+    import io
+
+    buf = io.BytesIO()
+    viz.grid(tiles, labels=labels, cols=len(tiles)).save(buf, format="PNG")
+    atomic_write_bytes(folder / f"step_{global_step:05d}.png", buf.getvalue())
+    if on_preview is not None:
+        on_preview(global_step, maps)
+
+
+def _trained_parts(run: Run, upto: int | None = None) -> set[str]:
+    """What the phases ``[0, upto]`` (all when None) train; phases with 0 steps are skipped."""
+    phases = [p for p in run.method.phases(run.cfg) if p.steps > 0]
+    trained: set[str] = set()
+    for phase in phases if upto is None else phases[: upto + 1]:
+        trained.update(phase.train)
+    return trained
+
+
+def _trainable_state(run: Run, phase_idx: int) -> dict[str, torch.Tensor]:
+    """What a checkpoint must hold: handles, plus the weights the phases so far have changed."""
+    m = run.model
+    state = {"handles": run.handles.vectors(m.text_encoder).detach().clone()}
+    trained = _trained_parts(run, phase_idx)
+    if "unet" in trained:
+        state.update({f"unet.{k}": v for k, v in m.unet.state_dict().items()})
+    if "text_encoder" in trained:
+        state.update({f"text_encoder.{k}": v for k, v in m.text_encoder.state_dict().items()
+                      if "token_embedding" not in k})
+    return state
+
+
+def _load_trainable(run: Run, state: dict[str, torch.Tensor]) -> None:
+    m = run.model
+    with torch.no_grad():
+        run.handles.vectors(m.text_encoder).copy_(state["handles"])
+    unet_sd = {k[5:]: v for k, v in state.items() if k.startswith("unet.")}
+    if unet_sd:
+        m.unet.load_state_dict(unet_sd, strict=True)
+    te_sd = {k[13:]: v for k, v in state.items() if k.startswith("text_encoder.")}
+    if te_sd:
+        missing, unexpected = m.text_encoder.load_state_dict(te_sd, strict=False)
+        if unexpected or any("token_embedding" not in k for k in missing):
+            raise ScenetokError("the checkpoint's text encoder does not match the base model")
+
+
+def _save(run: Run, optimizer, phase_idx: int, step: int, global_step: int) -> None:
+    ckpt.save_checkpoint(
+        run.out_dir,
+        trainable=_trainable_state(run, phase_idx),
+        optimizer=optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+        torch_gen=run.torch_gen,
+        np_rng=run.np_rng,
+        progress={"phase": phase_idx, "step": step, "global": global_step},
+    )
+
+
+def _write_bundle(run: Run, bundlelib):
+    from scenetok import viz
+
+    m = run.model
+    trained = _trained_parts(run)
+    embeddings = run.handles.as_dict(m.text_encoder)
+    base_vocab = min(run.handles.ids)
+    components = {}
+    if "unet" in trained:
+        components["unet"] = m.unet
+    if "text_encoder" in trained:
+        run.handles.detach(m.text_encoder)
+        components["text_encoder"] = m.text_encoder
+    handles = [
+        bundlelib.HandleInfo(token=t, name=c.name, class_word=c.class_word, init_word=c.init_word,
+                             is_background=c.is_background)
+        for t, c in zip(run.handles.tokens, run.scene.concepts)
+    ]
+    rows = [r for r in run.log_rows if not r.get("preview")]
+    viz.loss_plot(rows, run.out_dir / "loss.png")
+    return bundlelib.write_bundle(
+        run.out_dir, method=run.method.name, base_model=m.model_id, handles=handles, embeddings=embeddings,
+        components=components or None, text_encoder_vocab_size=base_vocab, config=run.cfg,
+        resolution=run.resolution, input_hashes=run.scene.input_hashes, image=run.scene.image,
+        masks=run.scene.masks(), mask_names=[c.name for c in run.scene.concepts], overwrite=True,
+    )
+
+
+def _clear_dir(path: Path) -> None:
+    import shutil
+
+    for child in path.iterdir():
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()

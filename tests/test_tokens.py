@@ -1,0 +1,67 @@
+import torch
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from scenetok.tokens import add_handles, token_positions, word_ids
+
+
+def _load(path):
+    return (CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
+            CLIPTextModel.from_pretrained(path, subfolder="text_encoder"))
+
+
+def test_init_from_single_and_multi_piece_words(tiny_sd):
+    tok, te = _load(tiny_sd)
+    base = te.get_input_embeddings().weight.detach().clone()
+    cat_ids = word_ids(tok, "cat")
+    multi = word_ids(tok, "zebra")  # not in the tiny vocabulary: several byte pieces
+    assert len(cat_ids) == 1 and len(multi) > 1
+    h = add_handles(tok, te, ["<asset0>", "<asset1>"], ["cat", "zebra"])
+    vec = h.vectors(te).detach()
+    assert torch.equal(vec[0], base[cat_ids[0]])
+    assert torch.allclose(vec[1], base[multi].mean(0))
+    assert tok.convert_tokens_to_ids("<asset1>") == h.ids[1]
+    assert tok.tokenize("a <asset0> cat") == ["a</w>", "<asset0>", "cat</w>"]
+
+
+def test_other_rows_bit_identical_after_training_steps(tiny_sd):
+    tok, te = _load(tiny_sd)
+    before = te.get_input_embeddings().weight.detach().clone()
+    h = add_handles(tok, te, ["<asset0>"], ["dog"])
+    te.requires_grad_(False)
+    vec = h.vectors(te)
+    vec.requires_grad_(True)
+    opt = torch.optim.AdamW([vec], lr=1e-1, weight_decay=1e-2)
+    ids = tok(["a photo of <asset0>"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    start = vec.detach().clone()
+    for _ in range(3):
+        out = te(ids)[0]
+        out.pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    after = h.module(te).base.weight.detach()
+    n = before.shape[0]
+    assert torch.equal(after[:n], before)  # every original row exactly unchanged
+    assert not torch.equal(vec.detach(), start)  # the handle moved
+    h.detach(te)
+    assert torch.equal(te.get_input_embeddings().weight[h.ids[0]], vec.detach()[0])
+    assert torch.equal(te.get_input_embeddings().weight[:n], before)
+
+
+def test_handle_embedding_matches_plain_lookup(tiny_sd):
+    tok, te = _load(tiny_sd)
+    h = add_handles(tok, te, ["<asset0>", "<asset1>"], ["red", "blue"])
+    ids = tok(["a <asset1> and <asset0>"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        wrapped = te(ids)[0]
+        h.detach(te)
+        plain = te(ids)[0]
+    assert torch.allclose(wrapped, plain)
+
+
+def test_token_positions_found_by_tokenizing(tiny_sd):
+    tok, te = _load(tiny_sd)
+    h = add_handles(tok, te, ["<asset0>", "<asset1>"], ["red", "blue"])
+    pos = token_positions(tok, ["a photo of <asset1>", "zebra <asset0> and <asset1>"], h.ids)
+    assert pos[0].tolist() == [-1, 4]
+    n_zebra = len(word_ids(tok, "zebra"))
+    assert pos[1].tolist() == [1 + n_zebra, 3 + n_zebra]

@@ -1,0 +1,141 @@
+"""End-to-end training on the tiny random SD: bundle contents, resume, reproducibility, ablations."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from scenetok.training import TrainingInterrupted, train
+from scenetok.training import trainer as trainer_mod
+
+FAST = ["phase1.steps=3", "phase2.steps=2", "checkpoint_every=2", "preview_every=2"]
+
+
+def _rows(out):
+    return [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def _final_weights(out):
+    emb = {p.name: load_file(str(p)) for p in sorted((out / "embeddings").glob("*.safetensors"))}
+    unet = load_file(str(next((out / "weights" / "unet").glob("*.safetensors"))))
+    return emb, unet
+
+
+def test_two_phase_run_writes_complete_bundle(tiny_sd, two_square_scene, tmp_path):
+    out = tmp_path / "bundle"
+    bundle = train(two_square_scene, out, model=str(tiny_sd), overrides=FAST, progress=False)
+    assert [h.token for h in bundle.handles] == ["<asset0>", "<asset1>"]
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["method"] == "break-a-scene" and man["hyperparameters"]["phase1"]["steps"] == 3
+    for f in ["README.md", "embeddings/asset0.safetensors", "embeddings/a1111/asset1.safetensors", "loss.png",
+              "train_log.jsonl", "input.png", "masks/mask0.png", "masks/mask1.png"]:
+        assert (out / f).is_file(), f
+    assert (out / "weights" / "unet").is_dir() and (out / "weights" / "text_encoder").is_dir()
+    assert not (out / "weights" / "vae").exists()
+    assert not (out / "checkpoint").exists()  # removed after success
+    previews = sorted(p.name for p in (out / "previews").glob("*.png"))
+    assert previews == ["step_00000.png", "step_00002.png", "step_00004.png", "step_00005.png"]
+    steps = [r for r in _rows(out) if not r.get("preview")]
+    assert [r["global_step"] for r in steps] == [1, 2, 3, 4, 5]
+    assert [r["phase"] for r in steps] == ["phase1"] * 3 + ["phase2"] * 2
+    assert all("diffusion" in r and "attn" in r and r["attn"] > 0 for r in steps)
+    ious = [r for r in _rows(out) if r.get("preview")]
+    assert set(ious[-1]["attn_iou"]) == {"<asset0>", "<asset1>"}
+
+
+def test_phase1_changes_only_handles_and_phase2_changes_unet(tiny_sd, two_square_scene, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    out = tmp_path / "p1"
+    train(two_square_scene, out, model=str(tiny_sd), overrides=["phase1.steps=2", "phase2.steps=0"], progress=False)
+    assert not (out / "weights").exists() or not any((out / "weights").iterdir())
+    base = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet").state_dict()
+    out2 = tmp_path / "p2"
+    train(two_square_scene, out2, model=str(tiny_sd), overrides=["phase1.steps=0", "phase2.steps=2",
+                                                                  "phase2.lr=1e-3"], progress=False)
+    tuned = load_file(str(next((out2 / "weights" / "unet").glob("*.safetensors"))))
+    assert any(not torch.equal(base[k], tuned[k]) for k in base)
+
+
+def test_seeded_runs_reproducible(tiny_sd, two_square_scene, tmp_path):
+    a = train(two_square_scene, tmp_path / "a", model=str(tiny_sd), overrides=FAST, progress=False)
+    b = train(two_square_scene, tmp_path / "b", model=str(tiny_sd), overrides=FAST, progress=False)
+    ea, ua = _final_weights(a.path)
+    eb, ub = _final_weights(b.path)
+    for k in ea:
+        for t in ea[k]:
+            assert torch.equal(ea[k][t], eb[k][t])
+    assert all(torch.equal(ua[k], ub[k]) for k in ua)
+    c = train(two_square_scene, tmp_path / "c", model=str(tiny_sd), overrides=FAST + ["seed=1"], progress=False)
+    ec, _ = _final_weights(c.path)
+    assert not torch.equal(ea["asset0.safetensors"]["<asset0>"], ec["asset0.safetensors"]["<asset0>"])
+
+
+@pytest.mark.parametrize("stop_at", [3, 4])  # at the phase boundary and inside phase 2
+def test_resume_gives_same_weights(tiny_sd, two_square_scene, tmp_path, monkeypatch, stop_at):
+    ref = train(two_square_scene, tmp_path / "ref", model=str(tiny_sd),
+                overrides=FAST[:2] + ["checkpoint_every=1", "preview_every=100"], progress=False)
+    real_step = trainer_mod._train_step
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == stop_at + 1:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(trainer_mod, "_train_step", flaky)
+    with pytest.raises(TrainingInterrupted):
+        train(two_square_scene, out, model=str(tiny_sd),
+              overrides=FAST[:2] + ["checkpoint_every=1", "preview_every=100"], progress=False)
+    assert (out / "checkpoint" / "state.json").is_file()
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["progress"]["global"] == stop_at
+    monkeypatch.setattr(trainer_mod, "_train_step", real_step)
+    train(two_square_scene, out, model=str(tiny_sd), resume=True, progress=False)
+    e1, u1 = _final_weights(ref.path)
+    e2, u2 = _final_weights(out)
+    for k in e1:
+        for t in e1[k]:
+            assert torch.equal(e1[k][t], e2[k][t]), k
+    assert all(torch.equal(u1[k], u2[k]) for k in u1)
+    steps = [r["global_step"] for r in _rows(out) if not r.get("preview")]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def test_no_attention_term_when_weight_zero(tiny_sd, two_square_scene, tmp_path):
+    train(two_square_scene, tmp_path / "x", model=str(tiny_sd),
+          overrides=["phase1.steps=2", "phase2.steps=0", "attn.weight=0"], progress=False)
+    steps = [r for r in _rows(tmp_path / "x") if not r.get("preview")]
+    assert all("attn" not in r for r in steps) and all(r["diffusion"] > 0 for r in steps)
+
+
+def test_batch2_bf16_accum_and_prior_folder(tiny_sd, two_square_scene, tmp_path):
+    from PIL import Image
+
+    prior = tmp_path / "prior"
+    prior.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((40, 48, 3), 60 * i, np.uint8)).save(prior / f"{i}.png")
+    out = tmp_path / "bf16"
+    train(two_square_scene, out, model=str(tiny_sd), progress=False,
+          overrides=["phase1.steps=2", "phase2.steps=1", "batch_size=2", "grad_accum=2", "mixed_precision=bf16",
+                     "prior.enabled=true", f"prior.images_dir={prior}", "prior.batch_size=2"])
+    steps = [r for r in _rows(out) if not r.get("preview")]
+    assert len(steps) == 3
+    assert all(np.isfinite(r["loss"]) and r["prior"] > 0 and r["attn"] > 0 for r in steps)
+
+
+def test_refuses_existing_non_bundle_folder(tiny_sd, two_square_scene, tmp_path):
+    from scenetok.errors import BundleError
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "precious.txt").write_text("do not delete")
+    with pytest.raises(BundleError):
+        train(two_square_scene, out, model=str(tiny_sd), overrides=FAST, progress=False)
+    assert (out / "precious.txt").read_text() == "do not delete"
