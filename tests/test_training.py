@@ -139,3 +139,14 @@ def test_refuses_existing_non_bundle_folder(tiny_sd, two_square_scene, tmp_path)
     with pytest.raises(BundleError):
         train(two_square_scene, out, model=str(tiny_sd), overrides=FAST, progress=False)
     assert (out / "precious.txt").read_text() == "do not delete"
+
+
+def test_overwrite_replaces_bundle_entries_but_keeps_user_files(tiny_sd, two_square_scene, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep")
+    (out / "train_log.jsonl").write_text('{"global_step": 99}\n')
+    train(two_square_scene, out, model=str(tiny_sd), overrides=["phase1.steps=1", "phase2.steps=0"],
+          overwrite=True, progress=False)
+    assert (out / "precious.txt").read_text() == "keep"
+    assert [r["global_step"] for r in _rows(out) if not r.get("preview")] == [1]

@@ -39,7 +39,10 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(default, (int, float)) and isinstance(value, str):
-        raise ConfigError(f"{key} must be a number, got {value!r}")
+        try:  # YAML 1.1 reads "1e-3" (no dot) as text
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"{key} must be a number, got {value!r}") from None
     if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
         if value.is_integer():
             return int(value)

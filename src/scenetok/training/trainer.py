@@ -261,6 +261,11 @@ def _setup(scene: Scene, method: Method, cfg: dict, model: str | Model, out_dir:
     from scenetok.attention import available_sizes, select_layers
 
     cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
+    from accelerate.state import AcceleratorState
+
+    # several runs in one process (a notebook, the tests) may ask for different precisions: accelerate
+    # keeps a process-wide state, which is reset here (the distributed part, PartialState, is kept)
+    AcceleratorState._reset_state(reset_partial_state=False)
     # gradient accumulation is done by the loop itself (it divides the loss), not by accelerate
     accelerator = Accelerator(mixed_precision=cfg["mixed_precision"], cpu=cpu)
     set_seed(cfg["seed"])
@@ -287,7 +292,7 @@ def _setup(scene: Scene, method: Method, cfg: dict, model: str | Model, out_dir:
     layers = select_layers(m.unet, latent_size, sizes=[attention_size]) if attention_size else []
 
     latents, masks = {}, {}
-    image = torch.from_numpy(scene_r.image).permute(2, 0, 1).float().div(127.5).sub(1.0)[None]
+    image = torch.from_numpy(np.array(scene_r.image)).permute(2, 0, 1).float().div(127.5).sub(1.0)[None]
     mask_t = torch.from_numpy(scene_r.masks()).float()
     with torch.no_grad():
         for flip in (False, True):
@@ -336,7 +341,7 @@ def _prepare_prior(m: Model, scene: Scene, cfg: dict, resolution: int, dev) -> t
     with torch.no_grad():
         lat = []
         for img in images:
-            x = torch.from_numpy(img).permute(2, 0, 1).float().div(127.5).sub(1.0)[None].to(dev, m.vae.dtype)
+            x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(127.5).sub(1.0)[None].to(dev, m.vae.dtype)
             lat.append(m.vae.encode(x).latent_dist.mean.float())
     ids = m.tokenizer(prompt, padding="max_length", truncation=True, max_length=m.tokenizer.model_max_length,
                       return_tensors="pt").input_ids
@@ -643,11 +648,17 @@ def _write_bundle(run: Run, bundlelib):
     )
 
 
+BUNDLE_ENTRIES = ("manifest.json", "README.md", "embeddings", "weights", "masks", "input.png", "previews",
+                  "train_log.jsonl", "loss.png", ckpt.CHECKPOINT_DIR, "run_config.json")
+
+
 def _clear_dir(path: Path) -> None:
+    """Remove what an earlier run wrote (only the bundle's own entries; other files are kept)."""
     import shutil
 
-    for child in path.iterdir():
+    for name in BUNDLE_ENTRIES:
+        child = path / name
         if child.is_dir():
             shutil.rmtree(child)
-        else:
+        elif child.exists():
             child.unlink()
