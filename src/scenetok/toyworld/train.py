@@ -1,0 +1,435 @@
+"""Train toy-sd from scratch on the procedural toy world, and score it with the toy-world oracle.
+
+Stages (all on CPU in the shipped run):
+
+0. data   render a fixed set of scenes (1–4 objects, 1–2 weighted up, held-out combinations excluded);
+1. VAE    reconstruction (L1 + L2) + a small KL term; then the latent std sets ``vae.config.scaling_factor``;
+2. UNet + text encoder, jointly, on pre-encoded latents (v-prediction, zero-terminal-SNR betas, 10 %
+          caption dropout for classifier-free guidance, AdamW with warm-up and cosine decay, EMA weights).
+
+Everything is drawn from ``seed``. ``--minutes`` caps stage 2 by wall time: the step count is then chosen
+from the measured speed and printed, and passing that count as ``--unet-steps`` with ``--minutes 0``
+repeats the run.
+
+    python -m scenetok.toyworld.train --out DIR --seed 0 --vae-steps 400 --unet-steps 3000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+N_OBJECT_WEIGHTS = {1: 0.35, 2: 0.35, 3: 0.18, 4: 0.12}
+CAPTION_DROPOUT = 0.1
+EVAL_SEED_OFFSET = 1_000_003  # evaluation scenes come from seeds the training data never uses
+
+
+def _log(msg: str) -> None:
+    print(f"[toy-sd {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- data
+def render_dataset(n: int, seed: int, *, max_seconds: float | None = None):
+    """Render ``n`` training scenes: (uint8 images (n,64,64,3), list of SceneSpec)."""
+    from scenetok.toyworld import world
+
+    rng = np.random.default_rng([seed, 1])
+    ks = np.array(sorted(N_OBJECT_WEIGHTS))
+    p = np.array([N_OBJECT_WEIGHTS[k] for k in ks])
+    images, specs = [], []
+    t0 = time.time()
+    for i in range(n):
+        k = int(rng.choice(ks, p=p / p.sum()))
+        spec = world.sample_scene(rng, n_objects=(k, k), allow_held_out=False)
+        img, _ = world.render(spec, size=64)
+        images.append(img)
+        specs.append(spec)
+        if max_seconds is not None and time.time() - t0 > max_seconds:
+            _log(f"render budget reached after {i + 1} scenes")
+            break
+        if (i + 1) % 2000 == 0:
+            _log(f"rendered {i + 1}/{n} scenes ({time.time() - t0:.0f}s)")
+    return np.stack(images), specs
+
+
+def _to_tensor(images: np.ndarray):
+    import torch
+
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+# -------------------------------------------------------------------------------------------- helpers
+def _lr_lambda(warmup: int, total_ref: list[int], floor: float = 0.1):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        total = max(total_ref[0], warmup + 1)
+        prog = min(1.0, (step - warmup) / (total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * prog))
+
+    return f
+
+
+def _replan(step: int, max_steps: int, t0: float, minutes: float) -> int:
+    """Steps that fit in ``minutes`` since ``t0`` at the speed measured so far (the machine is shared, so
+    the plan is revised as the speed changes); never more than ``max_steps``, never fewer than ``step``."""
+    elapsed = time.time() - t0
+    rate = elapsed / step
+    return max(step, min(max_steps, step + int((minutes * 60 - elapsed) / rate)))
+
+
+class _EMA:
+    def __init__(self, params, decay: float):
+        self.params = list(params)
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.decay = decay
+
+    def update(self, step: int):
+        import torch
+
+        d = min(self.decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
+
+    def swap(self):
+        import torch
+
+        with torch.no_grad():
+            for p, s in zip(self.params, self.shadow):
+                tmp = p.detach().clone()
+                p.copy_(s)
+                s.copy_(tmp)
+
+
+def save_pipeline(pipe, out_dir: str | Path, *, extra_info: dict | None = None) -> Path:
+    """Save ``pipe`` as a diffusers folder (safetensors), atomically (temp dir, then rename).
+
+    The UNet is stored in fp16 (diffusers loads it back as fp32); the VAE and the text encoder stay fp32
+    (transformers would otherwise load the text encoder as fp16).
+    """
+    import torch
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    dtypes = {}
+    for name in ("unet",):
+        mod = getattr(pipe, name)
+        dtypes[name] = next(mod.parameters()).dtype
+        mod.to(torch.float16)
+    try:
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+    finally:
+        for name, dt in dtypes.items():
+            getattr(pipe, name).to(dt)
+    keep = {}
+    if out_dir.exists():  # keep hand-written files (model card) across re-saves
+        for f in ("README.md",):
+            if (out_dir / f).exists():
+                keep[f] = (out_dir / f).read_bytes()
+    if extra_info:
+        (tmp / "training_info.json").write_text(json.dumps(extra_info, indent=2))
+    for f, b in keep.items():
+        (tmp / f).write_bytes(b)
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            f.chmod(0o644)
+    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+    if out_dir.exists():
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    if old.exists():
+        shutil.rmtree(old)
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------- train
+def train_toy_sd(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    vae_steps: int = 400,
+    unet_steps: int = 3000,
+    batch_size: int = 32,
+    vae_batch_size: int = 16,
+    n_images: int = 12000,
+    minutes: float | None = None,
+    vae_minutes: float | None = None,
+    render_minutes: float | None = None,
+    save_every_minutes: float | None = 10.0,
+    log_every: int = 50,
+    lr: float = 3e-4,
+    vae_lr: float = 1e-3,
+    ema_decay: float = 0.999,
+    device: str = "cpu",
+    threads: int | None = 2,
+) -> Path:
+    """Train toy-sd from scratch and save it (diffusers folder, safetensors) at ``out_dir``."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDIMScheduler
+
+    from scenetok.toyworld import world
+    from scenetok.toyworld.model import build_toy_sd, count_params
+
+    if threads:
+        torch.set_num_threads(threads)
+    t_start = time.time()
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng([seed, 2])
+
+    # ---- data
+    images, specs = render_dataset(n_images, seed, max_seconds=None if not render_minutes else render_minutes * 60)
+    n = len(specs)
+    _log(f"data: {n} scenes rendered in {time.time() - t_start:.0f}s")
+
+    # ---- scheduler: zero terminal SNR, v-prediction, trailing spacing
+    pipe = build_toy_sd(None, seed)
+    pipe.scheduler = DDIMScheduler.from_config(
+        pipe.scheduler.config, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+        timestep_spacing="trailing",
+    )
+    vae, unet, te, tok = pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer
+    vae.to(device), unet.to(device), te.to(device)
+    info = {
+        "seed": seed, "params": {k: count_params(getattr(pipe, k)) for k in ("vae", "unet", "text_encoder")},
+        "n_images": n, "batch_size": batch_size, "vae_batch_size": vae_batch_size, "lr": lr, "vae_lr": vae_lr,
+        "ema_decay": ema_decay, "caption_dropout": CAPTION_DROPOUT, "threads": threads, "device": device,
+    }
+    _log(f"params: {info['params']}")
+
+    # ---- stage 1: VAE
+    t_vae = time.time()
+    opt = torch.optim.AdamW(vae.parameters(), lr=vae_lr, weight_decay=0.0)
+    total_ref = [vae_steps]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(50, max(1, vae_steps // 10)), total_ref))
+    vae.train()
+    step = 0
+    while step < total_ref[0]:
+        idx = torch.from_numpy(rng.integers(0, n, vae_batch_size))
+        x = _to_tensor(images[idx.numpy()]).to(device)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=gen) if device == "cpu" else post.sample()).sample
+        l1 = (rec - x).abs().mean()
+        l2 = F.mse_loss(rec, x)
+        kl = post.kl().mean() / (post.mean[0].numel())
+        loss = l1 + l2 + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        if vae_minutes and step % 25 == 0:  # re-plan the step count from the measured speed
+            total_ref[0] = _replan(step, vae_steps, t_vae, vae_minutes)
+        if step % log_every == 0 or step == total_ref[0]:
+            _log(f"vae step {step}/{total_ref[0]} l1={l1.item():.4f} l2={l2.item():.4f} kl={kl.item():.3f}")
+    info["vae_steps"] = step
+    info["vae_seconds"] = round(time.time() - t_vae)
+    vae.eval()
+    vae.requires_grad_(False)
+
+    # ---- encode the data set once
+    t_enc = time.time()
+    means, stds = [], []
+    with torch.no_grad():
+        for i in range(0, n, 128):
+            post = vae.encode(_to_tensor(images[i:i + 128]).to(device)).latent_dist
+            means.append(post.mean.cpu())
+            stds.append(post.std.cpu())
+    lat_mean = torch.cat(means)
+    lat_std = torch.cat(stds)
+    with torch.no_grad():
+        sample = lat_mean + lat_std * torch.randn(lat_mean.shape, generator=gen)
+        recon = vae.decode(sample[:64].to(device)).sample.cpu()
+        rec_err = (recon - _to_tensor(images[:64])).abs().mean().item()
+    scaling = float(1.0 / sample.std())
+    vae.register_to_config(scaling_factor=scaling)
+    info["vae_scaling_factor"] = scaling
+    info["vae_recon_l1_eval"] = rec_err
+    _log(f"encoded {n} scenes in {time.time() - t_enc:.0f}s; latent std {sample.std():.3f} -> scaling "
+         f"{scaling:.4f}; recon L1 {rec_err:.4f} (on [-1,1])")
+    lat_mean = lat_mean * scaling
+    lat_std = lat_std * scaling
+
+    # ---- stage 2: UNet + text encoder
+    def encode_captions(caps):
+        ids = tok(caps, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        return te(ids.to(device))[0]
+
+    acp = pipe.scheduler.alphas_cumprod.to(device)
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2, betas=(0.9, 0.99))
+    total_ref = [unet_steps]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(200, max(1, unet_steps // 10)), total_ref))
+    ema = _EMA(params, ema_decay)
+    unet.train()
+    te.train()
+    t_unet = time.time()
+    last_save = time.time()
+    step = 0
+    run_loss = 0.0
+    while step < total_ref[0]:
+        idx = rng.integers(0, n, batch_size)
+        caps = [world.caption(specs[i], rng) if rng.random() >= CAPTION_DROPOUT else "" for i in idx]
+        ti = torch.from_numpy(idx)
+        x0 = (lat_mean[ti] + lat_std[ti] * torch.randn(lat_mean[ti].shape, generator=gen)).to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        t = torch.randint(0, acp.numel(), (batch_size,), generator=gen).to(device)
+        a = acp[t].sqrt().view(-1, 1, 1, 1)
+        s = (1 - acp[t]).sqrt().view(-1, 1, 1, 1)
+        xt = a * x0 + s * noise
+        target = a * noise - s * x0
+        pred = unet(xt, t, encode_captions(caps)).sample
+        loss = F.mse_loss(pred, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ema.update(step)
+        step += 1
+        run_loss += loss.item()
+        if minutes and step % 25 == 0:  # re-plan the step count from the measured speed
+            total_ref[0] = _replan(step, unet_steps, t_unet, minutes)
+        if step % log_every == 0 or step == total_ref[0]:
+            el = time.time() - t_unet
+            _log(f"unet step {step}/{total_ref[0]} loss={run_loss / (log_every if step % log_every == 0 else 1):.4f} "
+                 f"lr={sched.get_last_lr()[0]:.2e} {el / step:.2f}s/step elapsed {el / 60:.1f}min")
+            run_loss = 0.0
+        if save_every_minutes and time.time() - last_save > save_every_minutes * 60 and step < total_ref[0]:
+            ema.swap()
+            save_pipeline(pipe, out_dir, extra_info={**info, "unet_steps": step, "snapshot": True})
+            ema.swap()
+            last_save = time.time()
+            _log(f"snapshot (EMA) saved at step {step}")
+    info["unet_steps"] = step
+    info["unet_seconds"] = round(time.time() - t_unet)
+    info["total_seconds"] = round(time.time() - t_start)
+    ema.swap()
+    unet.eval()
+    te.eval()
+    path = save_pipeline(pipe, out_dir, extra_info=info)
+    _log(f"saved {path} after {info['total_seconds'] / 60:.1f} min")
+    return path
+
+
+# ------------------------------------------------------------------------------------------- evaluate
+def eval_scenes(n: int, seed: int, n_objects=(1, 2), allow_held_out: bool = False):
+    """``n`` evaluation scenes from a seed stream the training data never uses."""
+    from scenetok.toyworld import world
+
+    rng = np.random.default_rng([seed + EVAL_SEED_OFFSET, 3])
+    return [(s, world.caption(s, rng)) for s in
+            (world.sample_scene(rng, n_objects=n_objects, allow_held_out=allow_held_out) for _ in range(n))]
+
+
+def evaluate_toy_sd(
+    path: str | Path | None = None,
+    n: int = 200,
+    seed: int = 0,
+    *,
+    steps: int = 25,
+    guidance: float = 5.0,
+    batch: int = 50,
+    scenes=None,
+    pipe=None,
+    return_images: bool = False,
+) -> dict:
+    """Generate ``n`` unseen 1–2-object captions and score them with the oracle.
+
+    Returns rates in [0, 1]: ``background``, ``color``, ``shape``, ``texture``, ``object_ok`` (per object),
+    ``no_extra`` (per image) and ``all_ok`` (per image: background, every object and nothing extra).
+    """
+    import torch
+
+    from scenetok.toyworld import oracle
+    from scenetok.toyworld.model import build_toy_sd, toy_sd_path
+
+    if pipe is None:
+        pipe = build_toy_sd(path or toy_sd_path())
+    pipe.set_progress_bar_config(disable=True)
+    scenes = scenes if scenes is not None else eval_scenes(n, seed)
+    counts = {"background": 0, "color": 0, "shape": 0, "texture": 0, "object_ok": 0, "no_extra": 0, "all_ok": 0}
+    n_obj = 0
+    images = []
+    for i in range(0, len(scenes), batch):
+        chunk = scenes[i:i + batch]
+        g = torch.Generator().manual_seed(seed * 1000 + i)
+        with torch.no_grad():
+            out = pipe([c for _, c in chunk], height=64, width=64, num_inference_steps=steps,
+                       guidance_scale=guidance, generator=g, output_type="np").images
+        imgs = (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
+        for (spec, _), img in zip(chunk, imgs):
+            objs = [{"shape": o.shape, "color": o.color, "texture": o.texture} for o in spec.objects]
+            j = oracle.judge(img, objects=objs, background=spec.background)
+            counts["background"] += bool(j.background_ok)
+            for m in j.matches:
+                n_obj += 1
+                counts["color"] += bool(m["color_ok"])
+                counts["shape"] += bool(m["shape_ok"])
+                counts["texture"] += bool(m["texture_ok"])
+                counts["object_ok"] += bool(m["ok"])
+            counts["no_extra"] += len(j.extra) == 0
+            counts["all_ok"] += bool(j.background_ok and all(m["ok"] for m in j.matches) and not j.extra)
+        if return_images:
+            images.extend(imgs)
+    m = len(scenes)
+    res = {k: counts[k] / (n_obj if k in ("color", "shape", "texture", "object_ok") else m) for k in counts}
+    res.update(n_images=m, n_objects=n_obj, steps=steps, guidance=guidance, seed=seed)
+    if return_images:
+        res["images"] = images
+    return res
+
+
+# ----------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m scenetok.toyworld.train", description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="output folder (diffusers pipeline)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae-steps", type=int, default=400)
+    p.add_argument("--unet-steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--vae-batch-size", type=int, default=16)
+    p.add_argument("--n-images", type=int, default=12000)
+    p.add_argument("--minutes", type=float, default=0, help="wall-time cap for the UNet stage (0 = none)")
+    p.add_argument("--vae-minutes", type=float, default=0, help="wall-time cap for the VAE stage (0 = none)")
+    p.add_argument("--render-minutes", type=float, default=0, help="wall-time cap for rendering (0 = none)")
+    p.add_argument("--save-every-minutes", type=float, default=10)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--eval", type=int, default=0, help="after training, score N unseen captions with the oracle")
+    a = p.parse_args(argv)
+    if min(a.vae_steps, a.unet_steps, a.batch_size, a.n_images) < 1:
+        p.error("--vae-steps, --unet-steps, --batch-size and --n-images must be >= 1")
+    path = train_toy_sd(
+        a.out, seed=a.seed, vae_steps=a.vae_steps, unet_steps=a.unet_steps, batch_size=a.batch_size,
+        vae_batch_size=a.vae_batch_size, n_images=a.n_images, minutes=a.minutes or None,
+        vae_minutes=a.vae_minutes or None, render_minutes=a.render_minutes or None,
+        save_every_minutes=a.save_every_minutes or None, log_every=a.log_every, lr=a.lr, device=a.device,
+        threads=a.threads,
+    )
+    if a.eval:
+        res = evaluate_toy_sd(path, n=a.eval, seed=a.seed)
+        print(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""The shipped toy-sd model: loads through the standard diffusers loader, generates, stays small; the
+training code runs end to end on a tiny budget."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from scenetok.toyworld.model import toy_sd_path
+
+TOY = toy_sd_path()
+shipped = pytest.mark.skipif(not (TOY / "model_index.json").is_file(), reason="toy-sd not shipped yet")
+
+
+@pytest.fixture(scope="module")
+def toy_pipe():
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(TOY))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@shipped
+def test_shipped_folder_is_safetensors_and_small():
+    files = [f for f in TOY.rglob("*") if f.is_file()]
+    total = sum(f.stat().st_size for f in files)
+    assert total <= 25 * 1024 * 1024, f"toy-sd is {total / 2**20:.1f} MiB, over the 25 MiB cap"
+    names = {f.name for f in files}
+    assert not any(n.endswith((".bin", ".pt", ".pth", ".ckpt")) for n in names), "pickle weights shipped"
+    for sub in ("unet", "vae", "text_encoder"):
+        assert list((TOY / sub).glob("*.safetensors")), sub
+    index = json.loads((TOY / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert (TOY / "README.md").is_file(), "model card missing"
+
+
+@shipped
+def test_shipped_architecture(toy_pipe):
+    from diffusers import DDIMScheduler
+
+    unet, vae = toy_pipe.unet, toy_pipe.vae
+    assert all(p.dtype == torch.float32 for p in unet.parameters())
+    assert all(p.dtype == torch.float32 for p in toy_pipe.text_encoder.parameters())
+    assert isinstance(toy_pipe.scheduler, DDIMScheduler)
+    # VAE down-samples by 4: 64 px -> 16×16×4 latents; scaling factor was measured, not left at 1
+    assert 2 ** (len(vae.config.block_out_channels) - 1) == 4
+    assert vae.config.latent_channels == 4
+    assert vae.config.scaling_factor != 1.0
+    # cross-attention at 16×16 (the first down block) and at one more resolution
+    res, cross = unet.config.sample_size, []
+    for block in unet.down_blocks:
+        if getattr(block, "has_cross_attention", False):
+            cross.append(res)
+        if block.downsamplers is not None:
+            res //= 2
+    assert unet.config.sample_size == 16
+    assert 16 in cross and len(set(cross)) >= 2, cross
+    # every caption word is a single token
+    ids = toy_pipe.tokenizer("a photo of", add_special_tokens=False).input_ids
+    assert len(ids) == 3
+
+
+@shipped
+def test_shipped_generates_64px(toy_pipe):
+    g = torch.Generator().manual_seed(0)
+    img = toy_pipe("a photo of a red circle on a blue background", height=64, width=64, num_inference_steps=4,
+                   guidance_scale=5.0, generator=g, output_type="np").images[0]
+    assert img.shape == (64, 64, 3)
+    assert np.isfinite(img).all()
+    assert img.std() > 0.01  # not a flat or blank image
+
+
+@shipped
+def test_shipped_attention_maps_at_16(toy_pipe):
+    """Hook the cross-attention of the first down block: its queries cover the 16×16 latent grid."""
+    seen = []
+    attn = [m for n, m in toy_pipe.unet.named_modules() if n.endswith("attn2")][0]
+    h = attn.register_forward_hook(lambda mod, args, kwargs_out: seen.append(args[0].shape))
+    try:
+        toy_pipe("a photo of a star", height=64, width=64, num_inference_steps=1, guidance_scale=1.0,
+                 output_type="latent")
+    finally:
+        h.remove()
+    assert seen and seen[0][1] == 16 * 16
+
+
+def test_train_tiny_budget(tmp_path, monkeypatch):
+    """Two VAE steps and two UNet steps on a handful of renders produce a loadable pipeline."""
+    pytest.importorskip("scenetok.toyworld.world")
+    from diffusers import StableDiffusionPipeline
+
+    from scenetok.toyworld.train import train_toy_sd
+
+    out = train_toy_sd(tmp_path / "toy", seed=0, vae_steps=2, unet_steps=2, batch_size=2, vae_batch_size=2,
+                       n_images=6, save_every_minutes=None, log_every=1)
+    info = json.loads((out / "training_info.json").read_text())
+    assert info["vae_steps"] == 2 and info["unet_steps"] == 2
+    pipe = StableDiffusionPipeline.from_pretrained(str(out))
+    pipe.set_progress_bar_config(disable=True)
+    img = pipe("a photo of a square", height=64, width=64, num_inference_steps=2, output_type="np").images[0]
+    assert img.shape == (64, 64, 3)
+
+
+def test_main_rejects_bad_arguments(tmp_path):
+    from scenetok.toyworld.train import main
+
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "x"), "--unet-steps", "0"])
