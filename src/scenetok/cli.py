@@ -92,6 +92,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     _add_common(p)
 
+    p = sub.add_parser("demo", help="the whole product on the shipped toy model, offline, in a few minutes",
+                       formatter_class=_Formatter,
+                       description="Render a toy scene, learn its handles with Break-A-Scene on the shipped toy "
+                       "model, generate new scenes with them, score them with the toy-world oracle and write an "
+                       "HTML report.")
+    p.add_argument("-o", "--output", default="scenetok-demo", help="output folder (report.html, bundle/, images/)")
+    p.add_argument("--scene", default=None, help="use your own scene folder instead of a rendered toy scene "
+                   "(toy quality: the toy model only knows coloured shapes)")
+    p.add_argument("--seed", type=int, default=0, help="scene and generation seed")
+    p.add_argument("--objects", type=int, default=3, choices=[2, 3, 4], help="objects in the rendered scene")
+    p.add_argument("--images-per-prompt", type=int, default=2, help="images generated per prompt")
+    p.add_argument("--steps", type=int, default=25, help="DDIM steps per image")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a training hyperparameter")
+    _add_common(p)
+
+    p = sub.add_parser("toyworld", help="the toy world: train the toy model", formatter_class=_Formatter)
+    tw = p.add_subparsers(dest="toyworld_command", metavar="SUBCOMMAND")
+    t = tw.add_parser("train", help="train toy-sd from scratch (python -m scenetok.toyworld.train --help)",
+                      add_help=False)
+    t.add_argument("args", nargs=argparse.REMAINDER, help="options of scenetok.toyworld.train")
+
     p = sub.add_parser("methods", help="list the methods and their default hyperparameters",
                        formatter_class=_Formatter)
     p.add_argument("name", nargs="?", help="show every default of this method")
@@ -186,13 +208,36 @@ def _cmd_methods(args) -> int:
     return 0
 
 
-COMMANDS = {"extract": _cmd_extract, "generate": _cmd_generate, "info": _cmd_info, "methods": _cmd_methods}
+def _cmd_demo(args) -> int:
+    from scenetok.toyworld.demo import run_demo
+
+    report = run_demo(args.output, scene=args.scene, seed=args.seed, n_objects=args.objects,
+                      images_per_prompt=args.images_per_prompt, steps=args.steps, overrides=args.overrides,
+                      progress=not args.quiet)
+    summary = json.loads((Path(args.output) / "scores.json").read_text())["summary"]
+    if summary:
+        print("oracle scores: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
+    print(f"report: {report.resolve()}")
+    return 0
+
+
+def _cmd_toyworld(args) -> int:
+    if args.toyworld_command != "train":
+        raise ScenetokError("scenetok toyworld needs a subcommand", hint="scenetok toyworld train --help")
+    from scenetok.toyworld.train import main as train_main
+
+    return train_main(args.args)
+
+
+COMMANDS = {"demo": _cmd_demo, "toyworld": _cmd_toyworld, "extract": _cmd_extract, "generate": _cmd_generate, "info": _cmd_info, "methods": _cmd_methods}
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "toyworld" and not hasattr(args, "debug"):
+        args.debug = False
     if not args.command:
         parser.print_help()
         return EXIT_USER_ERROR
