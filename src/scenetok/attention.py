@@ -212,12 +212,13 @@ class AttentionStore:
     def layer_maps(self) -> dict[str, torch.Tensor]:
         return dict(self._maps)
 
-    def maps(self, size: int | None = None) -> torch.Tensor:
+    def maps(self, size: int | None = None, native=None) -> torch.Tensor:
         """(B, T, size, size): the cross-attention maps averaged over the recorded layers.
 
-        Layers of another side are resized bilinearly to ``size`` first; ``size=None`` means the
-        largest recorded side. Self-attention records (only the naive benchmark capture makes them)
-        are left out.
+        ``native`` (a side or a list of sides) keeps only the layers that work at those sides (None:
+        every recorded cross-attention layer). Layers of another side are resized bilinearly to
+        ``size`` first; ``size=None`` means the largest side among the kept layers. Self-attention
+        records (only the naive benchmark capture makes them) are left out.
         """
         items = [(k, v) for k, v in self._maps.items() if self._cross[k]]
         if not items:
@@ -231,6 +232,13 @@ class AttentionStore:
             if side * side != m.shape[1]:
                 raise ValueError(f"layer {name} has {m.shape[1]} spatial positions, not a square map")
             sides[name] = side
+        if native is not None:
+            keep = {int(native)} if isinstance(native, int) else {int(s) for s in native}
+            items = [(k, v) for k, v in items if sides[k] in keep]
+            if not items:
+                raise RuntimeError(f"no recorded cross-attention layer works at side(s) {sorted(keep)}; "
+                                   f"recorded sides: {sorted(set(sides.values()))}")
+            sides = {k: sides[k] for k, _ in items}
         if size is None:
             size = max(sides.values())
         size = int(size)
@@ -245,6 +253,20 @@ class AttentionStore:
                 grid = F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=False)
             total = grid if total is None else total + grid
         return total / len(items)
+
+    def token_maps(self, positions: torch.Tensor, size: int, native=None) -> torch.Tensor:
+        """(B, K, size, size): the maps of chosen token positions.
+
+        ``positions`` (B, K) long: a token position per batch row and slot; -1 (absent) gives an
+        all-zero map. Rows beyond ``positions.shape[0]`` (prior-preservation rows) are dropped.
+        """
+        maps = self.maps(size, native=native)
+        b = positions.shape[0]
+        maps = maps[:b]
+        pos = positions.to(maps.device)
+        idx = pos.clamp(min=0)[:, :, None, None].expand(-1, -1, maps.shape[-2], maps.shape[-1])
+        picked = torch.gather(maps, 1, idx)
+        return picked * (pos >= 0)[:, :, None, None].to(picked.dtype)
 
     def __repr__(self) -> str:
         return f"AttentionStore({len(self)} layers)"

@@ -37,6 +37,7 @@ A1111_DIR = "a1111"
 WEIGHTS_DIR = "weights"
 MASKS_DIR = "masks"
 INPUT_IMAGE = "input.png"
+PARTIAL_SUFFIX = ".partial.safetensors"
 MODEL_CARD = "README.md"
 # files the trainer adds beside the bundle proper; indexed in the manifest when present
 TRAINER_FILES = ("train_log.jsonl", "loss.png")
@@ -174,6 +175,13 @@ class Bundle:
     def component_dirs(self) -> dict[str, Path]:
         """Folders of the components the method changed, e.g. ``{"unet": path/"weights/unet"}``."""
         return {name: self.path / WEIGHTS_DIR / name for name in self.manifest.get("components", [])}
+
+    def partial_weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Component → the few tensors a method trained (e.g. the UNet's cross-attention K/V)."""
+        from safetensors.torch import load_file
+
+        return {name: load_file(str(self.path / e["file"]))
+                for name, e in (self.manifest.get("partial_components") or {}).items()}
 
     def masks(self) -> tuple[np.ndarray, list[str]] | None:
         """The masks used for training as ``(N, H, W)`` float in [0, 1] and their names, or None."""
@@ -348,6 +356,7 @@ def write_bundle(
     handles: list[HandleInfo],
     embeddings: dict[str, torch.Tensor],
     components: dict[str, torch.nn.Module] | None = None,
+    partial_weights: dict[str, tuple[list[str], dict[str, torch.Tensor]]] | None = None,
     text_encoder_vocab_size: int | None = None,
     config: dict,
     resolution: int,
@@ -363,8 +372,11 @@ def write_bundle(
     ``embeddings`` maps each handle token to its ``(D,)`` vector. ``components`` holds only the modules
     the method changed (``{"unet": unet, "text_encoder": te}``); a changed text encoder is saved with the
     base vocabulary size ``text_encoder_vocab_size`` (the handle rows are sliced off; they are in the
-    textual-inversion files). Files the trainer put in ``out_dir`` (previews, logs) are kept; the files
-    this function owns are replaced, and the manifest is written last.
+    textual-inversion files). ``partial_weights`` maps a component to ``(groups, {state-dict key: tensor})``
+    for methods that train only a few of its tensors (Custom Diffusion's cross-attention K/V): they are
+    stored compactly in ``weights/<component>.partial.safetensors`` and loaded over the base component.
+    Files the trainer put in ``out_dir`` (previews, logs) are kept; the files this function owns are
+    replaced, and the manifest is written last.
     """
     from scenetok import __version__
 
@@ -418,6 +430,15 @@ def write_bundle(
         atomic_save_dir(dst, lambda tmp, n=name, m=module: _save_component(n, m, tmp, text_encoder_vocab_size))
         written += [p.relative_to(out).as_posix() for p in sorted(dst.rglob("*")) if p.is_file()]
 
+    partial_entries = {}
+    for name, (groups, tensors) in (partial_weights or {}).items():
+        rel = f"{WEIGHTS_DIR}/{name}{PARTIAL_SUFFIX}"
+        (out / WEIGHTS_DIR).mkdir(parents=True, exist_ok=True)
+        atomic_save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, out / rel,
+                                metadata={"component": name, "groups": ",".join(groups)})
+        written.append(rel)
+        partial_entries[name] = {"file": rel, "groups": list(groups), "tensors": len(tensors)}
+
     if image is not None:
         atomic_write_bytes(out / INPUT_IMAGE, _png_bytes(_to_uint8_image(image)))
         written.append(INPUT_IMAGE)
@@ -438,6 +459,7 @@ def write_bundle(
         "resolution": int(resolution),
         "handles": handle_entries,
         "components": sorted(components),
+        "partial_components": partial_entries,
         "hyperparameters": config,
         "input_hashes": dict(input_hashes),
         "masks": mask_entries,
@@ -519,6 +541,10 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
         d = path / WEIGHTS_DIR / name
         if not (d / "config.json").is_file():
             raise BundleError(f"bundle {path}: the weights of the changed component {name!r} ({d}) are missing",
+                              hint="the bundle is incomplete; copy the whole folder or extract it again")
+    for name, entry in (manifest.get("partial_components") or {}).items():
+        if not (path / entry.get("file", "")).is_file():
+            raise BundleError(f"bundle {path}: the partial weights of {name!r} ({entry.get('file')}) are missing",
                               hint="the bundle is incomplete; copy the whole folder or extract it again")
     return Bundle(path=path, manifest=manifest, handles=handles)
 

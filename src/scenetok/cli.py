@@ -34,6 +34,38 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _method_switches() -> dict[str, tuple[list[str], str, list[str]]]:
+    """Every method's ablation switches: flag -> (methods that have it, help, overrides per method)."""
+    from scenetok.methods import available_methods, get_method
+
+    out: dict[str, tuple[list[str], str, dict[str, list[str]]]] = {}
+    for name in available_methods():
+        for flag, (text, overrides) in get_method(name).switches.items():
+            methods, _, per = out.setdefault(flag, ([], text, {}))
+            methods.append(name)
+            per[name] = list(overrides)
+    return out
+
+
+def _add_switches(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("ablation switches (each names the methods that have it)")
+    for flag, (methods, text, _) in sorted(_method_switches().items()):
+        group.add_argument(f"--{flag}", dest=f"switch_{flag.replace('-', '_')}", action="store_true",
+                           help=f"{text} [{', '.join(methods)}]")
+
+
+def switch_overrides(method_name: str, args) -> list[str]:
+    """The overrides of the ablation switches given on the command line, for ``method_name``."""
+    out = []
+    for flag, (methods, _, per) in _method_switches().items():
+        if getattr(args, f"switch_{flag.replace('-', '_')}", False):
+            if method_name not in per:
+                raise ScenetokError(f"--{flag} is not a switch of {method_name}",
+                                    hint=f"it belongs to: {', '.join(methods)}")
+            out += per[method_name]
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scenetok",
@@ -53,7 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=_Formatter,
                        description="Learn handles for a scene folder (img.png|jpg + mask0.png … + optional "
                        "scene.json) and write a bundle to -o.")
-    p.add_argument("scene", help="scene folder: img.jpg|png, mask0.png … maskN.png, optional scene.json")
+    p.add_argument("scene", nargs="+", help="scene folder: img.jpg|png, mask0.png … maskN.png, optional scene.json "
+                   "(several folders: their concepts get handles in order, e.g. a subject from one photo and a "
+                   "background from another)")
+    p.add_argument("--concepts", default=None, metavar="WORDS",
+                   help='name the concepts by words instead of masks, for mask-free methods: "cat, dog" '
+                   '("name:class" sets a class word; several scenes: separate them with ";")')
     p.add_argument("-o", "--output", required=True, help="output bundle folder")
     p.add_argument("--method", default="break-a-scene", help="method name (see `scenetok methods`)")
     p.add_argument("--model", default=dm, required=dm is None, help=model_help)
@@ -69,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
                    help="autocast precision (default: the method's, normally 'no')")
+    _add_switches(p)
     _add_common(p)
 
     p = sub.add_parser("generate", help="generate images from a bundle and a prompt", formatter_class=_Formatter)
@@ -121,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _split_concepts(text: str, n_scenes: int) -> list[list[str]]:
+    groups = [g for g in text.split(";")]
+    if len(groups) != n_scenes:
+        raise ScenetokError(f"--concepts names {len(groups)} group(s) for {n_scenes} scene folder(s)",
+                            hint='separate the concepts of each scene with ";", e.g. --concepts "dog; background"')
+    return [[w.strip() for w in g.split(",") if w.strip()] for g in groups]
+
+
 def _cmd_extract(args) -> int:
     from scenetok.methods import get_method
     from scenetok.scene import load_scene
@@ -128,23 +174,33 @@ def _cmd_extract(args) -> int:
     from scenetok import config as cfglib
 
     method = get_method(args.method)
-    overrides = list(args.overrides)
+    overrides = switch_overrides(method.name, args) + list(args.overrides)
     if args.mixed_precision:
         overrides.append(f"mixed_precision={args.mixed_precision}")
     file_cfg = cfglib.load_config_file(args.config) if args.config else None
     cfg = method_config(method, file_cfg, overrides)
-    scene = load_scene(args.scene, background=args.background, policy=args.policy, require_masks=method.needs_masks)
+    words = _split_concepts(args.concepts, len(args.scene)) if args.concepts else None
+    scenes = []
+    for i, folder in enumerate(args.scene):
+        sc = load_scene(folder, background=args.background, policy=args.policy,
+                        require_masks=method.needs_masks and words is None)
+        if words is not None:
+            if sc.concepts and method.needs_masks:
+                raise ScenetokError(f"--concepts and the masks of {folder} both name concepts",
+                                    hint="give masks or --concepts, not both")
+            sc = sc.with_named_concepts(words[i]) if words[i] else sc
+        scenes.append(sc)
     out = Path(args.output)
     if not args.quiet:
-        print(f"scene {args.scene}: {len(scene.concepts)} concepts "
-              f"({', '.join(f'{h}={c.name}' for h, c in zip(scene.handles, scene.concepts))})")
+        for folder, sc in zip(args.scene, scenes):
+            print(f"scene {folder}: {len(sc.concepts)} concepts ({', '.join(c.name for c in sc.concepts)})")
     from scenetok.bundle import check_output_dir
 
     if not args.resume:
         check_output_dir(out, overwrite=args.overwrite)
     model = load_model(args.model)
-    bundle = train(scene, out, method=method, model=model, cfg=cfg, resume=args.resume, overwrite=args.overwrite,
-                   device=args.device, progress=not args.quiet)
+    bundle = train(scenes if len(scenes) > 1 else scenes[0], out, method=method, model=model, cfg=cfg,
+                   resume=args.resume, overwrite=args.overwrite, device=args.device, progress=not args.quiet)
     print(f"bundle written to {bundle.path}")
     print(f'next: scenetok generate {bundle.path} "a photo of {" and ".join(h.token for h in bundle.handles)}"')
     return 0
@@ -200,6 +256,10 @@ def _cmd_methods(args) -> int:
         print(f"{m.name}: {m.summary}")
         for k, v in flatten(method_config(m)).items():
             print(f"  {k} = {v}")
+        if m.switches:
+            print("ablation switches (scenetok extract ...):")
+            for flag, (text, overrides) in m.switches.items():
+                print(f"  --{flag:20s} {text} (= {' '.join('--set ' + o for o in overrides)})")
         return 0
     for name in available_methods():
         m = get_method(name)

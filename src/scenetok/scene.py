@@ -100,6 +100,7 @@ class Concept:
     class_word: str
     init_word: str
     is_background: bool = False
+    mask_known: bool = True  # False: named by a word only (mask-free methods); ``mask`` is all True
 
 
 @dataclass
@@ -159,9 +160,45 @@ class Scene:
         else:
             image = np.asarray(Image.fromarray(self.image).resize((r, r), Image.Resampling.LANCZOS), np.uint8)
             masks = [_resize_mask_area(c.mask, r) for c in self.concepts]
-        concepts = [Concept(c.name, m, c.class_word, c.init_word, c.is_background)
+        concepts = [Concept(c.name, m, c.class_word, c.init_word, c.is_background, c.mask_known)
                     for c, m in zip(self.concepts, masks)]
         return Scene(image=image, concepts=concepts, source=self.source, input_hashes=dict(self.input_hashes))
+
+    @property
+    def masks_known(self) -> bool:
+        """Whether every concept has a real mask (False for concepts named by words only)."""
+        return all(c.mask_known for c in self.concepts)
+
+    def with_named_concepts(self, names: Sequence[str], class_words: Sequence[str | None] | None = None,
+                            init_words: Sequence[str | None] | None = None,
+                            max_concepts: int = MAX_CONCEPTS) -> "Scene":
+        """This image with concepts named by words instead of masks (for mask-free methods).
+
+        Each concept's mask is all True and ``mask_known`` is False; a method that needs masks estimates
+        them itself. ``class_words`` / ``init_words`` default to the name (e.g. ``"cat"``); a name of the
+        form ``"name:class"`` (``"kitty:cat"``) sets both at once.
+        """
+        names = [str(n).strip() for n in names]
+        if not names or any(not n for n in names):
+            raise SceneError(f"{self.source}: concept names must be non-empty words, got {list(names)!r}",
+                             hint='name the concepts, e.g. --concepts "cat, dog"')
+        _check_count(len(names), False, max_concepts, self.source)
+        n = len(names)
+        for label, seq in (("class_words", class_words), ("init_words", init_words)):
+            if seq is not None and len(seq) != n:
+                raise SceneError(f"{self.source}: {len(seq)} {label} for {n} concepts",
+                                 hint=f"give exactly one entry in {label} per concept")
+        specs = []
+        for i, raw in enumerate(names):
+            name, _, cls = raw.partition(":")
+            cw = class_words[i] if class_words is not None and class_words[i] else (cls.strip() or None)
+            iw = init_words[i] if init_words is not None and init_words[i] else None
+            specs.append({"name": name.strip(), "class_word": cw, "init_word": iw})
+        full = np.ones((self.size, self.size), bool)
+        concepts = _build_concepts([full] * n, specs, False, 0.0, self.source, [f"concept{i}" for i in range(n)])
+        for c in concepts:
+            c.mask_known = False
+        return Scene(image=self.image, concepts=concepts, source=self.source, input_hashes=dict(self.input_hashes))
 
     @classmethod
     def from_arrays(cls, image: Any, masks: Sequence[Any], names: Sequence[str | None] | None = None,

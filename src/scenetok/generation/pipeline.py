@@ -80,7 +80,7 @@ def load_pipeline(bundle, base_model: str | None = None, device=None, dtype=None
 
     ``bundle`` is a :class:`Bundle` or its folder. The base model is the manifest's ``base_model`` unless
     ``base_model`` overrides it. Components the method fine-tuned replace the base ones (from
-    ``weights/``); the handles are added with diffusers' ``load_textual_inversion``; the scheduler is
+    ``weights/``), partial weights (e.g. cross-attention K/V) are loaded over the base UNet; the handles are added with diffusers' ``load_textual_inversion``; the scheduler is
     ``scheduler`` (default DDIM) built from the base model's scheduler config; no safety checker.
     Returns ``(pipe, bundle)``.
     """
@@ -112,6 +112,17 @@ def load_pipeline(bundle, base_model: str | None = None, device=None, dtype=None
                           hint="check the path or Hub id, or pass another with --base-model") from None
     if SCHEDULERS[scheduler] is not None:
         pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
+    for name, tensors in bundle.partial_weights().items():
+        from scenetok.training.params import load_partial_state
+
+        if name != "unet":
+            raise BundleError(f"bundle {bundle.path}: partial weights for {name!r} are not supported",
+                              hint="upgrade scenetok")
+        try:
+            load_partial_state(pipe.unet, tensors)
+        except ValueError as e:
+            raise BundleError(f"bundle {bundle.path}: its UNet weights do not fit the base model {base}: {e}",
+                              hint=f"use the base model it was trained on ({bundle.base_model})") from None
 
     dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
     embeddings = bundle.embeddings()

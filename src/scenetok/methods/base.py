@@ -1,14 +1,25 @@
-"""What a method is: defaults + phases + prompt sampler + loss terms.
+"""What a method is: defaults + phases + data + prompt sampler + loss terms (+ optional hooks).
 
 A method never owns a training loop. The one loop in :mod:`scenetok.training.trainer` asks the method
-which phases to run (what trains, at which learning rate, for how many steps), which concepts and which
-prompt each batch element uses, which attention-map size its losses read, and which loss terms to add.
+which phases to run (what trains, at which learning rate, for how many steps), what the training images
+are (the scene itself, or a collection made from it), which concepts and which prompt each batch element
+uses, which attention-map sizes its losses read, and which loss terms to add. Two optional hooks let a
+method act on the run: :meth:`Method.prepare` (once, before the first step; e.g. estimate masks) and
+:meth:`Method.after_step` (after every optimizer step; e.g. re-estimate masks).
+
+Trainable groups a :class:`Phase` may name (see :mod:`scenetok.training.params`):
+
+``handles``        the new token embeddings only
+``unet``           every UNet weight (or LoRA adapters on its attention layers with ``adapter.type=lora``)
+``text_encoder``   every text-encoder weight except the vocabulary (or LoRA adapters)
+``unet_kv``        the key and value projections of the UNet's cross-attention layers (Custom Diffusion)
+``unet_q``         the query projections of the UNet's cross-attention layers
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -16,7 +27,7 @@ import torch
 if TYPE_CHECKING:  # pragma: no cover
     from scenetok.attention import AttentionStore
 
-TRAINABLE = ("handles", "unet", "text_encoder")
+TRAINABLE = ("handles", "unet", "text_encoder", "unet_kv", "unet_q")
 
 
 @dataclass
@@ -28,13 +39,20 @@ class Phase:
     lr: float
     train: tuple[str, ...]
 
+    def __post_init__(self):
+        unknown = [t for t in self.train if t not in TRAINABLE]
+        if unknown:
+            raise ValueError(f"phase {self.name!r}: unknown trainable group(s) {unknown}; use {TRAINABLE}")
+
 
 @dataclass
 class Batch:
     """Everything a loss term may read about one (micro-)batch.
 
-    The first ``n_instance`` rows are the scene; the rest (if any) are prior-preservation images.
-    ``masks`` are the concept masks of the scene rows at full resolution, flipped like the image.
+    The first ``n_instance`` rows are training images; the rest (if any) are prior-preservation images.
+    ``masks`` are the masks of ALL concepts for each instance row at full resolution, flipped like the
+    image (all-zero for a concept that is not in that row's image; all-one for a concept whose mask is
+    unknown to a mask-free method). Concept indices are global over the run's handles.
     """
 
     prompts: list[str]
@@ -45,6 +63,9 @@ class Batch:
     latent_mask: torch.Tensor  # (B, 1, h, w) union of the chosen masks at latent size
     timesteps: torch.Tensor
     n_instance: int
+    input_ids: torch.Tensor | None = None  # (B_all, L) token ids of every row, prior rows included
+    sources: list[int] = field(default_factory=list)  # which training image each instance row shows
+    flips: list[bool] = field(default_factory=list)
 
 
 @dataclass
@@ -52,7 +73,8 @@ class Outputs:
     pred: torch.Tensor
     target: torch.Tensor
     store: "AttentionStore | None" = None
-    attention_size: int | None = None
+    attention_size: int | None = None  # the first of the method's attention sizes (compatibility)
+    attention_sizes: tuple[int, ...] = ()
     extras: dict = field(default_factory=dict)
 
 
@@ -62,6 +84,8 @@ class Method:
     name: str = ""
     summary: str = ""
     needs_masks: bool = True
+    # ablation switches: CLI flag name (without the leading --) -> (help, overrides it applies)
+    switches: dict[str, tuple[str, list[str]]] = {}
 
     def defaults(self) -> dict:
         raise NotImplementedError
@@ -69,25 +93,64 @@ class Method:
     def phases(self, cfg: dict) -> list[Phase]:
         raise NotImplementedError
 
+    def attention_sizes(self, cfg: dict, latent_size: int, available: list[int]) -> list[int]:
+        """Sides of the cross-attention maps the losses read (empty: the method reads no maps).
+
+        The default asks :meth:`attention_size` (one side), which simple methods override.
+        """
+        size = self.attention_size(cfg, latent_size, available)
+        return [] if size is None else [size]
+
     def attention_size(self, cfg: dict, latent_size: int, available: list[int]) -> int | None:
-        """Side of the cross-attention maps the losses read (None: the method reads no maps)."""
         return None
 
-    def sample_concepts(self, rng: np.random.Generator, n_concepts: int, cfg: dict) -> list[int]:
-        return list(range(n_concepts))
+    def data_mode(self, cfg: dict) -> str:
+        """``"scene"``: train on the scene image(s) (and their mirror images); ``"collage"``: on a
+        collection of collages of the masked concepts (the TI-m / DB-m / CD-m baselines)."""
+        return "scene"
 
-    def prompt(self, tokens: list[str], chosen: list[int], cfg: dict) -> str:
+    def sample_concepts(self, rng: np.random.Generator, present: list[int], cfg: dict) -> list[int]:
+        """Which of the concepts ``present`` in the sampled training image the prompt names."""
+        return list(present)
+
+    def prompt(self, tokens: list[str], chosen: list[int], cfg: dict, class_words: list[str] | None = None) -> str:
         return cfg.get("prompt_template", "a photo of {tokens}").format(tokens=" and ".join(tokens[i] for i in chosen))
 
+    def prior_prompts(self, class_words: list[str], cfg: dict) -> list[str]:
+        """Prompts of the prior-preservation (regularisation) images; ``prior.mode`` decides:
+        ``joint`` — one prompt naming every class ("a photo of a cat and a dog"), ``per_class`` — one
+        prompt per class ("a photo of a cat", "a photo of a dog")."""
+        pc = cfg["prior"]
+        if pc.get("prompt"):
+            return [pc["prompt"]]
+        words = list(dict.fromkeys(class_words))
+        if pc.get("mode", "joint") == "per_class":
+            return [f"a photo of a {w}" for w in words]
+        return ["a photo of " + " and ".join(f"a {w}" for w in words)]
+
+    def prepare(self, run: Any) -> None:
+        """Called once after set-up, before the first step (also when resuming)."""
+
+    def after_step(self, run: Any, global_step: int) -> dict[str, Any] | None:
+        """Called after every optimizer step; may change ``run`` (e.g. its masks). A returned dict is
+        written to the training log as its own row."""
+        return None
+
     def losses(self, batch: Batch, out: Outputs, cfg: dict) -> dict[str, torch.Tensor]:
-        """Weighted loss terms for the scene rows (the trainer adds the prior term)."""
+        """Weighted loss terms for the instance rows (the trainer adds the prior term)."""
         raise NotImplementedError
 
 
-def union_sample(rng: np.random.Generator, n: int) -> list[int]:
-    """Break-A-Scene union sampling: k ~ U{1..n}, then k distinct concepts in random order."""
-    k = int(rng.integers(1, n + 1))
-    return [int(i) for i in rng.permutation(n)[:k]]
+def union_sample(rng: np.random.Generator, present: int | list[int]) -> list[int]:
+    """Break-A-Scene union sampling: k ~ U{1..n}, then k distinct concepts in random order.
+
+    ``present``: the concepts to choose from (an int n means ``range(n)``).
+    """
+    pool = list(range(present)) if isinstance(present, (int, np.integer)) else list(present)
+    if not pool:
+        raise ValueError("union sampling needs at least one concept")
+    k = int(rng.integers(1, len(pool) + 1))
+    return [int(pool[i]) for i in rng.permutation(len(pool))[:k]]
 
 
 def nearest_size(target: int, available: list[int]) -> int:

@@ -19,6 +19,12 @@ class BreakAScene(Method):
     name = "break-a-scene"
     summary = "user masks; tokens first (lr 5e-4), then model + tokens (lr 2e-6); masked + attention loss"
     needs_masks = True
+    switches = {
+        "no-phase1": ("Break-A-Scene ablation: skip phase 1 (tokens alone)", ["phase1.steps=0"]),
+        "no-masked-loss": ("Break-A-Scene ablation: plain diffusion loss over the whole image", ["masked_loss=false"]),
+        "no-attn-loss": ("Break-A-Scene ablation: no cross-attention loss", ["attn.weight=0"]),
+        "no-union-sampling": ("Break-A-Scene ablation: every prompt names all concepts", ["union_sampling=false"]),
+    }
 
     def defaults(self) -> dict:
         return {
@@ -41,10 +47,10 @@ class BreakAScene(Method):
             return None
         return nearest_size(max(1, latent_size // cfg["attn"]["downscale"]), available)
 
-    def sample_concepts(self, rng: np.random.Generator, n_concepts: int, cfg: dict) -> list[int]:
+    def sample_concepts(self, rng: np.random.Generator, present: list[int], cfg: dict) -> list[int]:
         if cfg["union_sampling"]:
-            return union_sample(rng, n_concepts)
-        return list(range(n_concepts))
+            return union_sample(rng, present)
+        return list(present)
 
     def losses(self, batch: Batch, out: Outputs, cfg: dict) -> dict[str, torch.Tensor]:
         n = batch.n_instance
@@ -59,9 +65,6 @@ def attention_term(batch: Batch, out: Outputs) -> torch.Tensor:
     """Break-A-Scene's L_attn on the scene rows: each chosen handle's map vs its mask."""
     n = batch.n_instance
     size = out.attention_size
-    maps = out.store.maps(size)[:n].float()  # (n, T, s, s)
-    pos = batch.positions[:n].clamp(min=0).to(maps.device)  # (n, N)
-    idx = pos[:, :, None, None].expand(-1, -1, size, size)
-    handle_maps = torch.gather(maps, 1, idx)  # (n, N, s, s)
-    masks = resize_masks(batch.masks[:n], size, mode="area").to(maps.device)
-    return bas_attention_loss(handle_maps, masks, batch.valid[:n].to(maps.device))
+    handle_maps = out.store.token_maps(batch.positions[:n], size, native=size).float()  # (n, N, s, s)
+    masks = resize_masks(batch.masks[:n], size, mode="area").to(handle_maps.device)
+    return bas_attention_loss(handle_maps, masks, batch.valid[:n].to(handle_maps.device))

@@ -159,11 +159,11 @@ def train_toy_sd(
     out_dir: str | Path,
     *,
     seed: int = 0,
-    vae_steps: int = 400,
-    unet_steps: int = 3000,
+    vae_steps: int = 800,
+    unet_steps: int = 6000,
     batch_size: int = 32,
     vae_batch_size: int = 16,
-    n_images: int = 12000,
+    n_images: int = 20000,
     minutes: float | None = None,
     vae_minutes: float | None = None,
     render_minutes: float | None = None,
@@ -244,23 +244,27 @@ def train_toy_sd(
 
     # ---- encode the data set once
     t_enc = time.time()
-    means, stds = [], []
+    # both the images and their mirror images (every toy shape is left-right symmetric and captions never
+    # name positions, so a flip is a free second view of each scene): index [flip, scene]
+    means, stds = [[], []], [[], []]
     with torch.no_grad():
-        for i in range(0, n, 128):
-            post = vae.encode(_to_tensor(images[i:i + 128]).to(device)).latent_dist
-            means.append(post.mean.cpu())
-            stds.append(post.std.cpu())
-    lat_mean = torch.cat(means)
-    lat_std = torch.cat(stds)
+        for flip in (0, 1):
+            for i in range(0, n, 128):
+                x = _to_tensor(images[i:i + 128])
+                post = vae.encode((x.flip(-1) if flip else x).to(device)).latent_dist
+                means[flip].append(post.mean.cpu())
+                stds[flip].append(post.std.cpu())
+    lat_mean = torch.stack([torch.cat(m) for m in means])
+    lat_std = torch.stack([torch.cat(s) for s in stds])
     with torch.no_grad():
-        sample = lat_mean + lat_std * torch.randn(lat_mean.shape, generator=gen)
+        sample = lat_mean[0] + lat_std[0] * torch.randn(lat_mean[0].shape, generator=gen)
         recon = vae.decode(sample[:64].to(device)).sample.cpu()
         rec_err = (recon - _to_tensor(images[:64])).abs().mean().item()
     scaling = float(1.0 / sample.std())
     vae.register_to_config(scaling_factor=scaling)
     info["vae_scaling_factor"] = scaling
     info["vae_recon_l1_eval"] = rec_err
-    _log(f"encoded {n} scenes in {time.time() - t_enc:.0f}s; latent std {sample.std():.3f} -> scaling "
+    _log(f"encoded {n} scenes (and their mirror images) in {time.time() - t_enc:.0f}s; latent std {sample.std():.3f} -> scaling "
          f"{scaling:.4f}; recon L1 {rec_err:.4f} (on [-1,1])")
     lat_mean = lat_mean * scaling
     lat_std = lat_std * scaling
@@ -287,7 +291,9 @@ def train_toy_sd(
         idx = rng.integers(0, n, batch_size)
         caps = [world.caption(specs[i], rng) if rng.random() >= CAPTION_DROPOUT else "" for i in idx]
         ti = torch.from_numpy(idx)
-        x0 = (lat_mean[ti] + lat_std[ti] * torch.randn(lat_mean[ti].shape, generator=gen)).to(device)
+        fl = torch.from_numpy(rng.integers(0, 2, batch_size))
+        mu, sd = lat_mean[fl, ti], lat_std[fl, ti]
+        x0 = (mu + sd * torch.randn(mu.shape, generator=gen)).to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         t = torch.randint(0, acp.numel(), (batch_size,), generator=gen).to(device)
         a = acp[t].sqrt().view(-1, 1, 1, 1)
@@ -401,11 +407,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m scenetok.toyworld.train", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="output folder (diffusers pipeline)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae-steps", type=int, default=400)
-    p.add_argument("--unet-steps", type=int, default=3000)
+    p.add_argument("--vae-steps", type=int, default=800)
+    p.add_argument("--unet-steps", type=int, default=6000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--vae-batch-size", type=int, default=16)
-    p.add_argument("--n-images", type=int, default=12000)
+    p.add_argument("--n-images", type=int, default=20000)
     p.add_argument("--minutes", type=float, default=0, help="wall-time cap for the UNet stage (0 = none)")
     p.add_argument("--vae-minutes", type=float, default=0, help="wall-time cap for the VAE stage (0 = none)")
     p.add_argument("--render-minutes", type=float, default=0, help="wall-time cap for rendering (0 = none)")

@@ -53,6 +53,7 @@ def save_checkpoint(
     torch_gen: torch.Generator,
     np_rng: np.random.Generator,
     progress: dict,
+    run_state: dict | None = None,
 ) -> Path:
     final = Path(out_dir) / CHECKPOINT_DIR
     tmp = Path(out_dir) / f".{CHECKPOINT_DIR}.tmp"
@@ -65,7 +66,8 @@ def save_checkpoint(
         opt_tensors, opt_meta = _flatten_optimizer(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     save_file({"torch_rng": torch_gen.get_state()}, str(tmp / "rng.safetensors"))
-    meta = {"progress": progress, "optimizer": opt_meta, "numpy_rng": np_rng.bit_generator.state}
+    meta = {"progress": progress, "optimizer": opt_meta, "numpy_rng": np_rng.bit_generator.state,
+            "run_state": run_state or {}}
     (tmp / "state.json").write_text(json.dumps(meta, default=_json_default))
     old = Path(out_dir) / f".{CHECKPOINT_DIR}.old"
     if final.exists():
@@ -103,6 +105,7 @@ def load_checkpoint(out_dir: Path) -> dict:
         "torch_rng": load_file(str(folder / "rng.safetensors"))["torch_rng"],
         "numpy_rng": meta["numpy_rng"],
         "progress": meta["progress"],
+        "run_state": meta.get("run_state") or {},
         "optimizer": None,
     }
     if meta["optimizer"] is not None:

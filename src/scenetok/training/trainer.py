@@ -1,10 +1,11 @@
 """The one training loop. Every method runs through :func:`train`.
 
-Read top to bottom: load the base model → add handles → cache the image latents (once per flip state) →
-for each phase of the method: choose what trains, build the optimizer, and step: sample concepts and a
-prompt per batch element, noise the cached latents, run the UNet with attention capture only where a loss
-reads maps, sum the method's loss terms (+ prior preservation), step, log, preview, checkpoint. At the end
-the bundle is written.
+Read top to bottom: load the base model → add handles → encode the training images once per flip state
+(:mod:`scenetok.training.data`) → let the method prepare (e.g. estimate masks) → for each phase of the
+method: choose what trains (:mod:`scenetok.training.params`), build the optimizer, and step: pick a
+training image, the concepts and prompt of each batch element, noise the cached latents, run the UNet with
+attention capture only where a loss reads maps, sum the method's loss terms (+ prior preservation), step,
+let the method react (``after_step``), log, preview, checkpoint. At the end the bundle is written.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ import torch.nn.functional as F
 from scenetok import config as cfglib
 from scenetok.errors import ConfigError, ScenetokError
 from scenetok.methods import Batch, Method, Outputs, Phase, get_method
-from scenetok.scene import Scene
+from scenetok.scene import Concept, Scene
 from scenetok.tokens import Handles, add_handles, handle_token, token_positions
 from scenetok.training import checkpoint as ckpt
+from scenetok.training import params as paramlib
+from scenetok.training.data import Source, collage_sources, scene_sources
 
 TRAIN_DEFAULTS: dict = {
     "seed": 0,
@@ -39,9 +42,11 @@ TRAIN_DEFAULTS: dict = {
     "optim": {"beta1": 0.9, "beta2": 0.999, "weight_decay": 1e-2, "eps": 1e-8, "grad_clip": 1.0, "use_8bit": False},
     "checkpoint_every": 100,
     "preview_every": 100,
+    "detach_start_token_kv": False,  # Custom Diffusion: no gradient through the start token's K/V
+    "collage": {"num_images": 100},  # size of the collage collection (methods whose data mode is "collage")
     "prior": {
-        "enabled": False, "weight": 1.0, "num_images": 100, "prompt": "", "images_dir": "", "batch_size": 1,
-        "steps": 25, "guidance": 7.5, "cache_dir": "",
+        "enabled": False, "weight": 1.0, "num_images": 100, "prompt": "", "mode": "joint", "images_dir": "",
+        "batch_size": 1, "steps": 25, "guidance": 7.5, "cache_dir": "",
     },
 }
 
@@ -66,6 +71,8 @@ def validate_config(cfg: dict) -> None:
         raise ConfigError(f"mixed_precision must be no, fp16 or bf16, got {cfg['mixed_precision']!r}")
     if not 0.0 <= cfg["flip_p"] <= 1.0:
         raise ConfigError("flip_p must be in [0, 1]")
+    if cfg["prior"]["mode"] not in ("joint", "per_class"):
+        raise ConfigError(f"prior.mode must be joint or per_class, got {cfg['prior']['mode']!r}")
     for key, value in cfglib.flatten(cfg).items():
         if key.endswith(".steps") and isinstance(value, int) and value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
@@ -116,9 +123,10 @@ def load_model(model_id: str) -> Model:
 
 @dataclass
 class Run:
-    """State of one training run, shared by the loop's helpers."""
+    """State of one training run, shared by the loop's helpers (and by method hooks)."""
 
-    scene: Scene
+    scenes: list[Scene]  # at the training resolution
+    concepts: list[Concept]  # every scene's concepts, in handle order
     method: Method
     cfg: dict
     model: Model
@@ -129,19 +137,40 @@ class Run:
     resolution: int
     latent_size: int
     attention_layers: list[str]
-    attention_size: int | None
-    latents: dict  # flip -> (mean, std) at latent size, fp32
-    masks: dict  # flip -> (N, H, W) float masks
-    prior_latents: torch.Tensor | None
-    prior_ids: torch.Tensor | None
+    attention_sizes: list[int]
+    sources: list[Source]  # the training images, encoded once per flip state
+    prior_latents: torch.Tensor | None  # (M, C, h, w), already scaled
+    prior_ids: torch.Tensor | None  # (M, L) token ids of each prior image's prompt
     torch_gen: torch.Generator
     np_rng: np.random.Generator
     log_rows: list = field(default_factory=list)
     trainable: list = field(default_factory=list)  # parameters of the current phase (for clipping)
+    masks_estimated: bool = False  # a mask-free method has replaced the placeholder masks with estimates
+    state: dict = field(default_factory=dict)  # free room for method hooks (saved in checkpoints as JSON)
+
+    @property
+    def scene(self) -> Scene:
+        """The first (usually the only) scene."""
+        return self.scenes[0]
+
+    @property
+    def attention_size(self) -> int | None:
+        return self.attention_sizes[0] if self.attention_sizes else None
+
+    def concept_masks(self) -> np.ndarray:
+        """Current masks of all concepts, ``float (N, S, S)``, each from the image that shows it."""
+        out = np.zeros((len(self.concepts), self.resolution, self.resolution), np.float32)
+        if self.method.data_mode(self.cfg) != "scene":
+            return np.concatenate([sc.masks() for sc in self.scenes]).astype(np.float32)
+        for src in self.sources:
+            m = src.masks[False].detach().float().cpu().numpy()
+            for k in src.present:
+                out[k] = m[k]
+        return out
 
 
 def train(
-    scene: Scene,
+    scene: Scene | list[Scene],
     out_dir: str | Path,
     *,
     method: str | Method = "break-a-scene",
@@ -156,8 +185,10 @@ def train(
 ):
     """Train handles for ``scene`` with ``method`` on ``model`` and write a bundle to ``out_dir``.
 
-    Returns the :class:`scenetok.bundle.Bundle`. With ``resume=True`` the run continues from the
-    checkpoint in ``out_dir`` and ends with the same weights as an uninterrupted run.
+    ``scene`` may be a list of scenes (e.g. a subject from one photo, a background from another): their
+    concepts get handles in order. Returns the :class:`scenetok.bundle.Bundle`. With ``resume=True`` the
+    run continues from the checkpoint in ``out_dir`` and ends with the same weights as an uninterrupted
+    run.
     """
     from scenetok import bundle as bundlelib
 
@@ -179,10 +210,18 @@ def train(
         bundlelib.atomic_write_text(
             out_dir / "run_config.json", json.dumps({"method": method.name, "config": cfg}, indent=2)
         )
-    if method.needs_masks and not scene.concepts:
-        raise ScenetokError(f"{method.name} needs masks and the scene has none")
+    scenes = list(scene) if isinstance(scene, (list, tuple)) else [scene]
+    if not scenes or not all(isinstance(s, Scene) for s in scenes):
+        raise ScenetokError("train() needs a Scene or a list of Scenes", hint="load one with scenetok.scene.load_scene")
+    if not any(s.concepts for s in scenes):
+        raise ScenetokError(f"the scene has no concepts to learn ({scenes[0].source})",
+                            hint="give masks (mask0.png …) or name the concepts (--concepts \"cat, dog\")")
+    if method.needs_masks and not all(s.masks_known for s in scenes):
+        raise ScenetokError(f"{method.name} needs a mask per concept and {scenes[0].source} has concepts named "
+                            "by words only", hint="give masks (mask0.png …, or scenetok masks), or pick a mask-free "
+                            "method such as em-masks or disendiff")
 
-    run = _setup(scene, method, cfg, model, out_dir, device)
+    run = _setup(scenes, method, cfg, model, out_dir, device)
     phases = [p for p in method.phases(cfg) if p.steps > 0]
     total = sum(p.steps for p in phases)
     start = {"phase": 0, "step": 0, "global": 0}
@@ -193,16 +232,22 @@ def train(
         run.torch_gen.set_state(state["torch_rng"])
         run.np_rng.bit_generator.state = state["numpy_rng"]
         _load_trainable(run, state["trainable"])
+        run.state = state.get("run_state") or {}
         log_path = out_dir / "train_log.jsonl"
         if log_path.exists():  # keep only the rows up to the checkpoint
             rows = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()]
             run.log_rows = [r for r in rows if r.get("global_step", 0) <= start["global"]]
             bundlelib.atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in run.log_rows))
 
+    method.prepare(run)
     bar = _progress_bar(total, start["global"], progress)
     capture = _capture_context(run)
+    import contextlib
+
+    sot = (paramlib.detach_start_token_kv(run.model.unet) if cfg["detach_start_token_kv"]
+           else contextlib.nullcontext())
     try:
-        with capture as store:
+        with capture as store, sot:
             for pi, phase in enumerate(phases):
                 if pi < start["phase"]:
                     continue
@@ -231,6 +276,9 @@ def train(
                     row = {"global_step": global_step, "phase": phase.name, "step": step + 1, "lr": phase.lr}
                     row.update({k: float(v) for k, v in terms.items()})
                     _log(run, row)
+                    event = method.after_step(run, global_step)
+                    if event:
+                        _log(run, {"global_step": global_step, "event": True, **event})
                     bar.update(1)
                     bar.set_postfix({k: f"{v:.4f}" for k, v in terms.items()}, refresh=False)
                     done_phase = step + 1 == phase.steps
@@ -254,15 +302,15 @@ def train(
 # setup
 
 
-def _setup(scene: Scene, method: Method, cfg: dict, model: str | Model, out_dir: Path, device: str | None) -> Run:
+def _setup(scenes: list[Scene], method: Method, cfg: dict, model: str | Model, out_dir: Path,
+           device: str | None) -> Run:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
     from scenetok.attention import available_sizes, select_layers
 
     cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
-    from accelerate.state import AcceleratorState
-
     # several runs in one process (a notebook, the tests) may ask for different precisions: accelerate
     # keeps a process-wide state, which is reset here (the distributed part, PartialState, is kept)
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -276,76 +324,78 @@ def _setup(scene: Scene, method: Method, cfg: dict, model: str | Model, out_dir:
     if resolution % m.vae_factor:
         raise ConfigError(f"resolution {resolution} is not a multiple of the VAE factor {m.vae_factor}")
     latent_size = resolution // m.vae_factor
-    scene_r = scene.resized(resolution)
+    scenes_r = [sc.resized(resolution) for sc in scenes]
+    concepts = [c for sc in scenes_r for c in sc.concepts]
+    class_words = [c.class_word for c in concepts if not c.is_background]
 
-    tokens = [handle_token(i) for i in range(len(scene_r.concepts))]
-    handles = add_handles(m.tokenizer, m.text_encoder, tokens, [c.init_word for c in scene_r.concepts])
     for module in (m.vae, m.unet, m.text_encoder):
         module.requires_grad_(False)
         module.to(dev)
+    # prior images come from the base model, before any handle exists
+    prior_latents = prior_ids = None
+    if cfg["prior"]["enabled"]:
+        prior_latents, prior_ids = _prepare_prior(m, method, class_words, cfg, resolution, dev)
+
+    tokens = [handle_token(i) for i in range(len(concepts))]
+    handles = add_handles(m.tokenizer, m.text_encoder, tokens, [c.init_word for c in concepts])
+    m.text_encoder.to(dev)
     if cfg["gradient_checkpointing"]:
         m.unet.enable_gradient_checkpointing()
         m.text_encoder.gradient_checkpointing_enable()
 
     sizes = available_sizes(m.unet, latent_size)
-    attention_size = method.attention_size(cfg, latent_size, sizes)
-    layers = select_layers(m.unet, latent_size, sizes=[attention_size]) if attention_size else []
+    attention_sizes = list(dict.fromkeys(method.attention_sizes(cfg, latent_size, sizes)))
+    layers = select_layers(m.unet, latent_size, sizes=attention_sizes) if attention_sizes else []
 
-    latents, masks = {}, {}
-    image = torch.from_numpy(np.array(scene_r.image)).permute(2, 0, 1).float().div(127.5).sub(1.0)[None]
-    mask_t = torch.from_numpy(scene_r.masks()).float()
-    with torch.no_grad():
-        for flip in (False, True):
-            img = image.flip(-1) if flip else image
-            dist = m.vae.encode(img.to(dev, m.vae.dtype)).latent_dist
-            latents[flip] = (dist.mean.float(), dist.std.float())
-            masks[flip] = (mask_t.flip(-1) if flip else mask_t).to(dev)
-
-    prior_latents = prior_ids = None
-    if cfg["prior"]["enabled"]:
-        prior_latents, prior_ids = _prepare_prior(m, scene_r, cfg, resolution, dev)
+    flips = cfg["flip_p"] > 0
+    if method.data_mode(cfg) == "collage":
+        sources = collage_sources(m.vae, scenes_r[0], cfg["collage"]["num_images"], cfg["seed"], dev, flips=flips)
+    else:
+        sources = scene_sources(m.vae, scenes_r, dev, flips=flips)
 
     torch_gen = torch.Generator("cpu").manual_seed(cfg["seed"])
     np_rng = np.random.default_rng(cfg["seed"])
     return Run(
-        scene=scene_r, method=method, cfg=cfg, model=m, handles=handles, out_dir=out_dir, device=dev,
-        accelerator=accelerator, resolution=resolution, latent_size=latent_size, attention_layers=layers,
-        attention_size=attention_size, latents=latents, masks=masks, prior_latents=prior_latents,
+        scenes=scenes_r, concepts=concepts, method=method, cfg=cfg, model=m, handles=handles, out_dir=out_dir,
+        device=dev, accelerator=accelerator, resolution=resolution, latent_size=latent_size,
+        attention_layers=layers, attention_sizes=attention_sizes, sources=sources, prior_latents=prior_latents,
         prior_ids=prior_ids, torch_gen=torch_gen, np_rng=np_rng,
     )
 
 
-def _prepare_prior(m: Model, scene: Scene, cfg: dict, resolution: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
+def _prepare_prior(m: Model, method: Method, class_words: list[str], cfg: dict, resolution: int,
+                   dev) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents (scaled) and prompt ids of the prior-preservation images: a given folder (one prompt), or
+    ``prior.num_images`` images per prompt generated once by the base model (cached on disk)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from scenetok.training.prior import generate_prior_images, load_image_folder
 
     pc = cfg["prior"]
-    prompt = pc["prompt"] or "a photo of " + " and ".join(
-        f"a {c.class_word}" for c in scene.concepts if not c.is_background
-    )
+    prompts = method.prior_prompts(class_words or ["object"], cfg)
     if pc["images_dir"]:
-        images = load_image_folder(pc["images_dir"], resolution)
+        per_prompt = [(prompts[0], load_image_folder(pc["images_dir"], resolution))]
     else:
-        # generated by the base model before any handle exists (handles are added after this call)
-        base_te = m.text_encoder
         pipe = StableDiffusionPipeline(
-            vae=m.vae, text_encoder=base_te, tokenizer=m.tokenizer, unet=m.unet,
+            vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet,
             scheduler=DDIMScheduler.from_config(m.scheduler.config), safety_checker=None,
             feature_extractor=None, requires_safety_checker=False,
         )
-        images = generate_prior_images(
-            pipe, prompt, pc["num_images"], resolution, model_id=m.model_id, seed=cfg["seed"], steps=pc["steps"],
-            guidance=pc["guidance"], cache_root=pc["cache_dir"] or None,
-        )
+        per_prompt = [(p, generate_prior_images(
+            pipe, p, pc["num_images"], resolution, model_id=m.model_id, seed=cfg["seed"], steps=pc["steps"],
+            guidance=pc["guidance"], cache_root=pc["cache_dir"] or None)) for p in prompts]
+    lat, ids = [], []
+    sf = m.vae.config.scaling_factor
+    shift = getattr(m.vae.config, "shift_factor", None) or 0.0
     with torch.no_grad():
-        lat = []
-        for img in images:
-            x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(127.5).sub(1.0)[None].to(dev, m.vae.dtype)
-            lat.append(m.vae.encode(x).latent_dist.mean.float())
-    ids = m.tokenizer(prompt, padding="max_length", truncation=True, max_length=m.tokenizer.model_max_length,
-                      return_tensors="pt").input_ids
-    return torch.cat(lat), ids
+        for prompt, images in per_prompt:
+            pid = m.tokenizer(prompt, padding="max_length", truncation=True, max_length=m.tokenizer.model_max_length,
+                              return_tensors="pt").input_ids
+            for img in images:
+                x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(127.5).sub(1.0)[None]
+                lat.append((m.vae.encode(x.to(dev, m.vae.dtype)).latent_dist.mean.float() - shift) * sf)
+                ids.append(pid)
+    return torch.cat(lat), torch.cat(ids)
 
 
 def _setup_phase(run: Run, phase: Phase) -> torch.optim.Optimizer:
@@ -354,6 +404,7 @@ def _setup_phase(run: Run, phase: Phase) -> torch.optim.Optimizer:
     m.unet.requires_grad_(False)
     m.text_encoder.requires_grad_(False)
     vectors = run.handles.vectors(m.text_encoder)
+    vectors.requires_grad_(False)
     params = []
     if "handles" in phase.train:
         vectors.requires_grad_(True)
@@ -361,6 +412,11 @@ def _setup_phase(run: Run, phase: Phase) -> torch.optim.Optimizer:
     if "unet" in phase.train:
         m.unet.requires_grad_(True)
         params += [p for p in m.unet.parameters()]
+    else:
+        partial = list(paramlib.partial_parameters(m.unet, phase.train).values())
+        for p in partial:
+            p.requires_grad_(True)
+        params += partial
     if "text_encoder" in phase.train:
         m.text_encoder.requires_grad_(True)
         base = run.handles.module(m.text_encoder).base.weight
@@ -398,28 +454,32 @@ def _capture_context(run: Run):
 
 
 def _make_batch(run: Run, cfg: dict) -> tuple[Batch, torch.Tensor, torch.Tensor]:
-    """Sample concepts/prompts/flips for the scene rows, append prior rows; returns batch, latents, ids."""
-    m, n_concepts = run.model, len(run.scene.concepts)
+    """Pick a training image, concepts and prompt per instance row, append prior rows; returns batch,
+    latents and token ids."""
+    from scenetok.losses import resize_masks
+
+    m, n_concepts = run.model, len(run.concepts)
     bs = cfg["batch_size"]
-    chosen, prompts, flips = [], [], []
+    class_words = [c.class_word for c in run.concepts]
+    chosen, prompts, flips, picked = [], [], [], []
     for _ in range(bs):
-        c = run.method.sample_concepts(run.np_rng, n_concepts, cfg)
+        si = 0 if len(run.sources) == 1 else int(run.np_rng.integers(len(run.sources)))
+        c = run.method.sample_concepts(run.np_rng, run.sources[si].present, cfg)
         chosen.append(c)
-        prompts.append(run.method.prompt(run.handles.tokens, c, cfg))
+        prompts.append(run.method.prompt(run.handles.tokens, c, cfg, class_words))
         flips.append(bool(run.np_rng.random() < cfg["flip_p"]))
-    means = torch.cat([run.latents[f][0] for f in flips])
-    stds = torch.cat([run.latents[f][1] for f in flips])
+        picked.append(si)
+    means = torch.cat([run.sources[si].latents[f][0] for si, f in zip(picked, flips)])
+    stds = torch.cat([run.sources[si].latents[f][1] for si, f in zip(picked, flips)])
     eps = torch.randn(means.shape, generator=run.torch_gen).to(run.device)
     latents = means + stds * eps
     sf = m.vae.config.scaling_factor
     shift = getattr(m.vae.config, "shift_factor", None) or 0.0
     latents = (latents - shift) * sf
-    masks = torch.stack([run.masks[f] for f in flips])  # (B, N, H, W)
+    masks = torch.stack([run.sources[si].masks[f] for si, f in zip(picked, flips)])  # (B, N, H, W)
     valid = torch.zeros(bs, n_concepts, dtype=torch.bool)
     for b, c in enumerate(chosen):
         valid[b, c] = True
-    from scenetok.losses import resize_masks
-
     lat_masks = resize_masks(masks, run.latent_size, mode="area")  # (B, N, h, w)
     union = (lat_masks * valid[:, :, None, None].to(lat_masks)).amax(dim=1, keepdim=True)
     ids = m.tokenizer(prompts, padding="max_length", truncation=True, max_length=m.tokenizer.model_max_length,
@@ -428,14 +488,15 @@ def _make_batch(run: Run, cfg: dict) -> tuple[Batch, torch.Tensor, torch.Tensor]
     if run.prior_latents is not None:
         pb = cfg["prior"]["batch_size"]
         pick = torch.randint(0, run.prior_latents.shape[0], (pb,), generator=run.torch_gen)
-        latents = torch.cat([latents, run.prior_latents[pick.to(run.prior_latents.device)] * sf])
-        ids = torch.cat([ids, run.prior_ids.expand(pb, -1)])
+        latents = torch.cat([latents, run.prior_latents[pick.to(run.prior_latents.device)]])
+        ids = torch.cat([ids, run.prior_ids[pick]])
         prompts = prompts + ["<prior>"] * pb
+    ids = ids.to(run.device)
     batch = Batch(
         prompts=prompts, chosen=chosen, valid=valid, positions=positions, masks=masks, latent_mask=union,
-        timesteps=torch.empty(0), n_instance=bs,
+        timesteps=torch.empty(0), n_instance=bs, input_ids=ids, sources=picked, flips=flips,
     )
-    return batch, latents, ids.to(run.device)
+    return batch, latents, ids
 
 
 def _train_step(run: Run, phase: Phase, optimizer, store) -> dict[str, torch.Tensor]:
@@ -457,7 +518,8 @@ def _train_step(run: Run, phase: Phase, optimizer, store) -> dict[str, torch.Ten
         with acc.autocast():
             enc = m.text_encoder(ids)[0]
             pred = m.unet(noisy, t, enc).sample
-        out = Outputs(pred=pred.float(), target=target.float(), store=store, attention_size=run.attention_size)
+        out = Outputs(pred=pred.float(), target=target.float(), store=store, attention_size=run.attention_size,
+                      attention_sizes=tuple(run.attention_sizes))
         terms = run.method.losses(batch, out, cfg)
         if batch.n_instance < pred.shape[0]:
             n = batch.n_instance
@@ -506,12 +568,13 @@ def preview_maps(run: Run, timesteps=(0.3, 0.5, 0.7)) -> dict[str, np.ndarray]:
 
     size = nearest_size(size, available_sizes(m.unet, run.latent_size))
     layers = select_layers(m.unet, run.latent_size, sizes=[size])
-    prompt = run.method.prompt(run.handles.tokens, list(range(len(run.handles.tokens))), run.cfg)
+    prompt = run.method.prompt(run.handles.tokens, list(range(len(run.handles.tokens))), run.cfg,
+                               [c.class_word for c in run.concepts])
     ids = m.tokenizer([prompt], padding="max_length", truncation=True, max_length=m.tokenizer.model_max_length,
                       return_tensors="pt").input_ids.to(run.device)
     pos = token_positions(m.tokenizer, [prompt], run.handles.ids)[0]
     gen = torch.Generator("cpu").manual_seed(1234)
-    mean, std = run.latents[False]
+    mean, std = _scene_latent(run)
     lat = (mean + std * torch.randn(mean.shape, generator=gen).to(run.device)) * m.vae.config.scaling_factor
     was = (m.unet.training, m.text_encoder.training)
     m.unet.eval()
@@ -531,6 +594,18 @@ def preview_maps(run: Run, timesteps=(0.3, 0.5, 0.7)) -> dict[str, np.ndarray]:
     m.text_encoder.train(was[1])
     acc = acc / len(timesteps)
     return {tok: acc[int(p)].cpu().numpy() for tok, p in zip(run.handles.tokens, pos) if p >= 0}
+
+
+def _scene_latent(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latent distribution of the first scene image (unflipped): a training source in scene mode,
+    encoded once on demand otherwise (collage mode trains on collages, previews show the scene)."""
+    if run.method.data_mode(run.cfg) == "scene":
+        return run.sources[0].latents[False]
+    if "scene_latent" not in run.__dict__:
+        from scenetok.training.data import scene_sources
+
+        run.__dict__["scene_latent"] = scene_sources(run.model.vae, [run.scene], run.device, flips=False)[0].latents[False]
+    return run.__dict__["scene_latent"]
 
 
 def attention_iou(maps: dict[str, np.ndarray], masks: np.ndarray, tokens: list[str]) -> dict[str, float]:
@@ -557,13 +632,15 @@ def _preview(run: Run, global_step: int, on_preview) -> None:
     from scenetok.bundle import atomic_write_bytes
 
     maps = preview_maps(run)
-    ious = attention_iou(maps, run.scene.masks(), run.handles.tokens)
-    _log(run, {"global_step": global_step, "preview": True, "attn_iou": ious})
+    row = {"global_step": global_step, "preview": True}
+    if run.masks_estimated or all(c.mask_known for c in run.concepts):
+        row["attn_iou"] = attention_iou(maps, run.concept_masks(), run.handles.tokens)
+    _log(run, row)
     folder = run.out_dir / "previews"
     folder.mkdir(exist_ok=True)
     image = Image.fromarray(run.scene.image)
     tiles = [image] + [viz.overlay_heatmap(image, maps[t]) for t in run.handles.tokens if t in maps]
-    labels = ["input"] + [f"{t} {c.name}" for t, c in zip(run.handles.tokens, run.scene.concepts) if t in maps]
+    labels = ["input"] + [f"{t} {c.name}" for t, c in zip(run.handles.tokens, run.concepts) if t in maps]
     import io
 
     buf = io.BytesIO()
@@ -583,15 +660,20 @@ def _trained_parts(run: Run, upto: int | None = None) -> set[str]:
 
 
 def _trainable_state(run: Run, phase_idx: int) -> dict[str, torch.Tensor]:
-    """What a checkpoint must hold: handles, plus the weights the phases so far have changed."""
+    """What a checkpoint must hold: handles, the weights the phases so far have changed, and the masks
+    when a method has estimated them."""
     m = run.model
     state = {"handles": run.handles.vectors(m.text_encoder).detach().clone()}
     trained = _trained_parts(run, phase_idx)
     if "unet" in trained:
         state.update({f"unet.{k}": v for k, v in m.unet.state_dict().items()})
+    else:
+        state.update({f"unet_partial.{k}": v for k, v in paramlib.partial_state(m.unet, trained).items()})
     if "text_encoder" in trained:
         state.update({f"text_encoder.{k}": v for k, v in m.text_encoder.state_dict().items()
                       if "token_embedding" not in k})
+    if run.masks_estimated:
+        state.update({f"masks.{i}": src.masks[False].detach().cpu() for i, src in enumerate(run.sources)})
     return state
 
 
@@ -602,11 +684,18 @@ def _load_trainable(run: Run, state: dict[str, torch.Tensor]) -> None:
     unet_sd = {k[5:]: v for k, v in state.items() if k.startswith("unet.")}
     if unet_sd:
         m.unet.load_state_dict(unet_sd, strict=True)
+    partial = {k[len("unet_partial."):]: v for k, v in state.items() if k.startswith("unet_partial.")}
+    if partial:
+        paramlib.load_partial_state(m.unet, partial)
     te_sd = {k[13:]: v for k, v in state.items() if k.startswith("text_encoder.")}
     if te_sd:
         missing, unexpected = m.text_encoder.load_state_dict(te_sd, strict=False)
         if unexpected or any("token_embedding" not in k for k in missing):
             raise ScenetokError("the checkpoint's text encoder does not match the base model")
+    masks = {int(k[6:]): v for k, v in state.items() if k.startswith("masks.")}
+    for i, mk in masks.items():
+        run.sources[i].set_masks(mk)
+    run.masks_estimated = run.masks_estimated or bool(masks)
 
 
 def _save(run: Run, optimizer, phase_idx: int, step: int, global_step: int) -> None:
@@ -617,6 +706,7 @@ def _save(run: Run, optimizer, phase_idx: int, step: int, global_step: int) -> N
         torch_gen=run.torch_gen,
         np_rng=run.np_rng,
         progress={"phase": phase_idx, "step": step, "global": global_step},
+        run_state=run.state,
     )
 
 
@@ -627,24 +717,31 @@ def _write_bundle(run: Run, bundlelib):
     trained = _trained_parts(run)
     embeddings = run.handles.as_dict(m.text_encoder)
     base_vocab = min(run.handles.ids)
-    components = {}
+    components, partial = {}, {}
     if "unet" in trained:
         components["unet"] = m.unet
+    elif any(g in trained for g in paramlib.PARTIAL_GROUPS):
+        groups = sorted(g for g in trained if g in paramlib.PARTIAL_GROUPS)
+        partial["unet"] = (groups, paramlib.partial_state(m.unet, groups))
     if "text_encoder" in trained:
         run.handles.detach(m.text_encoder)
         components["text_encoder"] = m.text_encoder
     handles = [
         bundlelib.HandleInfo(token=t, name=c.name, class_word=c.class_word, init_word=c.init_word,
                              is_background=c.is_background)
-        for t, c in zip(run.handles.tokens, run.scene.concepts)
+        for t, c in zip(run.handles.tokens, run.concepts)
     ]
-    rows = [r for r in run.log_rows if not r.get("preview")]
+    rows = [r for r in run.log_rows if not r.get("preview") and not r.get("event")]
     viz.loss_plot(rows, run.out_dir / "loss.png")
+    masks_known = run.masks_estimated or all(c.mask_known for c in run.concepts)
+    extra = {"scenes": len(run.scenes), "masks": "estimated" if run.masks_estimated else
+             ("given" if masks_known else "none")}
     return bundlelib.write_bundle(
         run.out_dir, method=run.method.name, base_model=m.model_id, handles=handles, embeddings=embeddings,
-        components=components or None, text_encoder_vocab_size=base_vocab, config=run.cfg,
-        resolution=run.resolution, input_hashes=run.scene.input_hashes, image=run.scene.image,
-        masks=run.scene.masks(), mask_names=[c.name for c in run.scene.concepts], overwrite=True,
+        components=components or None, partial_weights=partial or None, text_encoder_vocab_size=base_vocab,
+        config=run.cfg, resolution=run.resolution, input_hashes=run.scene.input_hashes, image=run.scene.image,
+        masks=run.concept_masks() if masks_known else None,
+        mask_names=[c.name for c in run.concepts] if masks_known else None, extra=extra, overwrite=True,
     )
 
 

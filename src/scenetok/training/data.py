@@ -1,0 +1,127 @@
+"""What the training loop trains on: *sources*, each one image with its concept masks, encoded once.
+
+A :class:`Source` is one training image (the scene, another image of a multi-image run, or one collage
+of the baselines), VAE-encoded once per flip state before training starts: every step then only draws
+``mean + std·ε`` from the cached latent distribution instead of running the VAE encoder again. Concept
+indices are global over the run's handles: ``Source.masks[flip]`` is ``(N, H, W)`` over ALL concepts
+(zero for a concept that is not in this image) and ``Source.present`` lists the concepts it shows.
+
+Two ways to build sources:
+
+* :func:`scene_sources` — the scene image(s) themselves (Break-A-Scene, EM, DisenDiff, Textual
+  Localization). A run may take several scenes (e.g. a subject from one photo and a background from
+  another); their concepts are numbered one after the other.
+* :func:`collage_sources` — the TI-m / DB-m / CD-m collection of the Break-A-Scene paper: each image
+  pastes a random non-empty subset of the masked concepts, at their own places, onto a random
+  solid-colour background.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from scenetok.scene import Scene
+
+
+@dataclass
+class Source:
+    """One training image: cached latent distribution and masks per flip state."""
+
+    name: str
+    present: list[int]
+    latents: dict[bool, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # flip -> (mean, std)
+    masks: dict[bool, torch.Tensor] = field(default_factory=dict)  # flip -> (N, H, W) float
+    image: np.ndarray | None = None  # uint8 (S, S, 3), unflipped
+
+    def set_masks(self, masks: torch.Tensor | np.ndarray) -> None:
+        """Replace this source's masks (unflipped ``(N, H, W)``, any float/bool); both flip states follow."""
+        m = torch.as_tensor(np.asarray(masks) if not torch.is_tensor(masks) else masks).float()
+        dev = self.masks[False].device if self.masks else m.device
+        m = m.to(dev)
+        self.masks = {False: m, True: m.flip(-1)}
+
+
+@dataclass
+class Item:
+    """An image and its masks before encoding."""
+
+    name: str
+    image: np.ndarray  # uint8 (S, S, 3)
+    masks: np.ndarray  # float (N, S, S) over all concepts
+    present: list[int]
+
+
+def scene_items(scenes: list[Scene]) -> list[Item]:
+    """One item per scene; concept indices run over the scenes in order."""
+    n_total = sum(len(s.concepts) for s in scenes)
+    items, offset = [], 0
+    for i, sc in enumerate(scenes):
+        size = sc.size
+        masks = np.zeros((n_total, size, size), np.float32)
+        k = len(sc.concepts)
+        if k:
+            masks[offset:offset + k] = sc.masks().astype(np.float32)
+        items.append(Item(name=f"scene{i}", image=sc.image, masks=masks, present=list(range(offset, offset + k))))
+        offset += k
+    return items
+
+
+def collage_items(scene: Scene, n: int, rng: np.random.Generator) -> list[Item]:
+    """``n`` collages: a random non-empty subset of the object concepts, each pasted at its own place
+    (its mask cut out of the scene image) onto a random solid colour. A background concept is never
+    pasted (it is what the collage replaces)."""
+    objects = [i for i, c in enumerate(scene.concepts) if not c.is_background]
+    if not objects:
+        raise ValueError("collages need at least one object concept with a mask")
+    masks = scene.masks().astype(np.float32)
+    items = []
+    for j in range(int(n)):
+        k = int(rng.integers(1, len(objects) + 1))
+        subset = sorted(int(objects[i]) for i in rng.permutation(len(objects))[:k])
+        colour = rng.integers(0, 256, size=3).astype(np.uint8)
+        canvas = np.broadcast_to(colour, scene.image.shape).copy()
+        m = np.zeros_like(masks)
+        # paste in index order; where pasted masks overlap, the later concept is on top
+        for c in subset:
+            on = scene.concepts[c].mask
+            canvas[on] = scene.image[on]
+            m[:, on] = 0.0
+            m[c, on] = 1.0
+        items.append(Item(name=f"collage{j}", image=canvas, masks=m, present=subset))
+    return items
+
+
+def _to_model_input(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float().div(127.5).sub(1.0)[None]
+
+
+@torch.no_grad()
+def encode_items(vae, items: list[Item], device, flips: bool = True, batch_size: int = 8) -> list[Source]:
+    """VAE-encode every item once per flip state (both states when ``flips``). Latents are fp32."""
+    states = (False, True) if flips else (False,)
+    sources = [Source(name=it.name, present=list(it.present), image=it.image) for it in items]
+    for flip in states:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            x = torch.cat([_to_model_input(it.image) for it in chunk])
+            if flip:
+                x = x.flip(-1)
+            dist = vae.encode(x.to(device, vae.dtype)).latent_dist
+            for j, it in enumerate(chunk):
+                src = sources[start + j]
+                src.latents[flip] = (dist.mean[j:j + 1].float(), dist.std[j:j + 1].float())
+                m = torch.from_numpy(it.masks).float()
+                src.masks[flip] = (m.flip(-1) if flip else m).to(device)
+    return sources
+
+
+def scene_sources(vae, scenes: list[Scene], device, flips: bool = True) -> list[Source]:
+    return encode_items(vae, scene_items(scenes), device, flips=flips)
+
+
+def collage_sources(vae, scene: Scene, n: int, seed: int, device, flips: bool = True) -> list[Source]:
+    rng = np.random.default_rng([int(seed), 7])
+    return encode_items(vae, collage_items(scene, n, rng), device, flips=flips)
