@@ -65,3 +65,24 @@ def test_token_positions_found_by_tokenizing(tiny_sd):
     assert pos[0].tolist() == [-1, 4]
     n_zebra = len(word_ids(tok, "zebra"))
     assert pos[1].tolist() == [1 + n_zebra, 3 + n_zebra]
+
+
+def test_word_positions_multi_piece_and_after():
+    from transformers import CLIPTokenizer
+
+    from scenetok.tokens import word_positions
+    from scenetok.toyworld.model import toy_sd_path
+
+    tok = CLIPTokenizer.from_pretrained(str(toy_sd_path()), subfolder="tokenizer")
+    tok.add_tokens(["<asset0>", "<asset1>"])
+    prompt = "a photo of a <asset0> circle and <asset1> hedgehog"
+    ids = tok(prompt).input_ids
+    pieces = tok("hedgehog", add_special_tokens=False).input_ids
+    assert len(pieces) > 1  # not a toy-world word: byte-level pieces
+    (pos,) = word_positions(tok, [prompt], "hedgehog")
+    assert [ids[i] for i in pos] == pieces and pos[0] == ids.index(tok.convert_tokens_to_ids("<asset1>")) + 1
+    two = "a photo of a <asset0> circle and <asset1> circle"
+    h1 = tok(two).input_ids.index(tok.convert_tokens_to_ids("<asset1>"))
+    assert word_positions(tok, [two], "circle") == [[6]]
+    assert word_positions(tok, [two], "circle", after=[h1]) == [[h1 + 1]]
+    assert word_positions(tok, ["a photo of a square"], "circle") == [[]]

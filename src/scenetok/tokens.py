@@ -147,3 +147,29 @@ def token_positions(tokenizer, prompts: list[str], token_ids: list[int]) -> torc
             if tid in row:
                 out[b, k] = row.index(tid)
     return out
+
+
+def word_positions(tokenizer, prompts: list[str], word: str, after: list[int] | None = None) -> list[list[int]]:
+    """Positions of every BPE piece of ``word`` in each tokenized prompt (padding as the text encoder sees it).
+
+    ``word`` is tokenized in context (with a leading space, as it appears inside a prompt) and its
+    pieces are searched as a contiguous run; ``after`` (one position per prompt, or -1) restricts the
+    search to the first occurrence after that position (e.g. the class noun after a modifier handle).
+    Returns one list per prompt: the piece positions, empty when the word is absent. A class noun of
+    several pieces ("hedgehog" → "hedge", "hog") thus yields several positions; never a fixed index.
+    """
+    pieces = tokenizer(word.strip(), add_special_tokens=False).input_ids
+    if not pieces:
+        raise ConfigError(f"the word {word!r} tokenizes to nothing", hint="use a plain word")
+    enc = tokenizer(prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length).input_ids
+    out = []
+    n = len(pieces)
+    for b, row in enumerate(enc):
+        start = 0 if after is None or after[b] is None or after[b] < 0 else int(after[b]) + 1
+        found: list[int] = []
+        for i in range(start, len(row) - n + 1):
+            if row[i:i + n] == pieces:
+                found = list(range(i, i + n))
+                break
+        out.append(found)
+    return out
