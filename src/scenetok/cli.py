@@ -292,6 +292,24 @@ def _cmd_toyworld(args) -> int:
 COMMANDS = {"demo": _cmd_demo, "toyworld": _cmd_toyworld, "extract": _cmd_extract, "generate": _cmd_generate, "info": _cmd_info, "methods": _cmd_methods}
 
 
+def _quiet_libraries() -> None:
+    """Our own progress bars and messages only: the libraries' loading bars and import-time notices (e.g.
+    transformers' note that torchvision is absent) are noise on a command line. ``--debug`` keeps them."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
@@ -301,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return EXIT_USER_ERROR
+    if not getattr(args, "debug", False):
+        _quiet_libraries()
     try:
         return COMMANDS[args.command](args)
     except ScenetokError as exc:
