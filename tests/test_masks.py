@@ -174,7 +174,7 @@ def test_hygiene_settings_validated(kw):
 def test_from_files_reads_like_the_scene_loader(tmp_path):
     a = np.zeros((20, 40), np.uint8)
     a[2:10, 4:20] = 255
-    a[5, 10] = 0  # 1-px hole, filled by the default hygiene? no: 0.002 × 800 px = 1.6 px > 1 → filled
+    a[5, 10] = 0  # a 1-px hole: the default hygiene fills holes below 0.2 % of 800 px = 1.6 px
     rgba = np.zeros((20, 40, 4), np.uint8)
     rgba[..., :3] = 255
     rgba[10:18, 22:38, 3] = 255  # alpha mask
@@ -260,6 +260,12 @@ def test_bad_points_and_missing_model(models, tmp_path):
     with pytest.raises(MaskError) as e:
         from_boxes(img, [(0, 0, 10, 10)], model=str(tmp_path / "empty"), device="cpu")
     assert "cannot load the SAM model" in e.value.message and "--sam-model" in e.value.hint
+
+
+def test_concept_mask_coerces_to_bool():
+    c = ConceptMask("x", np.array([[0.2, 0.5], [0.7, 0.0]]))
+    assert c.mask.dtype == bool and c.mask.tolist() == [[False, True], [True, False]] and c.fraction == 0.5
+    assert ConceptMask("y", np.array([[0, 3]], np.uint8)).mask.tolist() == [[False, True]]
 
 
 def test_cli_value_parsers():

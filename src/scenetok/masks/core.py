@@ -17,8 +17,6 @@ __all__ = ["ConceptMask", "MaskError", "DEFAULT_SAM", "DEFAULT_DETECTOR", "clear
 DEFAULT_SAM = "facebook/sam-vit-base"
 DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-tiny"
 
-SOURCES = ("file", "box", "points", "text")
-
 
 class MaskError(SceneError):
     """A mask could not be made: a concept was not found, a prompt is invalid, or a model failed to load."""
@@ -28,7 +26,8 @@ class MaskError(SceneError):
 class ConceptMask:
     """One concept's mask at the image's own size.
 
-    ``name``: the concept's name (written to scene.json). ``mask``: ``bool (H, W)``, the image's size.
+    ``name``: the concept's name (written to scene.json). ``mask``: ``bool (H, W)``, the image's size
+    (float masks are thresholded at 0.5, integer masks read as nonzero = on).
     ``score``: the model's confidence where it has one (SAM's predicted IoU for boxes and clicks,
     GroundingDINO's box score for text), else None. ``source``: ``"file"``, ``"box"``, ``"points"`` or
     ``"text"``. ``box``: the ``(x0, y0, x1, y1)`` box (pixels) the mask was prompted with, if any.
@@ -45,7 +44,7 @@ class ConceptMask:
         if m.ndim != 2:
             raise MaskError(f"concept {self.name!r}: a mask must be 2-D (H, W), got shape {m.shape}",
                             hint="pass one (H, W) array per concept")
-        self.mask = m.astype(bool, copy=False)
+        self.mask = (m >= 0.5) if np.issubdtype(m.dtype, np.floating) else m.astype(bool, copy=False)
 
     @property
     def fraction(self) -> float:
@@ -81,10 +80,6 @@ def resolve_names(names: Sequence[str] | None, n: int, what: str) -> list[str]:
                             hint="give every concept a different name")
         seen[key] = i
     return names
-
-
-def image_size_of(image: np.ndarray) -> tuple[int, int]:
-    return int(image.shape[0]), int(image.shape[1])
 
 
 def as_rgb(image: Any) -> np.ndarray:

@@ -20,8 +20,6 @@ import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import numpy as np
-
 from scenetok.masks.core import (DEFAULT_DETECTOR, DEFAULT_SAM, ConceptMask, MaskError, as_rgb, cached_model,
                                  load_failed, resolve_device, resolve_names)
 from scenetok.masks.hygiene import Hygiene, clean_masks
@@ -122,7 +120,7 @@ def detect(image: Any, queries: Sequence[str], *, model: str = DEFAULT_DETECTOR,
                             hint="use plain words, e.g. 'bowl'")
 
     inputs = processor(images=rgb, text=text, return_tensors="pt")
-    if list(inputs["input_ids"][0]) != ids:  # pragma: no cover - the processor tokenizes like its tokenizer
+    if inputs["input_ids"][0].tolist() != ids:  # pragma: no cover - the processor tokenizes like its tokenizer
         raise MaskError("the detector's processor tokenized the prompt unexpectedly",
                         hint="use a standard GroundingDINO processor")
     inputs = {k: v.to(dev) for k, v in inputs.items()}
