@@ -1,0 +1,441 @@
+"""scenetok.evaluation: prompt sets, each metric on tiny random models, segment choice, LPIPS, KID, the
+`scenetok eval` command end to end, and the same run spread over two processes with torchrun."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scenetok.errors import ConfigError, PromptError
+from scenetok.evaluation import metrics, prompts
+from scenetok.evaluation.segment import Segment, choose_segment, normalize_label
+
+TOKENS3 = ["<asset0>", "<asset1>", "<asset2>"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# prompt sets
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_prompt_set_is_templates_times_subsets(k):
+    tokens = [f"<asset{i}>" for i in range(k)]
+    ps = prompts.build_prompt_set(tokens, {t: "cat" for t in tokens}, n=3, seed=10)
+    assert len(ps) == len(prompts.BAS_TEMPLATES) * (2 ** k - 1) == 10 * (2 ** k - 1)
+    assert len({(p.prompt) for p in ps}) == len(ps)  # no duplicates
+    subsets = list(dict.fromkeys(p.handles for p in ps))
+    assert len(subsets) == 2 ** k - 1 and all(len([p for p in ps if p.handles == s]) == 10 for s in subsets)
+    assert [p.index for p in ps] == list(range(len(ps)))
+    seeds = [s for p in ps for s in p.seeds]
+    assert seeds == list(range(10, 10 + 3 * len(ps)))  # sample i of prompt k: seed + k*n + i
+
+
+def test_prompt_set_order_and_text():
+    ps = prompts.build_prompt_set(TOKENS3, {"<asset0>": "cat", "<asset1>": "owl", "<asset2>": "teddy bear"}, n=1)
+    assert [p.handles for p in ps[::10]] == [("<asset0>",), ("<asset1>",), ("<asset2>",), ("<asset0>", "<asset1>"),
+                                             ("<asset0>", "<asset2>"), ("<asset1>", "<asset2>"), tuple(TOKENS3)]
+    assert ps[0].prompt == "a photo of <asset0> at the beach"
+    assert ps[-1].prompt == "a photo of <asset0> and <asset1> and <asset2> floating on top of water"
+    assert ps[-1].class_prompt == "a photo of a cat and an owl and a teddy bear floating on top of water"
+    assert ps[-1].removed_prompt == "a photo of and and floating on top of water"
+    assert ps[-1].subset == "<asset0>+<asset1>+<asset2>"
+
+
+def test_prompt_variants():
+    cw = {"<asset0>": "cat", "<asset1>": "apple"}
+    assert prompts.class_word_prompt("a photo of <asset0> at the beach", cw) == "a photo of a cat at the beach"
+    assert prompts.class_word_prompt("<asset1> on the table", cw) == "an apple on the table"
+    assert prompts.class_word_prompt("the <asset0>, sleeping", cw) == "the cat, sleeping"
+    # modifier + class style: the handle goes, the class noun stays
+    assert prompts.class_word_prompt("photo of a <asset0> cat and a <asset1> apple", cw) == "photo of a cat and a apple"
+    assert prompts.class_word_prompt("a <asset9> thing", cw) == "a thing"
+    assert prompts.identifier_removed_prompt("photo of a <asset0> cat, in snow") == "photo of a cat, in snow"
+    assert prompts.identifier_removed_prompt("a <asset0> and <x>", ["<asset0>"]) == "a and <x>"
+
+
+def test_prompt_file(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("# a comment\n\na photo of {tokens} in the snow\n<asset1> on a table\na photo of a dog\n")
+    ps = prompts.build_prompt_set(TOKENS3[:2], {"<asset0>": "cat", "<asset1>": "dog"}, prompts_file=f, n=2)
+    assert [p.prompt for p in ps] == ["a photo of <asset0> in the snow", "a photo of <asset1> in the snow",
+                                      "a photo of <asset0> and <asset1> in the snow", "<asset1> on a table",
+                                      "a photo of a dog"]
+    assert [p.handles for p in ps][3:] == [("<asset1>",), ()]
+    assert [p.source for p in ps] == ["file:3"] * 3 + ["file:4", "file:5"]
+    assert ps[3].template is None and ps[0].template == "a photo of {tokens} in the snow"
+    f.write_text("fine <asset0>\n<asset5> here\n")
+    with pytest.raises(PromptError, match="line 2: <asset5>"):
+        prompts.build_prompt_set(TOKENS3[:2], {}, prompts_file=f)
+    f.write_text("# nothing\n")
+    with pytest.raises(ConfigError, match="no prompt"):
+        prompts.build_prompt_set(TOKENS3[:2], {}, prompts_file=f)
+    with pytest.raises(ConfigError, match="unknown template set"):
+        prompts.build_prompt_set(TOKENS3[:2], {}, templates="nope")
+
+
+# ----------------------------------------------------------------------------------------------------
+# KID
+
+
+def test_kid_matches_hand_computed_mmd():
+    # d = 1, k(a, b) = (a·b + 1)^3: k(0,1) = 1, k(2,3) = 343, cross: 1, 1, 27, 64 → 1 + 343 − 2·93/4 = 297.5
+    x, y = np.array([[0.0], [1.0]]), np.array([[2.0], [3.0]])
+    assert metrics.mmd2_unbiased(x, y) == pytest.approx(297.5)
+    assert metrics.kid(x, y, subsets=5) == pytest.approx((297.5, 0.0))  # subset = whole set every time
+
+
+def test_kid_same_set_near_zero_different_sets_larger():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 16))
+    y = rng.normal(size=(120, 16))  # same distribution
+    z = rng.normal(size=(120, 16)) + 1.0  # shifted
+    same, _ = metrics.kid(x, x, subsets=20, subset_size=50)
+    alike, _ = metrics.kid(x, y, subsets=20, subset_size=50)
+    far, std = metrics.kid(x, z, subsets=20, subset_size=50)
+    # ≈ 0 on the scale of a real difference (the unbiased estimate is slightly negative for a set against
+    # itself: samples drawn into both subsets pair with themselves only in the cross term)
+    assert far > 5.0 and std > 0
+    assert abs(same) < 0.03 * far and abs(alike) < 0.03 * far
+    assert metrics.kid(x, z, subsets=3, subset_size=50, seed=1) == metrics.kid(x, z, subsets=3, subset_size=50, seed=1)
+    with pytest.raises(ValueError):
+        metrics.kid(x[:1], z)
+
+
+def test_masked_image_and_input_views():
+    img = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3)
+    m = np.zeros((4, 4), bool)
+    m[1:3, 2] = True
+    out = metrics.masked_image(img, m)
+    assert (out[m] == img[m]).all() and (out[~m] == 128).all()
+    big = metrics.masked_image(img, np.kron(m, np.ones((2, 2), bool)).astype(np.float32))  # resized mask
+    assert (big == out).all()
+    views = metrics.input_views(np.zeros((20, 30, 3), np.uint8) + 7, count=5, size=16, seed=3)
+    assert len(views) == 5 and all(v.shape == (16, 16, 3) for v in views)
+
+
+# ----------------------------------------------------------------------------------------------------
+# tiny models
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    from scenetok import devtools
+
+    root = tmp_path_factory.mktemp("eval-models")
+    return {
+        "clip": devtools.build_tiny_clip(root / "clip"),
+        "dino": devtools.build_tiny_dino(root / "dino"),
+        "maskformer": devtools.build_tiny_maskformer(root / "maskformer"),
+        "lpips": devtools.build_tiny_lpips(root / "lpips_alex.safetensors"),
+    }
+
+
+def _images(n, size=32, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def test_clip_scores(tiny_models):
+    clip = metrics.ClipScorer(str(tiny_models["clip"]), device="cpu")
+    imgs = _images(3)
+    e = clip.image_embeds(imgs)
+    assert e.shape == (3, 16) and torch.allclose(e.norm(dim=-1), torch.ones(3), atol=1e-5)
+    again = clip.image_embeds([imgs[1]])  # alone instead of in a batch
+    assert float(again[0] @ e[1]) == pytest.approx(1.0, abs=1e-5)  # identical images → CLIP-I 1.0
+    assert float(metrics.cosine(e[0:1], e[1:2])) < 1.0 - 1e-6  # different images → below 1
+    t = clip.text_embeds(["a photo of a cat at the beach", "a photo of at the beach", ""])
+    clip_t = e @ t.T
+    assert torch.isfinite(clip_t).all() and clip_t.abs().max() <= 1.0 + 1e-6
+    assert not torch.allclose(t[0], t[1])
+
+
+def test_dino_identity_of_identical_masked_images_is_one(tiny_models):
+    dino = metrics.DinoScorer(str(tiny_models["dino"]), device="cpu")
+    img = _images(1)[0]
+    m = np.zeros((32, 32), bool)
+    m[8:24, 4:20] = True
+    a, b = dino.embeds([metrics.masked_image(img, m), metrics.masked_image(img.copy(), m.copy())])
+    assert float(a @ b) == pytest.approx(1.0, abs=1e-5)
+    other = dino.embeds([metrics.masked_image(img, ~m)])[0]
+    assert -1.0 <= float(a @ other) < 1.0 - 1e-6
+    raw = dino.raw([img])
+    assert raw.shape == (1, 32) and not torch.allclose(raw.norm(dim=-1), torch.ones(1))  # KID features: unnormalized
+
+
+def test_choose_segment_rules():
+    def seg(label, x0):
+        m = np.zeros((8, 8), bool)
+        m[:, x0 : x0 + 2] = True
+        return Segment(label, m)
+
+    segs = [seg("dog", 0), seg("cat", 2), seg("dog", 4), Segment("cat", np.zeros((8, 8), bool)), seg("wall-other-merged", 6)]
+    sim = {0: 0.2, 1: 0.9, 2: 0.5, 4: 0.3}
+    calls = []
+
+    def similarity(ids):
+        calls.append(list(ids))
+        return [sim[k] for k in ids]
+
+    assert choose_segment(segs, "dog", similarity) == (2, "class", "dog", 0.5)  # best of the two dogs
+    assert calls[-1] == [0, 2]
+    assert choose_segment(segs, "Cat", similarity) == (1, "class", "cat", 0.9)  # the empty cat mask is skipped
+    assert choose_segment(segs, "wall", similarity)[:2] == (4, "class")  # COCO suffixes ignored
+    assert choose_segment(segs, "creature", similarity) == (1, "best", "cat", 0.9)  # no class: most similar
+    assert calls[-1] == [0, 1, 2, 4]
+    assert choose_segment([], "dog", similarity) == (None, "whole", None, None)
+    assert normalize_label(" Teddy_Bear ") == "teddy bear"
+
+
+def test_maskformer_segmenter(tiny_models, monkeypatch):
+    from scenetok.evaluation.segment import MaskFormerSegmenter, make_segmenter
+
+    sg = make_segmenter("maskformer", maskformer_model=str(tiny_models["maskformer"]), device="cpu")
+    assert isinstance(sg, MaskFormerSegmenter)
+    imgs = _images(3, size=40)
+    out = sg.candidates(imgs)  # the real model and post-processing (random weights: maybe no segment)
+    assert len(out) == 3 and all(isinstance(s, Segment) and s.mask.shape == (40, 40) for c in out for s in c)
+    # a known panoptic result: the labels come from the model's id2label and the masks from the segment ids
+    seg_map = torch.zeros(40, 40, dtype=torch.int32)
+    seg_map[:, 20:] = 2
+    seg_map[:10] = 3
+    fake = [{"segmentation": seg_map, "segments_info": [{"id": 2, "label_id": 2, "score": 0.9},
+                                                        {"id": 3, "label_id": 4, "score": 0.8}]}] * 3
+    monkeypatch.setattr(sg.processor, "post_process_panoptic_segmentation", lambda *a, **k: fake[: len(imgs)])
+    cands = sg.candidates(imgs)[0]
+    assert [c.label for c in cands] == ["dog", "wall-other-merged"]
+    assert cands[0].mask.sum() == 30 * 20 and cands[1].mask.sum() == 10 * 40
+    k, source, label, _ = choose_segment(cands, "dog", lambda ids: [0.0] * len(ids))
+    assert (k, source, label) == (0, "class", "dog")
+    with pytest.raises(ConfigError, match="unknown segmenter"):
+        make_segmenter("sam2")
+
+
+def test_text_sam_segmenter_with_a_fake_from_text(monkeypatch):
+    from scenetok.errors import ScenetokError
+    from scenetok.evaluation.segment import TextSamSegmenter
+
+    calls = []
+
+    def from_text(image, queries, **kwargs):
+        calls.append((list(queries), kwargs))
+        if "ghost" in queries:
+            raise ScenetokError("no box for 'ghost'")
+        out = []
+        for i, q in enumerate(queries):
+            m = np.zeros(image.shape[:2], bool)
+            m[:, i] = True
+            out.append(types.SimpleNamespace(name=q, mask=m, score=0.5))
+        return out
+
+    monkeypatch.setitem(sys.modules, "scenetok.masks", types.SimpleNamespace(from_text=from_text))
+    sg = TextSamSegmenter(detector="det-folder", sam="sam-folder", device="cpu")
+    img = _images(1, size=8)[0]
+    cands = sg.candidates([img, img], [["cat", "dog", "cat"], ["ghost", "dog"]])
+    assert [c.label for c in cands[0]] == ["cat", "dog"] and cands[0][1].mask[:, 1].all()
+    assert calls[0] == (["cat", "dog"], {"detector": "det-folder", "segmenter": "sam-folder", "device": "cpu"})
+    # the joint call failed (ghost not found): each query alone, the missing one left out
+    assert [c.label for c in cands[1]] == ["dog"] and [q for q, _ in calls[1:]] == [["ghost", "dog"], ["ghost"], ["dog"]]
+
+    def broken(image, queries, **kwargs):
+        raise ScenetokError("cannot load the GroundingDINO model 'x'")
+
+    monkeypatch.setitem(sys.modules, "scenetok.masks", types.SimpleNamespace(from_text=broken))
+    with pytest.raises(ScenetokError, match="cannot load"):
+        TextSamSegmenter().candidates([img], [["cat"]])
+    monkeypatch.setitem(sys.modules, "scenetok.masks", types.SimpleNamespace())
+    with pytest.raises(ConfigError, match="text-sam"):
+        TextSamSegmenter()
+
+
+def test_lpips(tiny_models, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from scenetok import devtools
+    from scenetok.evaluation.lpips import LPIPS
+
+    lp = LPIPS.from_file(tiny_models["lpips"])
+    assert lp.net == "alex"
+    imgs = _images(3)
+    assert torch.equal(lp.distance(imgs, imgs), torch.zeros(3))  # identical images: exactly 0
+    ab, ba = lp.distance(imgs[:2], imgs[1:3]), lp.distance(imgs[1:3], imgs[:2])
+    assert torch.allclose(ab, ba) and (ab > 0).all() and torch.isfinite(ab).all()
+    assert lp.diversity([imgs[0]] * 3) == 0.0 and lp.diversity(imgs) > 0 and lp.diversity(imgs[:1]) is None
+    # the plain key layout (features.i.*, linK.weight) gives the same network
+    plain = {}
+    for k, v in load_file(str(tiny_models["lpips"])).items():
+        parts = k.split(".")
+        plain[f"features.{parts[2]}.{parts[3]}" if k.startswith("net.") else f"{parts[0]}.weight"] = v
+    save_file(plain, str(tmp_path / "plain.safetensors"))
+    assert torch.allclose(LPIPS.from_file(tmp_path / "plain.safetensors").distance(imgs[:2], imgs[1:3]), ab)
+    vgg = LPIPS.from_file(devtools.build_tiny_lpips(tmp_path / "vgg.safetensors", net="vgg"))
+    assert vgg.net == "vgg" and float(vgg.distance(imgs[:1], imgs[:1])[0]) == 0.0
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ConfigError, match="does not hold LPIPS weights"):
+        LPIPS.from_file(tmp_path / "bad.safetensors")
+    with pytest.raises(ConfigError, match="does not exist"):
+        LPIPS.from_file(tmp_path / "none.safetensors")
+
+
+# ----------------------------------------------------------------------------------------------------
+# the COCO scene set
+
+
+def _rect(x0, y0, x1, y1):
+    return [[x0, y0, x1, y0, x1, y1, x0, y1]]
+
+
+CATS = [{"id": 1, "name": "dog"}, {"id": 2, "name": "cat"}, {"id": 3, "name": "giraffe"},
+        {"id": 4, "name": "person"}, {"id": 5, "name": "wall", "isthing": 0}, {"id": 6, "name": "teddy bear"}]
+
+
+def _coco(tmp_path, images, cats=CATS):
+    """Write images (random pixels) and a COCO file. ``images``: (width, height, [(cat, segmentation, extra)])."""
+    from PIL import Image
+
+    img_dir = tmp_path / "images"
+    img_dir.mkdir(exist_ok=True)
+    ims, anns = [], []
+    rng = np.random.default_rng(0)
+    for i, (w, h, segs) in enumerate(images, start=1):
+        name = f"{i:06d}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(img_dir / name)
+        ims.append({"id": i, "file_name": name, "width": w, "height": h})
+        for cat, seg, extra in segs:
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": cat, "segmentation": seg,
+                         "iscrowd": 0, **extra})
+    f = tmp_path / "instances.json"
+    f.write_text(json.dumps({"images": ims, "annotations": anns, "categories": cats}))
+    return f, img_dir
+
+
+def _build(tmp_path, images, **kw):
+    from scenetok.evaluation.coco import build_coco_scenes
+
+    f, d = _coco(tmp_path, images)
+    report = build_coco_scenes(f, d, tmp_path / "scenes", **kw)
+    return {s["image_id"]: [c["name"] for c in s["concepts"]] for s in report["scenes"]}, report
+
+
+def test_rle_and_polygon_decoding():
+    from scenetok.evaluation.coco import (decode_rle, polygons_to_mask, rle_counts_to_string,
+                                          rle_string_to_counts)
+
+    # hand-encoded strings: one 5-bit group per small run; "O" = -1 relative to the run two before; "T3" = 100
+    assert rle_string_to_counts("325") == [3, 2, 5]
+    assert rle_string_to_counts("3252") == [3, 2, 5, 4]
+    assert rle_string_to_counts("325O") == [3, 2, 5, 1]
+    assert rle_string_to_counts("T3") == [100]
+    rng = np.random.default_rng(1)
+    counts = [int(c) for c in rng.integers(0, 3000, 40)]
+    assert rle_string_to_counts(rle_counts_to_string(counts)) == counts
+    # runs alternate off/on over column-major pixels
+    m = decode_rle({"size": [2, 3], "counts": [1, 2, 3]})
+    assert m.tolist() == [[False, True, False], [True, False, False]]
+    assert (decode_rle({"size": [2, 3], "counts": rle_counts_to_string([1, 2, 3])}) == m).all()
+    with pytest.raises(ValueError, match="sum"):
+        decode_rle({"size": [2, 3], "counts": [1, 2]})
+    # polygons: pixel centres inside; a rectangle gives exactly its area; parts are united
+    sq = polygons_to_mask(_rect(2, 2, 6, 6), 10, 10)
+    assert sq.sum() == 16 and sq[2:6, 2:6].all()
+    tri = polygons_to_mask([[0, 0, 40, 0, 0, 40]], 40, 40)
+    assert abs(int(tri.sum()) - 800) <= 40 and tri[0, 0] and not tri[39, 39]
+    two = polygons_to_mask(_rect(0, 0, 2, 2) + _rect(5, 5, 7, 8), 10, 10)
+    assert two.sum() == 4 + 6
+
+
+def test_coco_rule_square_center_crop(tmp_path):
+    # 100×60 → the centred 60×60 square, columns 20..80; the cat lies left of it in the second image
+    inside = [(1, _rect(30, 0, 50, 60), {}), (2, _rect(55, 0, 75, 60), {})]
+    outside = [(1, _rect(30, 0, 50, 60), {}), (2, _rect(0, 0, 20, 60), {})]
+    got, _ = _build(tmp_path, [(100, 60, inside), (100, 60, outside)])
+    assert got == {1: ["dog", "cat"]}
+    from PIL import Image
+
+    from scenetok.scene import load_scene
+
+    sc = load_scene(tmp_path / "scenes" / "000000000001")
+    with Image.open(tmp_path / "images" / "000001.png") as im:
+        src = np.asarray(im.convert("RGB"))
+    assert sc.size == 60 and (sc.image == src[:, 20:80]).all()
+    assert sc.concepts[0].mask[:, 10:30].all() and sc.concepts[0].mask.sum() == 60 * 20  # dog: columns 30..50 - 20
+
+
+def test_coco_rule_min_fraction(tmp_path):
+    # 50×50 = 2500 px: the cat covers 14 % (350 px) in image 1 and 16 % (400 px) in image 2
+    small = [(1, _rect(0, 0, 25, 30), {}), (2, _rect(30, 0, 44, 25), {})]
+    large = [(1, _rect(0, 0, 25, 30), {}), (2, _rect(30, 0, 46, 25), {})]
+    got, report = _build(tmp_path, [(50, 50, small), (50, 50, large)])
+    assert got == {2: ["dog", "cat"]}
+    scene = report["scenes"][0]
+    assert [c["fraction"] for c in scene["concepts"]] == [0.3, 0.16]
+
+
+def test_coco_rule_two_distinct_categories(tmp_path):
+    two_dogs = [(1, _rect(0, 0, 20, 50), {}), (1, _rect(25, 0, 50, 50), {})]
+    dogs_and_cat = [(1, _rect(0, 0, 15, 50), {}), (1, _rect(15, 0, 35, 50), {}), (2, _rect(35, 0, 50, 50), {})]
+    got, report = _build(tmp_path, [(50, 50, two_dogs), (50, 50, dogs_and_cat)])
+    assert got == {2: ["dog", "cat"]}  # one concept per category: the larger dog (40 %) and the cat
+    assert report["scenes"][0]["concepts"][0]["fraction"] == 0.4
+
+
+def test_coco_rule_excluded_classes(tmp_path):
+    from scenetok.evaluation.coco import EXCLUDED_CLASSES
+
+    assert set(EXCLUDED_CLASSES) == {"orange", "banana", "broccoli", "carrot", "zebra", "giraffe"}
+    giraffe_dog = [(3, _rect(0, 0, 25, 50), {}), (1, _rect(25, 0, 50, 50), {})]
+    giraffe_dog_cat = [(3, _rect(0, 0, 20, 50), {}), (1, _rect(20, 0, 35, 50), {}), (2, _rect(35, 0, 50, 50), {})]
+    got, _ = _build(tmp_path, [(50, 50, giraffe_dog), (50, 50, giraffe_dog_cat)])
+    assert got == {2: ["dog", "cat"]}  # the giraffe never becomes a concept
+
+
+def test_coco_rule_things_only_no_crowds(tmp_path):
+    from scenetok.evaluation.coco import rle_counts_to_string
+
+    person = np.zeros((50, 50), bool)
+    person[:, 25:] = True  # 50 %, more than the dog: listed first
+    flat = person.T.reshape(-1)  # column-major
+    change = np.flatnonzero(np.diff(flat.astype(np.int8))) + 1
+    runs = np.diff(np.concatenate([[0], change, [flat.size]])).tolist()
+    rle = {"size": [50, 50], "counts": rle_counts_to_string(runs if not flat[0] else [0] + runs)}
+    dog = (1, _rect(0, 0, 20, 50), {})
+    stuff = [dog, (5, _rect(20, 0, 50, 50), {})]  # a wall: not a thing
+    crowd = [dog, (4, {"size": [50, 50], "counts": [1500, 1000]}, {"iscrowd": 1})]  # a crowd of people
+    single = [dog, (4, rle, {})]  # one person, compressed RLE
+    got, _ = _build(tmp_path, [(50, 50, stuff), (50, 50, crowd), (50, 50, single)])
+    assert got == {3: ["person", "dog"]}
+    from scenetok.scene import load_scene
+
+    sc = load_scene(tmp_path / "scenes" / "000000000003")
+    assert (sc.concepts[0].mask == person).all()
+
+
+def test_coco_scene_folders_report_and_cli(tmp_path, capsys):
+    from scenetok.cli import main
+    from scenetok.scene import load_scene
+
+    ok = [(6, _rect(0, 0, 24, 40), {}), (2, _rect(24, 0, 40, 40), {})]  # the larger concept first
+    f, d = _coco(tmp_path, [(40, 40, ok), (40, 40, ok), (40, 40, ok)])
+    (d / "000002.png").unlink()  # a missing image is skipped and counted
+    assert main(["benchmark", "coco", "--annotations", str(f), "--images", str(d), "-o", str(tmp_path / "b"),
+                 "--max-scenes", "1", "--quiet"]) == 0
+    assert "1 scenes written" in capsys.readouterr().out
+    report = json.loads((tmp_path / "b" / "scenes" / "coco_scenes.json").read_text())
+    assert [s["image_id"] for s in report["scenes"]] == [1] and report["images_seen"] == 1
+    sc = load_scene(tmp_path / "b" / "scenes" / "000000000001")
+    assert [(c.name, c.class_word, c.init_word) for c in sc.concepts] == [("teddy bear",) * 3, ("cat",) * 3]
+    from scenetok.evaluation.coco import build_coco_scenes
+
+    rep = build_coco_scenes(f, d, tmp_path / "all", max_scenes=None)
+    assert [s["image_id"] for s in rep["scenes"]] == [1, 3] and rep["rejected"]["no image file"] == 1
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_coco_scenes(tmp_path / "nope.json", d, tmp_path / "x")
