@@ -439,3 +439,126 @@ def test_coco_scene_folders_report_and_cli(tmp_path, capsys):
     assert [s["image_id"] for s in rep["scenes"]] == [1, 3] and rep["rejected"]["no image file"] == 1
     with pytest.raises(ConfigError, match="does not exist"):
         build_coco_scenes(tmp_path / "nope.json", d, tmp_path / "x")
+
+
+# ----------------------------------------------------------------------------------------------------
+# scenetok eval, end to end, and the same work over two processes
+
+
+@pytest.fixture(scope="module")
+def trained_bundle(tiny_sd, tmp_path_factory):
+    from conftest import two_squares
+
+    from scenetok.scene import Scene
+    from scenetok.training import train
+
+    img, masks = two_squares()
+    scene = Scene.from_arrays(img, masks, names=["red", "blue"], class_words=["square", "cat"])
+    out = tmp_path_factory.mktemp("eval-bundle") / "bundle"
+    return train(scene, out, model=str(tiny_sd), overrides=["phase1.steps=2", "phase2.steps=1", "preview_every=100"],
+                 progress=False).path
+
+
+def _model_args(m):
+    return ["--clip-model", str(m["clip"]), "--dino-model", str(m["dino"]), "--maskformer-model", str(m["maskformer"])]
+
+
+def _read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_eval_command_end_to_end(trained_bundle, tiny_models, tmp_path, capsys):
+    from scenetok.cli import main
+
+    pf = tmp_path / "prompts.txt"
+    pf.write_text("a photo of {tokens} in the snow\n")
+    out = tmp_path / "eval"
+    assert main(["eval", str(trained_bundle), "-o", str(out), "--prompts", str(pf), "-n", "2", "--steps", "2",
+                 "--seed", "5", "--lpips-weights", str(tiny_models["lpips"]), "--kid-views", "8", "--quiet",
+                 *_model_args(tiny_models)]) == 0
+    assert "6 images" in capsys.readouterr().out
+    for f in ("eval.json", "images.csv", "prompts.csv", "subsets.csv", "summary.csv", "index.html"):
+        assert (out / f).is_file(), f
+    res = json.loads((out / "eval.json").read_text())
+    b = res["bundles"][0]
+    assert b["reference"] == "bundle masks" and [h["class_word"] for h in b["handles"]] == ["square", "cat"]
+    assert res["options"]["metrics"] == ["clip_t", "clip_i", "identity", "kid", "lpips"]
+    assert [p["subset"] for p in b["prompts"]] == ["<asset0>", "<asset1>", "<asset0>+<asset1>"]
+    assert b["prompts"][2]["class_prompt"] == "a photo of a square and a cat in the snow"
+    assert b["prompts"][2]["removed_prompt"] == "a photo of and in the snow"
+    rows = _read_csv(out / "images.csv")
+    assert len(rows) == 3 * 2 and [int(r["seed"]) for r in rows] == [5, 6, 7, 8, 9, 10]
+    for r in rows:
+        assert (out / r["file"]).is_file()
+        for m in ("prompt_similarity", "clip_t", "clip_i", "identity"):
+            assert -1.0 <= float(r[m]) <= 1.0, (m, r[m])
+    both = rows[-1]  # per-handle columns; the mean over the prompt's handles
+    per = [float(both["identity[<asset0>]"]), float(both["identity[<asset1>]"])]
+    assert float(both["identity"]) == pytest.approx(sum(per) / 2, abs=1e-5)
+    assert rows[0]["clip_i[<asset1>]"] == "" and both["segment[<asset0>]"].split(":")[0] in ("class", "best", "whole")
+    s = b["summary"]
+    assert s["images"] == 6 and math.isfinite(s["kid"]) and s["kid_std"] >= 0 and s["lpips_diversity"] > 0
+    assert [x["images"] for x in b["subsets"]] == [2, 2, 2] and all(math.isfinite(x["kid"]) for x in b["subsets"])
+    page = (out / "index.html").read_text()
+    assert page.count("data:image/png;base64,") >= 4 and "a photo of &lt;asset0&gt; and &lt;asset1&gt; in the snow" in page
+    # the masked reference of a handle scores CLIP-I 1.0 against itself
+    from scenetok.evaluation.evaluate import _Plan, _reference_embeds, _references
+    from scenetok.bundle import read_bundle
+
+    plan = _Plan(0, "b", read_bundle(trained_bundle), [])
+    refs = _references(plan, 32)
+    clip = metrics.ClipScorer(str(tiny_models["clip"]), device="cpu")
+    emb = _reference_embeds(plan, "clip", 128, clip.image_embeds)
+    again = clip.image_embeds([metrics.masked_image(refs["image"], refs["masks"]["<asset1>"])])[0]
+    assert float(emb["<asset1>"] @ again) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_eval_errors(trained_bundle, tmp_path, capsys):
+    from scenetok.cli import main
+
+    assert main(["eval", str(trained_bundle), "-o", str(tmp_path / "x"), "--metrics", "clip_t,fid"]) == 2
+    assert "unknown metric(s) fid" in capsys.readouterr().err
+    assert main(["eval", str(trained_bundle), "-o", str(tmp_path / "x"), "--metrics", "lpips"]) == 2
+    assert "--lpips-weights" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "nothing"), "-o", str(tmp_path / "x")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_two_processes_give_the_single_process_results(trained_bundle, tiny_models, tmp_path):
+    """torchrun with 2 CPU processes over 2 bundles × 2 prompts: same files as one process."""
+    from scenetok.evaluation import evaluate_bundles
+
+    pf = tmp_path / "prompts.txt"
+    pf.write_text("a photo of <asset0> in the snow\n<asset1> and <asset0> on a table\n")
+    common = dict(prompts=str(pf), n=2, steps=2, kid_views=8, metrics="clip_t,clip_i,identity,kid",
+                  clip_model=str(tiny_models["clip"]), dino_model=str(tiny_models["dino"]),
+                  maskformer_model=str(tiny_models["maskformer"]), device="cpu", progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun worker (OMP_NUM_THREADS=1): same arithmetic, same bits
+    try:
+        single = evaluate_bundles([trained_bundle, trained_bundle], tmp_path / "one", **common)
+    finally:
+        torch.set_num_threads(threads)
+    assert [s["bundle"] for s in single["summary"]] == ["bundle", "bundle-1"]
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1] / "src"),
+               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "scenetok.cli", "eval", str(trained_bundle), str(trained_bundle), "-o", str(tmp_path / "two"),
+           "--prompts", str(pf), "-n", "2", "--steps", "2", "--kid-views", "8", "--metrics", common["metrics"],
+           "--device", "cpu", "--quiet", *_model_args(tiny_models)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = tmp_path / "two"
+    assert not (two / ".partial").exists()
+    for name in ("bundle", "bundle-1"):
+        for f in ("images.csv", "prompts.csv"):
+            assert (two / name / f).read_bytes() == (tmp_path / "one" / name / f).read_bytes(), (name, f)
+        a = _read_csv(two / name / "images.csv")
+        assert len(a) == 4 and (two / name / a[-1]["file"]).read_bytes() == (tmp_path / "one" / name / a[-1]["file"]).read_bytes()
+    for f in ("images.csv", "summary.csv"):  # summary: the KID computed after merging
+        assert (two / f).read_bytes() == (tmp_path / "one" / f).read_bytes(), f
+    assert [r["bundle"] for r in _read_csv(two / "images.csv")] == ["bundle"] * 4 + ["bundle-1"] * 4
+    overview = json.loads((two / "eval.json").read_text())
+    assert overview["processes"] == 2 and overview["shares"] == [[0, 2], [2, 4]]  # one bundle each

@@ -353,7 +353,7 @@ def build_tiny_clip(path: str | Path, image_size: int = 32, hidden: int = 32, pr
 
 
 def build_tiny_dino(path: str | Path, image_size: int = 32, hidden: int = 32, seed: int = 0) -> Path:
-    """A random DINO-style ``ViTModel`` (no pooler, eager attention) with a ViT image processor."""
+    """A random DINO-style ``ViTModel`` (eager attention, so attention maps can be read) with a ViT image processor."""
     import torch
     from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
@@ -361,7 +361,7 @@ def build_tiny_dino(path: str | Path, image_size: int = 32, hidden: int = 32, se
     torch.manual_seed(seed)
     cfg = ViTConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4, intermediate_size=hidden * 2,
                     image_size=image_size, patch_size=max(4, image_size // 8), attn_implementation="eager")
-    ViTModel(cfg, add_pooling_layer=False).save_pretrained(str(path), safe_serialization=True)
+    ViTModel(cfg).save_pretrained(str(path), safe_serialization=True)
     ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(str(path))
     return path
 

@@ -26,7 +26,6 @@ _EXPORTS = {
     "evaluate_bundles": "scenetok.evaluation.evaluate",
     "EvalOptions": "scenetok.evaluation.evaluate",
     "METRICS": "scenetok.evaluation.evaluate",
-    "score_prompt": "scenetok.evaluation.evaluate",
     "BAS_TEMPLATES": "scenetok.evaluation.prompts",
     "EvalPrompt": "scenetok.evaluation.prompts",
     "build_prompt_set": "scenetok.evaluation.prompts",

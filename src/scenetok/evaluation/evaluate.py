@@ -22,7 +22,7 @@ import io
 import json
 import math
 import shutil
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -187,7 +187,10 @@ def evaluate_bundles(bundles: Sequence, out_dir, *, scenes: Sequence | None = No
             all_rows += a
             all_prompts += b
             all_feats.update(c)
-        result = _merge(plans, all_rows, all_prompts, all_feats, opts, scorers, out_dir, _single)
+        shares = [[r.start, r.stop] for r in (distributed.share(len(items), k, ctx.world_size)
+                                               for k in range(ctx.world_size))]
+        result = _merge(plans, all_rows, all_prompts, all_feats, opts, scorers, out_dir, _single,
+                        {"processes": ctx.world_size, "shares": shares})
         shutil.rmtree(part, ignore_errors=True)
         return result
     finally:
@@ -513,7 +516,8 @@ def _read_partial(folder: Path, tag: str):
 # merge: KID, summaries, files
 
 
-def _merge(plans, rows, prompt_rows, feats, opts: EvalOptions, scorers: _Scorers, out_dir: Path, single: bool) -> dict:
+def _merge(plans, rows, prompt_rows, feats, opts: EvalOptions, scorers: _Scorers, out_dir: Path, single: bool,
+           work: dict) -> dict:
     from scenetok import __version__
     from scenetok.bundle import atomic_write_text
     from scenetok.evaluation.metrics import input_views, kid
@@ -565,7 +569,7 @@ def _merge(plans, rows, prompt_rows, feats, opts: EvalOptions, scorers: _Scorers
 
     summary_rows = [b["summary"] for b in bundles_out]
     result = {"scenetok_version": __version__, "options": opts.public(), "models": scorers.models(),
-              "definitions": DEFINITIONS, "summary": summary_rows, "bundles": bundles_out}
+              "definitions": DEFINITIONS, **work, "summary": summary_rows, "bundles": bundles_out}
     tables.write_csv(out_dir / "summary.csv", summary_rows)
     if single:
         atomic_write_text(out_dir / "eval.json", json.dumps(result, indent=2, default=str) + "\n")
