@@ -562,3 +562,37 @@ def test_two_processes_give_the_single_process_results(trained_bundle, tiny_mode
     assert [r["bundle"] for r in _read_csv(two / "images.csv")] == ["bundle"] * 4 + ["bundle-1"] * 4
     overview = json.loads((two / "eval.json").read_text())
     assert overview["processes"] == 2 and overview["shares"] == [[0, 2], [2, 4]]  # one bundle each
+
+
+def test_work_shares_and_tables():
+    from scenetok.evaluation import tables
+    from scenetok.evaluation.distributed import share
+
+    assert [list(share(5, r, 2)) for r in range(2)] == [[0, 1, 2], [3, 4]]
+    assert [list(share(2, r, 3)) for r in range(3)] == [[0], [1], []]
+    assert sorted(i for r in range(4) for i in share(11, r, 4)) == list(range(11))
+    rows = [{"m": "a", "x": 1.0, "ok": True}, {"m": "b", "x": None, "ok": False}, {"m": "a", "x": 3.0, "ok": False},
+            {"m": "b", "x": float("nan")}]
+    g = tables.group_mean(rows, ["m"], ["x", "ok"], count="runs")
+    assert g == [{"m": "a", "runs": 2, "x": 2.0, "ok": 0.5}, {"m": "b", "runs": 2, "x": None, "ok": 0.0}]
+    assert tables.to_csv(g) == "m,runs,x,ok\na,2,2.0,0.5\nb,2,,0.0\n"
+    assert tables.markdown_table(g, digits=2).splitlines()[2] == "| a | 2 | 2.00 | 0.50 |"
+
+
+def test_references_from_a_scene_replace_the_bundle_masks(trained_bundle):
+    from conftest import two_squares
+
+    from scenetok.bundle import read_bundle
+    from scenetok.evaluation.evaluate import _load_reference_scene, _Plan, _references
+    from scenetok.scene import Scene
+
+    b = read_bundle(trained_bundle)
+    own = _references(_Plan(0, "b", b, []), 32)
+    assert own["kind"] == "bundle masks" and set(own["masks"]) == {"<asset0>", "<asset1>"}
+    img, masks = two_squares()
+    swapped = Scene.from_arrays(img, masks[::-1])  # the masks in the other order
+    refs = _references(_Plan(0, "b", b, [], scene=_load_reference_scene(swapped, b)), 32)
+    assert refs["kind"].startswith("scene")
+    assert (refs["masks"]["<asset0>"] == own["masks"]["<asset1>"]).all()
+    with pytest.raises(ConfigError, match="has 1 concepts but bundle"):
+        _load_reference_scene(Scene.from_arrays(img, masks[:1]), b)

@@ -406,14 +406,16 @@ def _cmd_toyworld(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from scenetok.evaluation import evaluate_bundles
+    from scenetok.evaluation import evaluate_bundle, evaluate_bundles
     from scenetok.evaluation.cli_options import eval_options
 
-    if args.scene and len(args.bundle) > 1:
+    if len(args.bundle) == 1:
+        result = evaluate_bundle(args.bundle[0], args.output, scene=args.scene, **eval_options(args))
+    elif args.scene:
         raise ScenetokError("--scene gives the references of one bundle, and several bundles were given",
                             hint="evaluate the bundles one by one, or leave --scene out")
-    result = evaluate_bundles(args.bundle, args.output, scenes=[args.scene] * len(args.bundle),
-                              _single=len(args.bundle) == 1, **eval_options(args))
+    else:
+        result = evaluate_bundles(args.bundle, args.output, **eval_options(args))
     if result is None:  # a non-zero rank of a multi-process launch: rank 0 reports
         return 0
     for row in result["summary"]:

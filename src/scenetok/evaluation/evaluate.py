@@ -664,37 +664,36 @@ def _write_bundle_html(plan: _Plan, entry: dict, opts: EvalOptions) -> None:
              "<h2>Per handle subset</h2>", _table(entry["subsets"], ["subset", "images", *metric_cols, *extra])]
     refs = plan._refs or {}
     if refs.get("image") is not None:
-        img = Image.fromarray(refs["image"])
+        img = Image.fromarray(refs["image"]).resize((thumb, thumb), Image.Resampling.BICUBIC)
         tokens = [t for t in plan.tokens if t in refs["masks"]]
         tiles, labels = [img], ["input"]
         if tokens:
             tiles.append(viz.mask_overlay(img, np.stack([refs["masks"][t] for t in tokens]), tokens))
             labels.append("masks")
-        for t in plan.tokens:
-            ref = _reference_image(refs, t, opts.fill)
-            if ref is not None and t in refs["masks"]:
-                tiles.append(ref)
-                labels.append(t)
-        tiles = [(t if isinstance(t, Image.Image) else Image.fromarray(t)).convert("RGB").resize((thumb, thumb))
-                 for t in tiles]
+        for t in tokens:
+            tiles.append(Image.fromarray(_reference_image(refs, t, opts.fill)).resize((thumb, thumb)))
+            labels.append(f"{t} (reference)")
         parts.append("<h2>References</h2><img src='" + _data_uri(viz.grid(tiles, labels, cols=len(tiles))) + "'>")
-    parts.append("<h2>Prompts</h2><p class='v'>" + ", ".join(f"{_SHORT[m]} = {m}" for m in metric_cols) + "</p>")
+    parts.append("<h2>Prompts</h2><p class='v'>" + ", ".join(f"{_SHORT[m]} = {m}" for m in metric_cols)
+                 + "; per image below its grid, per prompt (mean) beside the prompt.</p>")
     by_prompt: dict[int, list[dict]] = {}
     for r in entry["images"]:
         by_prompt.setdefault(r["prompt_index"], []).append(r)
     for pr in entry["prompts"]:
         imgs = by_prompt.get(pr["prompt_index"], [])
-        tiles, labels = [], []
+        tiles = []
         for r in imgs:
             with Image.open(out / r["file"]) as im:
                 tiles.append(im.convert("RGB").resize((thumb, thumb)))
-            labels.append(f"seed {r['seed']} " + " ".join(f"{_SHORT[m]} {r[m]:.2f}" for m in metric_cols
-                                                         if r.get(m) is not None))
         scores = _table([pr], ["images", *metric_cols] + (["lpips_diversity"] if "lpips_diversity" in pr else []))
         parts.append(f"<div class='p'><b><code>{e(pr['prompt'])}</code></b><br><span class='v'>scored as: "
                      f"“{e(pr['class_prompt'])}” (PS) · “{e(pr['removed_prompt'])}” (CLIP-T)</span>{scores}")
         if tiles:
+            labels = [f"seed {r['seed']}" for r in imgs]
             parts.append(f"<img src='{_data_uri(viz.grid(tiles, labels, cols=len(tiles)))}'>")
+            per_image = [{"seed": f"seed {r['seed']}", **{_SHORT[m]: r.get(m) for m in metric_cols}} for r in imgs]
+            parts.append(_table([{"": k, **{p["seed"]: p[k] for p in per_image}} for k in [_SHORT[m] for m in metric_cols]],
+                                ["", *[p["seed"] for p in per_image]]))
         parts.append("</div>")
     parts.append("</body></html>")
     atomic_write_text(out / "index.html", "\n".join(parts))
