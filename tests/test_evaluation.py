@@ -257,6 +257,21 @@ def test_text_sam_segmenter_with_a_fake_from_text(monkeypatch):
         TextSamSegmenter()
 
 
+def test_text_sam_segmenter_with_the_real_from_text(tmp_path):
+    pytest.importorskip("scenetok.masks")
+    from scenetok.devtools import build_tiny_grounding_dino, build_tiny_sam
+    from scenetok.evaluation.segment import make_segmenter
+
+    gd = build_tiny_grounding_dino(tmp_path / "gd", box_logit=1.5)
+    sam = build_tiny_sam(tmp_path / "sam", full_masks=True)
+    sg = make_segmenter("text-sam", detector=str(gd), sam=str(sam), device="cpu")
+    img = np.full((48, 48, 3), 120, np.uint8)
+    cands = sg.candidates([img], [["cat", "dog"]])[0]
+    assert [c.label for c in cands] == ["cat", "dog"]
+    assert all(c.mask.shape == (48, 48) and c.mask.dtype == bool and c.mask.any() for c in cands)
+    assert choose_segment(cands, "dog", lambda ids: [0.0] * len(ids))[:3] == (1, "class", "dog")
+
+
 def test_lpips(tiny_models, tmp_path):
     from safetensors.torch import load_file, save_file
 
