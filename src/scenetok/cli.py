@@ -195,6 +195,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     _add_common(p)
 
+    # --- evaluation (scenetok.evaluation) ---------------------------------------------------------------
+    from scenetok.evaluation.cli_options import add_eval_arguments
+
+    p = sub.add_parser("eval", help="generate a bundle's prompt set and score it (CLIP-T, CLIP-I, identity, KID, LPIPS)",
+                       formatter_class=_Formatter,
+                       description="Generate Break-A-Scene's 10 templates × every handle subset (or your prompt "
+                       "file), score every image and write eval.json, CSV tables and index.html. Several bundles "
+                       "and several processes (torchrun / accelerate launch) share the work. See docs/evaluation.md.")
+    p.add_argument("bundle", nargs="+", help="bundle folder(s) written by `scenetok extract`")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--scene", default=None, help="scene folder whose image and masks are the references for "
+                   "CLIP-I / identity / KID (default: the bundle's input.png and masks/; one bundle only)")
+    add_eval_arguments(p)
+    _add_common(p)
+
+    p = sub.add_parser("benchmark", help="benchmarks: the Break-A-Scene COCO protocol", formatter_class=_Formatter)
+    p.set_defaults(debug=False, quiet=False)
+    bench = p.add_subparsers(dest="benchmark_command", metavar="BENCHMARK")
+    b = bench.add_parser("coco", help="build the Break-A-Scene COCO scene set, train methods on it, evaluate",
+                         formatter_class=_Formatter,
+                         description="Scenes: square centre crop, ≥ 2 distinct thing categories each covering "
+                         "≥ 15 % of the crop, orange/banana/broccoli/carrot/zebra/giraffe excluded. Then each "
+                         "--methods entry is trained on each scene and evaluated. See docs/evaluation.md.")
+    b.add_argument("--annotations", required=True, help="COCO-format annotation file (e.g. instances_val2017.json)")
+    b.add_argument("--images", required=True, help="folder holding the annotation file's images")
+    b.add_argument("-o", "--output", required=True, help="output folder (scenes/, runs/, eval/, results.md)")
+    b.add_argument("--max-scenes", type=int, default=50, help="stop after this many scenes")
+    b.add_argument("--methods", default="", help="comma-separated methods to train and evaluate "
+                   "(empty: only build the scenes)")
+    b.add_argument("--model", default=dm, help=model_help)
+    b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="training hyperparameter override for every method (repeatable)")
+    add_eval_arguments(b)
+    _add_common(b)
+    # --- end evaluation ---------------------------------------------------------------------------------
+
     p = sub.add_parser("methods", help="list the methods and their default hyperparameters",
                        formatter_class=_Formatter)
     p.add_argument("name", nargs="?", help="show every default of this method")
@@ -369,8 +405,51 @@ def _cmd_toyworld(args) -> int:
     return train_main(args.args)
 
 
+def _cmd_eval(args) -> int:
+    from scenetok.evaluation import evaluate_bundle, evaluate_bundles
+    from scenetok.evaluation.cli_options import eval_options
+
+    if len(args.bundle) == 1:
+        result = evaluate_bundle(args.bundle[0], args.output, scene=args.scene, **eval_options(args))
+    elif args.scene:
+        raise ScenetokError("--scene gives the references of one bundle, and several bundles were given",
+                            hint="evaluate the bundles one by one, or leave --scene out")
+    else:
+        result = evaluate_bundles(args.bundle, args.output, **eval_options(args))
+    if result is None:  # a non-zero rank of a multi-process launch: rank 0 reports
+        return 0
+    for row in result["summary"]:
+        scores = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float))
+        print(f"{row['bundle']}: {row['images']} images; {scores}")
+    print(f"results: {Path(args.output).resolve() / 'index.html'}")
+    return 0
+
+
+def _cmd_benchmark(args) -> int:
+    if args.benchmark_command != "coco":
+        raise ScenetokError("scenetok benchmark needs a benchmark name", hint="scenetok benchmark coco --help")
+    from scenetok.evaluation import run_coco_benchmark
+    from scenetok.evaluation.cli_options import eval_options
+
+    result = run_coco_benchmark(args.annotations, args.images, args.output, max_scenes=args.max_scenes,
+                                methods=args.methods.split(","), model=args.model, overrides=args.overrides,
+                                train_device=args.device, **eval_options(args))
+    if result is None:
+        return 0
+    sc = result["scenes"]
+    print(f"{len(sc['scenes'])} scenes written to {Path(args.output) / 'scenes'} ({sc['images_seen']} images read)")
+    if "table" in result:
+        from scenetok.evaluation.tables import markdown_table
+
+        print(markdown_table(result["table"]), end="")
+        print(f"results: {Path(args.output).resolve() / 'results.md'}")
+    return 0
+
+
 COMMANDS = {"demo": _cmd_demo, "toyworld": _cmd_toyworld, "extract": _cmd_extract, "generate": _cmd_generate, "info": _cmd_info, "methods": _cmd_methods}
 COMMANDS["masks"] = _cmd_masks
+COMMANDS["eval"] = _cmd_eval
+COMMANDS["benchmark"] = _cmd_benchmark
 
 
 def _quiet_libraries() -> None:

@@ -320,3 +320,103 @@ def build_tiny_grounding_dino(path: str | Path, *, image_size: int = 64, seed: i
         f.unlink()
     vocab_dir.rmdir()
     return path
+
+
+# ====================================================================================================
+# evaluation: tiny random CLIP, DINO, MaskFormer models and LPIPS weights (scenetok.evaluation tests)
+#
+# Each builder writes a folder (or file) that the real loaders read with from_pretrained(path) /
+# LPIPS.from_file(path), exactly like the real checkpoints: model weights (safetensors), config and the
+# image processor / tokenizer files. Random weights: the numbers mean nothing, the code paths are real.
+
+
+def build_tiny_clip(path: str | Path, image_size: int = 32, hidden: int = 32, projection: int = 16,
+                    words: tuple[str, ...] = DEFAULT_WORDS, seed: int = 0) -> Path:
+    """A random ``CLIPModel`` with a byte-level tokenizer and a CLIP image processor (``image_size`` px)."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    write_clip_tokenizer(path, words)
+    tokenizer = CLIPTokenizer.from_pretrained(str(path))
+    text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = dict(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=image_size, patch_size=max(4, image_size // 8))
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection))
+    model.save_pretrained(str(path), safe_serialization=True)
+    CLIPImageProcessor(size={"shortest_edge": image_size},
+                       crop_size={"height": image_size, "width": image_size}).save_pretrained(str(path))
+    return path
+
+
+def build_tiny_dino(path: str | Path, image_size: int = 32, hidden: int = 32, seed: int = 0) -> Path:
+    """A random DINO-style ``ViTModel`` (eager attention, so attention maps can be read) with a ViT image processor."""
+    import torch
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    cfg = ViTConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4, intermediate_size=hidden * 2,
+                    image_size=image_size, patch_size=max(4, image_size // 8), attn_implementation="eager")
+    ViTModel(cfg).save_pretrained(str(path), safe_serialization=True)
+    ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(str(path))
+    return path
+
+
+TINY_MASKFORMER_LABELS = ("square", "cat", "dog", "cup", "wall-other-merged")
+
+
+def build_tiny_maskformer(path: str | Path, labels: tuple[str, ...] = TINY_MASKFORMER_LABELS, image_size: int = 64,
+                          seed: int = 0) -> Path:
+    """A random ``MaskFormerForInstanceSegmentation`` (tiny Swin backbone) with its image processor; its
+    ``id2label`` is ``labels``."""
+    import torch
+    from transformers import (MaskFormerConfig, MaskFormerForInstanceSegmentation, MaskFormerImageProcessor,
+                              SwinConfig)
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    backbone = SwinConfig(image_size=image_size, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1],
+                          num_heads=[1, 1, 2, 2], window_size=4,
+                          out_features=["stage1", "stage2", "stage3", "stage4"])
+    decoder = dict(model_type="detr", d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                   decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=8)
+    cfg = MaskFormerConfig(backbone_config=backbone, decoder_config=decoder, num_queries=8, fpn_feature_size=32,
+                           mask_feature_size=32, id2label=dict(enumerate(labels)),
+                           label2id={n: i for i, n in enumerate(labels)})
+    MaskFormerForInstanceSegmentation(cfg).save_pretrained(str(path), safe_serialization=True)
+    MaskFormerImageProcessor(size={"shortest_edge": image_size, "longest_edge": image_size},
+                             size_divisor=32).save_pretrained(str(path))
+    return path
+
+
+def build_tiny_lpips(path: str | Path, net: str = "alex", widths: tuple[int, ...] = (8, 16, 16, 16, 16),
+                     seed: int = 0) -> Path:
+    """A random LPIPS weights file in the ``lpips`` package's key layout (``net.sliceK.i.*``,
+    ``linK.model.1.weight``), with narrow layers (``widths``: channels of the five tapped layers; for
+    ``vgg`` each stage's convolutions share its width). Lin weights are non-negative, as trained ones are."""
+    import torch
+    from safetensors.torch import save_file
+
+    from scenetok.evaluation.lpips import ALEX_LAYERS, ALEX_TAPS, VGG_LAYERS, VGG_TAPS
+
+    g = torch.Generator().manual_seed(seed)
+    layers, taps = (ALEX_LAYERS, ALEX_TAPS) if net == "alex" else (VGG_LAYERS, VGG_TAPS)
+    state = {}
+    cin = 3
+    for i, (k, _, _) in sorted(layers.items()):
+        stage = sum(1 for t in taps if t < i)  # taps passed before this layer
+        cout = widths[min(stage, len(widths) - 1)]
+        slice_no = stage + 1
+        state[f"net.slice{slice_no}.{i}.weight"] = torch.randn(cout, cin, k, k, generator=g) * (2.0 / (cin * k * k)) ** 0.5
+        state[f"net.slice{slice_no}.{i}.bias"] = torch.zeros(cout)
+        cin = cout
+    for j in range(5):
+        state[f"lin{j}.model.1.weight"] = torch.rand(1, widths[j], 1, 1, generator=g)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path))
+    return path
