@@ -102,6 +102,12 @@ def test_two_scenes_train_one_handle_per_concept(tiny_sd, two_square_scene, tmp_
     masks, names = bundle.masks()
     assert names == ["red", "blue", "green"] and masks.shape[0] == 3
     assert bundle.manifest["extra"]["scenes"] == 2
+    assert bundle.mask_scenes() == [0, 0, 1]
+    inputs = bundle.input_images()
+    assert len(inputs) == 2 and (out / "inputs" / "scene1.png").is_file()
+    second = np.asarray(inputs[1])
+    r, g, b = second[masks[2] > 0.5].mean(axis=0)  # scene 1's mask lies on scene 1's green object
+    assert g > 150 and r < 80 and b < 80
 
 
 # ------------------------------------------------------------------------------ K/V training, detach

@@ -37,6 +37,7 @@ A1111_DIR = "a1111"
 WEIGHTS_DIR = "weights"
 MASKS_DIR = "masks"
 INPUT_IMAGE = "input.png"
+INPUTS_DIR = "inputs"  # images of scenes 1, 2, … of a multi-scene run
 PARTIAL_SUFFIX = ".partial.safetensors"
 MODEL_CARD = "README.md"
 # files the trainer adds beside the bundle proper; indexed in the manifest when present
@@ -193,6 +194,20 @@ class Bundle:
         arrays = [np.asarray(Image.open(self.path / e["file"]).convert("L"), dtype=np.float32) / 255.0
                   for e in entries]
         return np.stack(arrays), [e["name"] for e in entries]
+
+    def mask_scenes(self) -> list[int]:
+        """For each mask, the index of the input image (scene) it belongs to."""
+        return [int(e.get("scene", 0)) for e in self.manifest.get("masks") or []]
+
+    def input_images(self) -> list:
+        """Every input image (one per scene of the run) as PIL images; empty when the bundle has none."""
+        from PIL import Image
+
+        out = []
+        for rel in self.manifest.get("inputs") or ([INPUT_IMAGE] if (self.path / INPUT_IMAGE).is_file() else []):
+            with Image.open(self.path / rel) as im:
+                out.append(im.convert("RGB"))
+        return out
 
     def input_image(self):
         """The input image as a PIL image, or None when the bundle has none."""
@@ -364,6 +379,8 @@ def write_bundle(
     image: np.ndarray | None = None,
     masks: np.ndarray | None = None,
     mask_names: list[str] | None = None,
+    scene_images: list[np.ndarray] | None = None,
+    mask_scenes: list[int] | None = None,
     extra: dict | None = None,
     overwrite: bool = False,
 ) -> Bundle:
@@ -375,6 +392,8 @@ def write_bundle(
     textual-inversion files). ``partial_weights`` maps a component to ``(groups, {state-dict key: tensor})``
     for methods that train only a few of its tensors (Custom Diffusion's cross-attention K/V): they are
     stored compactly in ``weights/<component>.partial.safetensors`` and loaded over the base component.
+    A run on several scenes passes the images of scenes 1, 2, … as ``scene_images`` (written to
+    ``inputs/scene<i>.png``; ``image`` is scene 0) and, per mask, the scene it belongs to in ``mask_scenes``.
     Files the trainer put in ``out_dir`` (previews, logs) are kept; the files this function owns are
     replaced, and the manifest is written last.
     """
@@ -407,7 +426,7 @@ def write_bundle(
     # from here until the manifest is written the folder is not a bundle: a crash never leaves a
     # manifest that describes files from two different runs
     (out / MANIFEST).unlink(missing_ok=True)
-    for owned in (EMBEDDINGS_DIR, WEIGHTS_DIR, MASKS_DIR):
+    for owned in (EMBEDDINGS_DIR, WEIGHTS_DIR, MASKS_DIR, INPUTS_DIR):
         if (out / owned).exists():
             shutil.rmtree(out / owned)
     for owned in (INPUT_IMAGE, MODEL_CARD):
@@ -442,13 +461,21 @@ def write_bundle(
     if image is not None:
         atomic_write_bytes(out / INPUT_IMAGE, _png_bytes(_to_uint8_image(image)))
         written.append(INPUT_IMAGE)
+    inputs = [INPUT_IMAGE] if image is not None else []
+    for i, extra_image in enumerate(scene_images or [], start=1):
+        rel = f"{INPUTS_DIR}/scene{i}.png"
+        atomic_write_bytes(out / rel, _png_bytes(_to_uint8_image(extra_image)))
+        written.append(rel)
+        inputs.append(rel)
     mask_entries = []
     if masks is not None:
+        if mask_scenes is not None and len(mask_scenes) != len(masks):
+            raise ValueError(f"{len(masks)} masks but {len(mask_scenes)} mask scene indices")
         for i, (m, n) in enumerate(zip(masks, names)):
             rel = f"{MASKS_DIR}/mask{i}.png"
             atomic_write_bytes(out / rel, _png_bytes(_to_uint8_mask(m)))
             written.append(rel)
-            mask_entries.append({"file": rel, "name": n})
+            mask_entries.append({"file": rel, "name": n, "scene": int(mask_scenes[i]) if mask_scenes else 0})
 
     manifest = {
         "manifest_version": MANIFEST_VERSION,
@@ -462,6 +489,7 @@ def write_bundle(
         "partial_components": partial_entries,
         "hyperparameters": config,
         "input_hashes": dict(input_hashes),
+        "inputs": inputs,
         "masks": mask_entries,
         "extra": extra or {},
     }

@@ -231,7 +231,7 @@ def _references(plan: _Plan, size: int) -> dict:
     from PIL import Image
 
     tokens = plan.tokens
-    image, masks, kind = None, {}, "none"
+    image, masks, kind, token_images = None, {}, "none", {}
     if plan.scene is not None:
         sc = plan.scene.resized(size)
         image = sc.image
@@ -243,16 +243,19 @@ def _references(plan: _Plan, size: int) -> dict:
             image = np.asarray(img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), np.uint8)
             kind = "unmasked input"
             got = plan.bundle.masks()
-            n_scenes = int((plan.bundle.manifest.get("extra") or {}).get("scenes", 1) or 1)
-            if got is not None and n_scenes == 1 and len(got[0]) == len(tokens):
+            inputs = plan.bundle.input_images()
+            owners = plan.bundle.mask_scenes()
+            if got is not None and len(got[0]) == len(tokens) and max(owners, default=0) < len(inputs):
                 arr = got[0]
                 masks = {t: np.asarray(Image.fromarray((arr[i] >= 0.5).astype(np.uint8) * 255).resize(
                     (size, size), Image.Resampling.NEAREST)) > 127 for i, t in enumerate(tokens)}
                 masks = {t: m for t, m in masks.items() if m.any()}
                 kind = "bundle masks"
-            elif n_scenes > 1:
-                image, kind = None, "none (a multi-scene bundle: give the reference with scene=)"
-    plan._refs = {"size": size, "image": image, "masks": masks, "kind": kind}
+                if len(inputs) > 1:  # a multi-scene bundle: each concept's reference is its own image
+                    resized = [np.asarray(im.resize((size, size), Image.Resampling.BICUBIC), np.uint8)
+                               for im in inputs]
+                    token_images = {t: resized[owners[i]] for i, t in enumerate(tokens)}
+    plan._refs = {"size": size, "image": image, "masks": masks, "kind": kind, "token_images": token_images}
     return plan._refs
 
 
@@ -260,10 +263,11 @@ def _reference_image(refs: dict, token: str, fill: int) -> np.ndarray | None:
     """The masked input concept of ``token`` (the whole input image when the bundle has no mask)."""
     from scenetok.evaluation.metrics import masked_image
 
-    if refs["image"] is None:
+    image = refs.get("token_images", {}).get(token, refs["image"])
+    if image is None:
         return None
     m = refs["masks"].get(token)
-    return refs["image"] if m is None else masked_image(refs["image"], m, (fill,) * 3)
+    return image if m is None else masked_image(image, m, (fill,) * 3)
 
 
 # ----------------------------------------------------------------------------------------------------

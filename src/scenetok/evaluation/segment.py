@@ -176,7 +176,9 @@ class TextSamSegmenter:
 
 def _reraise_if_fatal(exc: Exception) -> None:
     """A model that cannot load is the user's to fix; a query not found in an image is a result."""
-    if str(getattr(exc, "message", exc)).startswith("cannot load"):
+    from scenetok.masks.core import ModelLoadError
+
+    if isinstance(exc, (ModelLoadError, ConfigError)):
         raise exc
 
 

@@ -29,6 +29,7 @@ import importlib
 _EXPORTS = {
     "ConceptMask": "scenetok.masks.core",
     "MaskError": "scenetok.masks.core",
+    "ModelLoadError": "scenetok.masks.core",
     "DEFAULT_SAM": "scenetok.masks.core",
     "DEFAULT_DETECTOR": "scenetok.masks.core",
     "clear_model_cache": "scenetok.masks.core",

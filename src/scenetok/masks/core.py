@@ -22,6 +22,10 @@ class MaskError(SceneError):
     """A mask could not be made: a concept was not found, a prompt is invalid, or a model failed to load."""
 
 
+class ModelLoadError(MaskError):
+    """A segmentation/detection model could not be loaded (the user's to fix, never a result)."""
+
+
 @dataclass
 class ConceptMask:
     """One concept's mask at the image's own size.
@@ -119,7 +123,7 @@ def clear_model_cache() -> None:
         _CACHE.clear()
 
 
-def load_failed(what: str, model_id: str, option: str, exc: BaseException) -> MaskError:
+def load_failed(what: str, model_id: str, option: str, exc: BaseException) -> ModelLoadError:
     """The error raised when ``from_pretrained(model_id)`` fails."""
     local = Path(model_id).exists()
     if local:
@@ -129,7 +133,7 @@ def load_failed(what: str, model_id: str, option: str, exc: BaseException) -> Ma
         hint = (f"{model_id!r} is not a local folder, so it is fetched from the Hugging Face Hub: check the network "
                 f"connection and that HF_HUB_OFFLINE is unset, or download the model once and pass its folder "
                 f"with {option}")
-    return MaskError(f"cannot load the {what} {model_id!r} ({type(exc).__name__}: {exc})", hint=hint)
+    return ModelLoadError(f"cannot load the {what} {model_id!r} ({type(exc).__name__}: {exc})", hint=hint)
 
 
 # --------------------------------------------------------------------------------------------- CLI text

@@ -742,10 +742,12 @@ def _write_bundle(run: Run, bundlelib):
         config=run.cfg, resolution=run.resolution, input_hashes=run.scene.input_hashes, image=run.scene.image,
         masks=run.concept_masks() if masks_known else None,
         mask_names=[c.name for c in run.concepts] if masks_known else None, extra=extra, overwrite=True,
+        scene_images=[sc.image for sc in run.scenes[1:]] or None,
+        mask_scenes=[i for i, sc in enumerate(run.scenes) for _ in sc.concepts] if masks_known else None,
     )
 
 
-BUNDLE_ENTRIES = ("manifest.json", "README.md", "embeddings", "weights", "masks", "input.png", "previews",
+BUNDLE_ENTRIES = ("manifest.json", "README.md", "embeddings", "weights", "masks", "input.png", "inputs", "previews",
                   "train_log.jsonl", "loss.png", ckpt.CHECKPOINT_DIR, "run_config.json")
 
 
