@@ -56,7 +56,7 @@ def test_suppression_bind_and_ss_on_hand_made_maps():
     mod = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 1.0]]]], requires_grad=True)
     # concept 0: inter 1, sums 1 + 2 -> IoU (1+1)/(3-1+1) = 2/3; concept 1: inter 1, sums 2 + 1 -> 2/3
     loss = bind_loss(cls, mod)
-    assert float(loss) == pytest.approx(2 * (1 - 2 / 3))
+    assert float(loss.detach()) == pytest.approx(2 * (1 - 2 / 3))
     loss.backward()
     assert cls.grad is None or torch.all(cls.grad == 0)  # the class maps are detached
     assert mod.grad.abs().sum() > 0
@@ -160,6 +160,13 @@ def test_prompt_three_concepts_and_class_positions_of_a_multi_piece_noun(tiny_sd
     assert cp[1] == [int(pos[0, 1]) + 1] and cp[2] == [int(pos[0, 2]) + 1]  # each "dog" after its own handle
 
 
+def test_init_words_cycle_or_come_from_the_scene():
+    sc = _scene(["cat", "dog", "bowl", "hedgehog"])
+    m = DisenDiff()
+    assert m.init_words(sc.concepts, method_config(m)) == ["ktn", "pll", "ucd", "ktn"]
+    assert m.init_words(sc.concepts, method_config(m, None, ["init_words=[]"])) == ["cat", "dog", "bowl", "hedgehog"]
+
+
 def test_map_sides_and_bad_settings():
     from scenetok.errors import ConfigError
 
@@ -243,6 +250,9 @@ def test_cli_extract_with_words_then_generate(tiny_sd, tmp_path, capsys):
     assert all(torch.equal(loaded[k], kv[k]) for k in kv)
     images = generate((pipe, bundle), "photo of a <asset0> cat and <asset1> dog", n=1, steps=2, progress=False)
     assert images[0].image.size == (32, 32)
+    assert main(["generate", str(out), "photo of a <asset1> dog", "-n", "1", "--steps", "2", "-o",
+                 str(tmp_path / "imgs"), "--quiet"]) == 0
+    assert len(list((tmp_path / "imgs").glob("*_seed*.png"))) == 1
     capsys.readouterr()
     assert main(["methods"]) == 0
     listing = capsys.readouterr().out
@@ -321,8 +331,9 @@ def test_batch2_accumulation_mixed_precision_with_a_prior_folder(tiny_sd, tmp_pa
 
 @pytest.mark.slow
 def test_toy_separate_and_strengthen_lowers_class_map_overlap(tmp_path):
-    """On the shipped toy model, L_s&s (weight raised so that a short run shows it) leaves the two class
-    nouns' calibrated maps overlapping less than the same run without it."""
+    """On the shipped toy model, with the paper's weights, L_s&s leaves the two class nouns' calibrated
+    maps overlapping less than the same run without it (measured on the first toy-sd weights: 0.34 vs
+    0.42 after 30 steps, from 0.33 at the start)."""
     from scenetok.toyworld import world
     from scenetok.toyworld.model import toy_sd_path
 
@@ -332,13 +343,13 @@ def test_toy_separate_and_strengthen_lowers_class_map_overlap(tmp_path):
     image, _ = world.render(spec, size=64)
     scene = Scene.from_arrays(image, []).with_named_concepts(["circle", "square"])
     common = ["train.steps=30", "train.lr=5e-4", "preview_every=1000", "prior.enabled=false", "batch_size=1",
-              "grad_accum=1", "bind.weight=0.1"]
+              "grad_accum=1"]
     res = {}
-    for name, extra in [("ss", ["ss.weight=1.0"]), ("no_ss", ["ss.weight=0"])]:
+    for name, extra in [("ss", []), ("no_ss", ["ss.weight=0"])]:
         out = tmp_path / name
         train(scene, out, method="disendiff", model=str(toy_sd_path()), progress=False, overrides=common + extra)
         previews = [r for r in _rows(out) if r.get("preview")]
         res[name] = (previews[0]["class_iou"], previews[-1]["class_iou"])
     print("class_iou (start, end):", res)
     assert res["ss"][0] == pytest.approx(res["no_ss"][0])  # same start
-    assert res["ss"][1] < res["no_ss"][1] - 0.02
+    assert res["ss"][1] < res["no_ss"][1] - 0.03

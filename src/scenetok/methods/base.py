@@ -167,6 +167,15 @@ def union_sample(rng: np.random.Generator, present: int | list[int]) -> list[int
     return [int(pool[i]) for i in rng.permutation(len(pool))[:k]]
 
 
+def cycled_init_words(words, concepts: list) -> list[str]:
+    """One init word per concept from a configured list, cycled (``["ktn", "pll"]`` → ktn, pll, ktn, …);
+    an empty list keeps each concept's own init word (from the scene)."""
+    words = [str(w) for w in (words or []) if str(w).strip()]
+    if not words:
+        return [c.init_word for c in concepts]
+    return [words[i % len(words)] for i in range(len(concepts))]
+
+
 def nearest_size(target: int, available: list[int]) -> int:
     """The available map side closest to ``target`` (ties: the larger)."""
     if not available:

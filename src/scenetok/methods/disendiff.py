@@ -37,7 +37,7 @@ from scenetok.losses import (
     soft_iou,
     suppress,
 )
-from scenetok.methods.base import Batch, Method, Outputs, Phase, nearest_size
+from scenetok.methods.base import Batch, Method, Outputs, Phase, cycled_init_words, nearest_size
 
 SCALES = ("quarter", "all")
 # The reference smooths with Attend-and-Excite's GaussianSmoothing(kernel 3, sigma 0.5), whose kernel is
@@ -91,10 +91,7 @@ class DisenDiff(Method):
         return [Phase("train", cfg["train"]["steps"], cfg["train"]["lr"], ("handles", "unet_kv"))]
 
     def init_words(self, concepts: list, cfg: dict) -> list[str]:
-        words = [w for w in cfg["init_words"] if str(w).strip()]
-        if not words:
-            return [c.init_word for c in concepts]
-        return [str(words[i % len(words)]) for i in range(len(concepts))]
+        return cycled_init_words(cfg["init_words"], concepts)
 
     def prompt(self, tokens: list[str], chosen: list[int], cfg: dict, class_words: list[str] | None = None) -> str:
         parts = [f"{tokens[i]} {class_words[i] if class_words else 'object'}" for i in chosen]

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from scenetok.errors import ConfigError
 from scenetok.losses import localization_loss, masked_diffusion_loss, minmax_normalize, resize_masks
-from scenetok.methods.base import Batch, Method, Outputs, Phase, nearest_size
+from scenetok.methods.base import Batch, Method, Outputs, Phase, cycled_init_words, nearest_size
 
 GUIDANCE = ("hard", "soft")
 
@@ -63,19 +63,16 @@ class TextualLocalization(Method):
         return [Phase("train", cfg["train"]["steps"], cfg["train"]["lr"], ("handles", "unet_kv"))]
 
     def init_words(self, concepts: list, cfg: dict) -> list[str]:
-        words = [w for w in cfg["init_words"] if str(w).strip()]
-        if not words:
-            return [c.init_word for c in concepts]
-        return [str(words[i % len(words)]) for i in range(len(concepts))]
+        return cycled_init_words(cfg["init_words"], concepts)
 
     def prompt(self, tokens: list[str], chosen: list[int], cfg: dict, class_words: list[str] | None = None) -> str:
         parts = [f"a {tokens[i]} {class_words[i] if class_words else 'object'}" for i in chosen]
         return cfg["prompt_template"].format(tokens=" and ".join(parts))
 
     def attention_sizes(self, cfg: dict, latent_size: int, available: list[int]) -> list[int]:
+        # captured even with δ = 0 (a few small cross-attention maps), so that the attention previews are
+        # taken at the same side whatever δ is and runs with and without guidance compare exactly
         _check(cfg)
-        if cfg["attn"]["weight"] <= 0:
-            return []
         return factor_sides(latent_size, available, cfg["attn"]["factors"])
 
     def losses(self, batch: Batch, out: Outputs, cfg: dict) -> dict[str, torch.Tensor]:
