@@ -16,6 +16,8 @@ from scenetok import __version__
 from scenetok.errors import ScenetokError
 
 EXIT_USER_ERROR = 2
+_DEFAULT_SAM = "facebook/sam-vit-base"  # = scenetok.masks.DEFAULT_SAM (not imported: keeps --help fast)
+_DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-tiny"  # = scenetok.masks.DEFAULT_DETECTOR
 EXIT_INTERRUPTED = 130
 
 
@@ -112,10 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("extract", help="learn one handle per concept of a scene; writes a bundle folder",
                        formatter_class=_Formatter,
                        description="Learn handles for a scene folder (img.png|jpg + mask0.png … + optional "
-                       "scene.json) and write a bundle to -o.")
+                       "scene.json) and write a bundle to -o. Given an image file and --auto-masks, the masks are "
+                       "made first (GroundingDINO → SAM) into the scene folder OUT-scene beside the bundle.")
     p.add_argument("scene", nargs="+", help="scene folder: img.jpg|png, mask0.png … maskN.png, optional scene.json "
                    "(several folders: their concepts get handles in order, e.g. a subject from one photo and a "
-                   "background from another)")
+                   "background from another); or one image file with --auto-masks")
     p.add_argument("--concepts", default=None, metavar="WORDS",
                    help='name the concepts by words instead of masks, for mask-free methods: "cat, dog" '
                    '("name:class" sets a class word; several scenes: separate them with ";")')
@@ -134,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
                    help="autocast precision (default: the method's, normally 'no')")
+    p.add_argument("--auto-masks", metavar="QUERIES", default=None,
+                   help='with an image file: make one mask per name, e.g. "creature, bowl, stone" (text → '
+                   "GroundingDINO → SAM), saved as the scene folder OUT-scene beside the bundle (see `scenetok masks`)")
+    p.add_argument("--sam-model", default=_DEFAULT_SAM, help="SAM for --auto-masks: Hub id or local folder")
+    p.add_argument("--detector-model", default=_DEFAULT_DETECTOR,
+                   help="GroundingDINO for --auto-masks: Hub id or local folder")
     _add_switches(p)
     _add_common(p)
 
@@ -180,6 +189,40 @@ def build_parser() -> argparse.ArgumentParser:
                       add_help=False)
     t.add_argument("args", nargs=argparse.REMAINDER, help="options of scenetok.toyworld.train")
 
+    p = sub.add_parser("masks", help="make a scene folder with masks: from text, boxes, clicks or mask files",
+                       formatter_class=_Formatter,
+                       description="Make one mask per object of IMAGE and write a scene folder (img.png, mask0.png …, "
+                       "scene.json, preview.png) that `scenetok extract` reads. Sources: --text (GroundingDINO finds "
+                       "each named object, SAM segments it), --box or --point (SAM), --mask (your own files). "
+                       "See docs/masks.md.")
+    p.add_argument("image", help="the photo (PNG, JPEG, WebP)")
+    p.add_argument("-o", "--output", required=True, help="scene folder to write")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help='the objects to find, separated by dots or commas: "creature. bowl. stone."')
+    src.add_argument("--box", action="append", metavar="X0,Y0,X1,Y1",
+                     help="a box around one object, in image pixels (repeat per object)")
+    src.add_argument("--point", action="append", metavar="X,Y[+X,Y…]",
+                     help="a click on one object (x,y in pixels); several clicks of one object joined by '+'; "
+                     "x,y,0 is a click off it (repeat per object)")
+    src.add_argument("--mask", action="append", metavar="FILE", help="your own mask file (repeat per object)")
+    p.add_argument("--names", help='names of the objects, comma-separated, in order (default: the --text queries, '
+                   'else concept0, concept1 …)')
+    p.add_argument("--background", action="store_true", help="add the background (everything outside the masks) "
+                   "as one more concept")
+    p.add_argument("--dilate", type=int, default=0, metavar="PX",
+                   help="loosen every mask by PX pixels into free space (Break-A-Scene recommends loose masks)")
+    p.add_argument("--overlap", choices=["smaller", "score", "keep"], default="smaller",
+                   help="who gets a pixel two masks claim: the smaller mask, the higher score, or both")
+    p.add_argument("--box-threshold", type=float, default=0.35, help="GroundingDINO box score needed (--text)")
+    p.add_argument("--text-threshold", type=float, default=0.25, help="GroundingDINO phrase score needed (--text)")
+    p.add_argument("--sam-model", default=_DEFAULT_SAM, help="SAM: Hub id or local folder")
+    p.add_argument("--detector-model", default=_DEFAULT_DETECTOR, help="GroundingDINO: Hub id or local folder")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--policy", choices=["crop", "pad"], default="crop",
+                   help="how training will square the image (the masks are checked the same way)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _add_common(p)
+
     p = sub.add_parser("methods", help="list the methods and their default hyperparameters",
                        formatter_class=_Formatter)
     p.add_argument("name", nargs="?", help="show every default of this method")
@@ -207,9 +250,24 @@ def _cmd_extract(args) -> int:
         overrides.append(f"mixed_precision={args.mixed_precision}")
     file_cfg = cfglib.load_config_file(args.config) if args.config else None
     cfg = method_config(method, file_cfg, overrides)
-    words = _split_concepts(args.concepts, len(args.scene)) if args.concepts else None
+    scene_paths = list(args.scene)
+    if args.auto_masks is not None or any(Path(p).is_file() for p in scene_paths):
+        if len(scene_paths) != 1:
+            raise ScenetokError("automatic masks (--auto-masks, or an image file instead of a scene folder) work on "
+                                "one image at a time", hint="make each image's masks with `scenetok masks` first")
+        from scenetok.bundle import check_output_dir as _check_out
+        from scenetok.masks import auto_mask_scene
+
+        if not args.resume:
+            _check_out(Path(args.output), overwrite=args.overwrite)
+        scene_paths = [auto_mask_scene(scene_paths[0], args.auto_masks, args.output, resume=args.resume,
+                                       overwrite=args.overwrite, device=args.device, sam_model=args.sam_model,
+                                       detector_model=args.detector_model)]
+        if not args.quiet:
+            print(f"automatic masks written to {scene_paths[0]} (preview: {Path(scene_paths[0]) / 'preview.png'})")
+    words = _split_concepts(args.concepts, len(scene_paths)) if args.concepts else None
     scenes = []
-    for i, folder in enumerate(args.scene):
+    for i, folder in enumerate(scene_paths):
         sc = load_scene(folder, background=args.background, policy=args.policy,
                         require_masks=method.needs_masks and words is None)
         if words is not None:
@@ -220,8 +278,11 @@ def _cmd_extract(args) -> int:
         scenes.append(sc)
     out = Path(args.output)
     if not args.quiet:
-        for folder, sc in zip(args.scene, scenes):
-            print(f"scene {folder}: {len(sc.concepts)} concepts ({', '.join(c.name for c in sc.concepts)})")
+        first = 0
+        for folder, sc in zip(scene_paths, scenes):
+            names = ", ".join(f"<asset{first + i}>={c.name}" for i, c in enumerate(sc.concepts))
+            print(f"scene {folder}: {len(sc.concepts)} concepts ({names})")
+            first += len(sc.concepts)
     from scenetok.bundle import check_output_dir
 
     if not args.resume:
@@ -274,6 +335,25 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _cmd_masks(args) -> int:
+    from scenetok.masks import make_masks
+    from scenetok.masks.core import parse_box, parse_clicks, parse_names
+
+    result = make_masks(
+        args.image, args.output, text=args.text, boxes=[parse_box(b) for b in args.box or []],
+        points=[parse_clicks(p) for p in args.point or []], files=args.mask, names=parse_names(args.names),
+        background=args.background, dilate=args.dilate, overlap=args.overlap, device=args.device,
+        sam_model=args.sam_model, detector_model=args.detector_model, box_threshold=args.box_threshold,
+        text_threshold=args.text_threshold, policy=args.policy, overwrite=args.overwrite,
+    )
+    for i, c in enumerate(result.concepts):
+        score = "" if c.score is None else f"  score {c.score:.2f}"
+        print(f"mask{i}.png  {c.name:16s} {c.fraction:7.2%} of the image{score}")
+    print(f"scene folder written to {result.path} (preview: {result.preview})")
+    print(f"next: scenetok extract {result.path} -o OUT_DIR")
+    return 0
+
+
 def _cmd_methods(args) -> int:
     from scenetok.methods import available_methods, get_method
     from scenetok.training import method_config
@@ -321,6 +401,25 @@ def _cmd_toyworld(args) -> int:
 
 
 COMMANDS = {"demo": _cmd_demo, "toyworld": _cmd_toyworld, "extract": _cmd_extract, "generate": _cmd_generate, "info": _cmd_info, "methods": _cmd_methods}
+COMMANDS["masks"] = _cmd_masks
+
+
+def _quiet_libraries() -> None:
+    """Our own progress bars and messages only: the libraries' loading bars and import-time notices (e.g.
+    transformers' note that torchvision is absent) are noise on a command line. ``--debug`` keeps them."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -332,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return EXIT_USER_ERROR
+    if not getattr(args, "debug", False):
+        _quiet_libraries()
     try:
         return COMMANDS[args.command](args)
     except ScenetokError as exc:

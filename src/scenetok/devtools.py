@@ -188,3 +188,135 @@ def build_tiny_sd(path: str | Path, config: TinySDConfig | None = None) -> Path:
         f.unlink()
     tok_dir.rmdir()
     return path
+
+
+# ======================================================================================================
+# Tiny random segmentation models (SAM, GroundingDINO) for the tests of scenetok.masks
+# ------------------------------------------------------------------------------------------------------
+# Both builders save a normal transformers folder (config + safetensors weights + processor files) that
+# loads with ``SamModel/SamProcessor.from_pretrained(path)`` and
+# ``AutoModelForZeroShotObjectDetection/AutoProcessor.from_pretrained(path)`` like the real checkpoints.
+# Random weights give arbitrary masks and boxes; two switches make the outputs predictable where a test
+# needs that (``full_masks`` and ``box_logit``).
+
+TINY_BERT_WORDS = (
+    "a", "an", "the", "of", "and", "on", "in", "with", "creature", "bowl", "stone", "bear", "shell", "toy",
+    "cat", "dog", "red", "blue", "green", "white", "plush", "square", "object", "background",
+)
+
+
+def build_tiny_sam(path: str | Path, *, image_size: int = 64, seed: int = 0, full_masks: bool = False) -> Path:
+    """Build a random SAM (ViT image encoder, prompt encoder, mask decoder) and save it at ``path``.
+
+    The processor resizes the longest image side to ``image_size`` (a multiple of 16). With
+    ``full_masks=True`` the mask decoder is set so that every prompt yields a mask covering the whole
+    image (positive logits everywhere): then only scenetok's own post-processing (box clipping,
+    hygiene) shapes the result, which tests can predict exactly.
+    """
+    import torch
+    from transformers import (SamConfig, SamMaskDecoderConfig, SamModel, SamProcessor, SamPromptEncoderConfig,
+                              SamVisionConfig)
+
+    try:  # transformers >= 5 names the Pillow-only image processor separately
+        from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil as _SamImageProcessor
+    except ImportError:  # pragma: no cover - older transformers
+        from transformers import SamImageProcessor as _SamImageProcessor
+
+    if image_size % 16:
+        raise ValueError(f"image_size must be a multiple of 16, got {image_size}")
+    path = Path(path)
+    torch.manual_seed(seed)
+    hidden = 32
+    patch = 8
+    vision = SamVisionConfig(hidden_size=hidden, output_channels=hidden, num_hidden_layers=2, num_attention_heads=2,
+                             image_size=image_size, patch_size=patch, window_size=4, global_attn_indexes=(1,),
+                             num_pos_feats=hidden // 2, mlp_dim=2 * hidden)
+    prompt = SamPromptEncoderConfig(hidden_size=hidden, image_size=image_size, patch_size=patch, mask_input_channels=4)
+    decoder = SamMaskDecoderConfig(hidden_size=hidden, mlp_dim=2 * hidden, num_hidden_layers=2, num_attention_heads=2,
+                                   iou_head_hidden_dim=hidden)
+    model = SamModel(SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)).eval()
+    if full_masks:
+        dec = model.mask_decoder
+        with torch.no_grad():
+            dec.upscale_conv2.weight.zero_()
+            dec.upscale_conv2.bias.fill_(1.0)
+            for mlp in dec.output_hypernetworks_mlps:
+                mlp.proj_out.weight.zero_()
+                mlp.proj_out.bias.fill_(1.0)
+    low = image_size // 4  # SAM's low-resolution mask side is 4 × the embedding side
+    processor = SamProcessor(_SamImageProcessor(size={"longest_edge": image_size},
+                                                pad_size={"height": image_size, "width": image_size},
+                                                mask_size={"longest_edge": low},
+                                                mask_pad_size={"height": low, "width": low}))
+    model.save_pretrained(str(path), safe_serialization=True)
+    processor.save_pretrained(str(path))
+    return path
+
+
+def write_bert_vocab(path: str | Path, words: tuple[str, ...] | list[str] = TINY_BERT_WORDS) -> Path:
+    """Write a WordPiece ``vocab.txt`` (special tokens, punctuation, letters and ``##`` letters, ``words``)
+    into the folder ``path``; every lower-case ASCII text tokenizes without [UNK]."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    letters = "abcdefghijklmnopqrstuvwxyz0123456789"
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(".,;:!?-'\"()") + list(letters)
+    vocab += ["##" + c for c in letters]
+    vocab += [w for w in dict.fromkeys(w.lower() for w in words) if w not in vocab]
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    return path
+
+
+def build_tiny_grounding_dino(path: str | Path, *, image_size: int = 64, seed: int = 0,
+                              box_logit: float | None = None) -> Path:
+    """Build a random GroundingDINO (tiny Swin backbone, tiny BERT text encoder) and save it at ``path``.
+
+    The tokenizer is a BERT WordPiece tokenizer read back with ``from_pretrained`` from a local
+    ``vocab.txt`` (see :func:`write_bert_vocab`). The image processor resizes images to about
+    ``image_size`` pixels. Random weights give high text-box scores to arbitrary small boxes; with
+    ``box_logit`` set, the box head is fixed so that every query's box keeps its proposal centre and
+    its width and height logits grow by ``box_logit`` per refinement (a positive value gives large
+    boxes, e.g. 1.5 gives boxes about half the image wide).
+    """
+    import torch
+    from transformers import (BertConfig, BertTokenizerFast, GroundingDinoConfig, GroundingDinoForObjectDetection,
+                              GroundingDinoProcessor, SwinConfig)
+
+    try:
+        from transformers.models.grounding_dino.image_processing_pil_grounding_dino import (
+            GroundingDinoImageProcessorPil as _GDImageProcessor)
+    except ImportError:  # pragma: no cover - older transformers
+        from transformers import GroundingDinoImageProcessor as _GDImageProcessor
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    vocab_dir = write_bert_vocab(path / "_vocab_tmp")
+    tokenizer = BertTokenizerFast.from_pretrained(str(vocab_dir))
+    backbone = SwinConfig(image_size=image_size, patch_size=4, embed_dim=8, depths=[1, 1, 1], num_heads=[1, 1, 1],
+                          window_size=4, out_indices=[2, 3])
+    text = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=64)
+    config = GroundingDinoConfig(backbone_config=backbone, text_config=text, num_queries=20, encoder_layers=1,
+                                 decoder_layers=2, d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                 encoder_attention_heads=2, decoder_attention_heads=2, num_feature_levels=2,
+                                 encoder_n_points=2, decoder_n_points=2, max_text_len=64)
+    model = GroundingDinoForObjectDetection(config).eval()
+    if box_logit is not None:
+        heads = list(model.bbox_embed) + list(model.model.decoder.bbox_embed)
+        heads.append(model.model.encoder_output_bbox_embed)
+        with torch.no_grad():
+            for head in heads:
+                last = head.layers[-1]
+                last.weight.zero_()
+                last.bias.copy_(torch.tensor([0.0, 0.0, box_logit, box_logit]))
+            # the encoder's proposals keep their grid boxes
+            enc_last = model.model.encoder_output_bbox_embed.layers[-1]
+            enc_last.bias.zero_()
+    processor = GroundingDinoProcessor(
+        image_processor=_GDImageProcessor(size={"shortest_edge": image_size, "longest_edge": image_size}),
+        tokenizer=tokenizer)
+    model.save_pretrained(str(path), safe_serialization=True)
+    processor.save_pretrained(str(path))
+    for f in vocab_dir.iterdir():
+        f.unlink()
+    vocab_dir.rmdir()
+    return path

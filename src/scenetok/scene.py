@@ -68,7 +68,7 @@ from PIL import Image, ImageOps
 
 from scenetok.errors import SceneError
 
-__all__ = ["Concept", "Scene", "load_scene", "save_scene", "MAX_CONCEPTS"]
+__all__ = ["Concept", "Scene", "load_scene", "save_scene", "read_image", "read_mask", "MAX_CONCEPTS"]
 
 MAX_CONCEPTS = 8
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -332,6 +332,40 @@ def save_scene(scene: Scene, path: str | os.PathLike) -> Path:
         if stale_image or stale_mask:
             p.unlink()
     return folder
+
+
+def read_image(image: Any) -> np.ndarray:
+    """An image file path, PIL image or array as ``uint8 (H, W, 3)`` RGB at its own size (not squared).
+
+    The conversion rules are those of :func:`load_scene` (EXIF orientation, transparency over white,
+    high bit depths scaled); errors are :class:`SceneError`.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        p = Path(image)
+        if not p.is_file():
+            raise SceneError(f"image {p} does not exist" if not p.exists() else f"{p} is not a file",
+                             hint="pass the path of a PNG, JPEG or WebP photo")
+        return _image_to_rgb(_open_image(_read_bytes(p), p, "image"))
+    return _array_to_rgb(image, "image array")
+
+
+def read_mask(mask: Any, size: tuple[int, int] | None = None, label: str | None = None) -> np.ndarray:
+    """A mask file path, PIL image or array as ``bool (H, W)``, read with the rules of :func:`load_scene`
+    (alpha if it varies, else brightness; thresholded at 0.5). With ``size=(H, W)`` the mask is fitted to
+    that image size: same aspect ratio within 1 % is resized (NEAREST), anything else is an error.
+    An all-black mask is returned as all False (callers decide whether empty is an error)."""
+    if isinstance(mask, (str, os.PathLike)):
+        p = Path(mask)
+        label = label or str(p)
+        if not p.is_file():
+            raise SceneError(f"mask {p} does not exist" if not p.exists() else f"{p} is not a file",
+                             hint="pass the path of a white-on-black PNG mask")
+        unit = _mask_image_to_unit(_open_image(_read_bytes(p), p, "mask"))
+    else:
+        label = label or "mask array"
+        unit = _mask_array_to_unit(mask, label)
+    binary = unit >= 0.5
+    return _fit_mask(binary, label, size) if size is not None else binary
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -607,16 +641,7 @@ def _prepare_mask(unit: np.ndarray, label: str, image_hw: tuple[int, int], polic
     if not binary.any():
         raise SceneError(f"{label}: the mask is empty: no pixel reaches half intensity (brightest is "
                          f"{unit.max():.0%})", hint="paint the object in full white (or full alpha) on black")
-    h, w = image_hw
-    mh, mw = binary.shape
-    if (mh, mw) != (h, w):
-        rel = abs((mw / mh) / (w / h) - 1.0)
-        if rel > ASPECT_TOLERANCE:
-            raise SceneError(f"{label}: the mask is {mw}×{mh} but the image is {w}×{h}, a different aspect ratio "
-                             f"({mw / mh:.3f} vs {w / h:.3f})",
-                             hint="draw the mask on the same image (same framing), or crop/resize it to the image")
-        grown = Image.fromarray(binary.astype(np.uint8) * 255).resize((w, h), Image.Resampling.NEAREST)
-        binary = np.asarray(grown) > 127
+    binary = _fit_mask(binary, label, image_hw)
     square = _square(binary, policy, "zero")
     fraction = float(square.mean())
     if fraction == 0.0:
@@ -629,6 +654,21 @@ def _prepare_mask(unit: np.ndarray, label: str, image_hw: tuple[int, int], polic
                          f"{min_fraction:.3%}",
                          hint="dilate or loosen the mask so it covers the whole object, or lower min_mask_fraction")
     return square
+
+
+def _fit_mask(binary: np.ndarray, label: str, image_hw: tuple[int, int]) -> np.ndarray:
+    """A bool mask at the image's (H, W): same size kept; same aspect ratio (1 %) resized NEAREST; else an error."""
+    h, w = image_hw
+    mh, mw = binary.shape
+    if (mh, mw) != (h, w):
+        rel = abs((mw / mh) / (w / h) - 1.0)
+        if rel > ASPECT_TOLERANCE:
+            raise SceneError(f"{label}: the mask is {mw}×{mh} but the image is {w}×{h}, a different aspect ratio "
+                             f"({mw / mh:.3f} vs {w / h:.3f})",
+                             hint="draw the mask on the same image (same framing), or crop/resize it to the image")
+        grown = Image.fromarray(binary.astype(np.uint8) * 255).resize((w, h), Image.Resampling.NEAREST)
+        binary = np.asarray(grown) > 127
+    return binary
 
 
 def _square(arr: np.ndarray, policy: str, fill: str) -> np.ndarray:

@@ -174,6 +174,7 @@ def train_toy_sd(
     ema_decay: float = 0.999,
     device: str = "cpu",
     threads: int | None = 2,
+    vae_from: str | Path | None = None,
 ) -> Path:
     """Train toy-sd from scratch and save it (diffusers folder, safetensors) at ``out_dir``."""
     import torch
@@ -211,14 +212,22 @@ def train_toy_sd(
     }
     _log(f"params: {info['params']}")
 
-    # ---- stage 1: VAE
+    # ---- stage 1: VAE (or a VAE trained by an earlier run of the same seed: stage 2 draws from its own
+    # random streams, so training the UNet on a loaded VAE gives the same result as the full run)
+    if vae_from:
+        from diffusers import AutoencoderKL
+
+        loaded = AutoencoderKL.from_pretrained(str(vae_from), subfolder="vae", use_safetensors=True)
+        vae.load_state_dict(loaded.state_dict())
+        info["vae_from"] = str(vae_from)
+        _log(f"VAE loaded from {vae_from}; stage 1 skipped")
     t_vae = time.time()
     opt = torch.optim.AdamW(vae.parameters(), lr=vae_lr, weight_decay=0.0)
     total_ref = [vae_steps]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(50, max(1, vae_steps // 10)), total_ref))
     vae.train()
     step = 0
-    while step < total_ref[0]:
+    while step < total_ref[0] and not vae_from:
         idx = torch.from_numpy(rng.integers(0, n, vae_batch_size))
         x = _to_tensor(images[idx.numpy()]).to(device)
         post = vae.encode(x).latent_dist
@@ -237,8 +246,11 @@ def train_toy_sd(
             total_ref[0] = _replan(step, vae_steps, t_vae, vae_minutes)
         if step % log_every == 0 or step == total_ref[0]:
             _log(f"vae step {step}/{total_ref[0]} l1={l1.item():.4f} l2={l2.item():.4f} kl={kl.item():.3f}")
-    info["vae_steps"] = step
-    info["vae_seconds"] = round(time.time() - t_vae)
+    if not vae_from:
+        info["vae_steps"] = step
+        info["vae_seconds"] = round(time.time() - t_vae)
+    gen = torch.Generator().manual_seed(seed + 1)  # stage 2's own random streams
+    rng = np.random.default_rng([seed, 3])
     vae.eval()
     vae.requires_grad_(False)
 
@@ -420,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--vae-from", default=None, help="skip stage 1: take the VAE of this toy-sd folder (trained "
+                   "by an earlier run with the same seed gives the same result as the full run)")
     p.add_argument("--eval", type=int, default=0, help="after training, score N unseen captions with the oracle")
     a = p.parse_args(argv)
     if min(a.vae_steps, a.unet_steps, a.batch_size, a.n_images) < 1:
@@ -429,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         vae_batch_size=a.vae_batch_size, n_images=a.n_images, minutes=a.minutes or None,
         vae_minutes=a.vae_minutes or None, render_minutes=a.render_minutes or None,
         save_every_minutes=a.save_every_minutes or None, log_every=a.log_every, lr=a.lr, device=a.device,
-        threads=a.threads,
+        threads=a.threads, vae_from=a.vae_from,
     )
     if a.eval:
         res = evaluate_toy_sd(path, n=a.eval, seed=a.seed)
