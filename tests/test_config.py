@@ -50,3 +50,17 @@ def test_bad_config_file(tmp_path):
     f.write_text("phase1: [unclosed\n")
     with pytest.raises(ConfigError):
         cfglib.load_config_file(f)
+
+
+def test_yaml11_words_stay_text_for_text_settings():
+    # "no" is a YAML 1.1 boolean; `--mixed-precision no` must still mean the text "no"
+    cfg = method_config(get_method("break-a-scene"), None, ["mixed_precision=no", "masked_loss=no"])
+    assert cfg["mixed_precision"] == "no" and cfg["masked_loss"] is False
+    assert method_config(get_method("break-a-scene"), None, ["masked_loss=on"])["masked_loss"] is True
+
+
+def test_method_defaults_merge_into_shared_nested_defaults():
+    cfg = method_config(get_method("disendiff"))
+    # the method turns prior preservation on; the shared prior settings it does not name are kept
+    assert cfg["prior"]["enabled"] is True and cfg["prior"]["steps"] == 25 and cfg["prior"]["cache_dir"] == ""
+    assert cfg["optim"]["grad_clip"] == 0.0 and cfg["optim"]["beta2"] == 0.999

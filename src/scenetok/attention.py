@@ -268,6 +268,22 @@ class AttentionStore:
         picked = torch.gather(maps, 1, idx)
         return picked * (pos >= 0)[:, :, None, None].to(picked.dtype)
 
+    def word_maps(self, positions: list[list[list[int]]], size: int, native=None) -> torch.Tensor:
+        """(B, K, size, size): for each batch row b and slot k, the mean of the maps at the token positions
+        ``positions[b][k]`` (e.g. every BPE piece of a class noun); an empty list gives an all-zero map.
+
+        Rows beyond ``len(positions)`` (prior-preservation rows) are dropped.
+        """
+        maps = self.maps(size, native=native)
+        b = len(positions)
+        k = max((len(row) for row in positions), default=0)
+        weights = torch.zeros(b, k, maps.shape[1], dtype=maps.dtype, device=maps.device)
+        for i, row in enumerate(positions):
+            for j, pos in enumerate(row):
+                if pos:
+                    weights[i, j, list(pos)] = 1.0 / len(pos)
+        return torch.einsum("bkt,bthw->bkhw", weights, maps[:b])
+
     def __repr__(self) -> str:
         return f"AttentionStore({len(self)} layers)"
 

@@ -49,10 +49,27 @@ def _method_switches() -> dict[str, tuple[list[str], str, list[str]]]:
     return out
 
 
+def _method_options() -> dict[str, tuple[list[str], str, dict[str, tuple[str, tuple[str, ...]]]]]:
+    """Every method's switches with a value: flag -> (methods that have it, help, {method: (key, choices)})."""
+    from scenetok.methods import available_methods, get_method
+
+    out: dict[str, tuple[list[str], str, dict[str, tuple[str, tuple[str, ...]]]]] = {}
+    for name in available_methods():
+        for flag, (text, key, choices) in get_method(name).options.items():
+            methods, _, per = out.setdefault(flag, ([], text, {}))
+            methods.append(name)
+            per[name] = (key, tuple(choices))
+    return out
+
+
 def _add_switches(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group("ablation switches (each names the methods that have it)")
     for flag, (methods, text, _) in sorted(_method_switches().items()):
         group.add_argument(f"--{flag}", dest=f"switch_{flag.replace('-', '_')}", action="store_true",
+                           help=f"{text} [{', '.join(methods)}]")
+    for flag, (methods, text, per) in sorted(_method_options().items()):
+        choices = list(dict.fromkeys(c for _, cs in per.values() for c in cs))
+        group.add_argument(f"--{flag}", dest=f"option_{flag.replace('-', '_')}", default=None, choices=choices,
                            help=f"{text} [{', '.join(methods)}]")
 
 
@@ -65,6 +82,17 @@ def switch_overrides(method_name: str, args) -> list[str]:
                 raise ScenetokError(f"--{flag} is not a switch of {method_name}",
                                     hint=f"it belongs to: {', '.join(methods)}")
             out += per[method_name]
+    for flag, (methods, _, per) in _method_options().items():
+        value = getattr(args, f"option_{flag.replace('-', '_')}", None)
+        if value is None:
+            continue
+        if method_name not in per:
+            raise ScenetokError(f"--{flag} is not an option of {method_name}", hint=f"it belongs to: {', '.join(methods)}")
+        key, choices = per[method_name]
+        if value not in choices:
+            raise ScenetokError(f"--{flag} {value} is not a choice of {method_name}",
+                                hint=f"choose one of: {', '.join(choices)}")
+        out.append(f"{key}={value}")
     return out
 
 
@@ -372,10 +400,13 @@ def _cmd_methods(args) -> int:
         print(f"{m.name}: {m.summary}")
         for k, v in flatten(method_config(m)).items():
             print(f"  {k} = {v}")
-        if m.switches:
+        if m.switches or m.options:
             print("ablation switches (scenetok extract ...):")
             for flag, (text, overrides) in m.switches.items():
                 print(f"  --{flag:20s} {text} (= {' '.join('--set ' + o for o in overrides)})")
+            for flag, (text, key, choices) in m.options.items():
+                label = f"{flag} {'|'.join(choices)}"
+                print(f"  --{label:20s} {text} (= --set {key}=VALUE)")
         return 0
     for name in available_methods():
         m = get_method(name)

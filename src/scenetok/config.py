@@ -29,12 +29,18 @@ def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# YAML 1.1 reads these words as booleans; a text setting (mixed_precision=no) keeps them as text
+_YAML11_BOOLS = {"yes": True, "no": False, "on": True, "off": False, "y": True, "n": False}
+
+
 def _coerce(key: str, value: Any, default: Any) -> Any:
     if default is None or value is None:
         return value
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.strip().lower() in _YAML11_BOOLS:
+            return _YAML11_BOOLS[value.strip().lower()]
         raise ConfigError(f"{key} must be true or false, got {value!r}")
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -75,6 +81,8 @@ def parse_assignment(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+        value = raw.strip()  # "no", "off", … stay words; a boolean setting still accepts them (see _coerce)
     return key, value
 
 

@@ -14,11 +14,15 @@ import torch.nn.functional as F
 
 __all__ = [
     "bas_attention_loss",
+    "bind_loss",
     "gaussian_smooth",
+    "localization_loss",
     "masked_diffusion_loss",
     "minmax_normalize",
     "resize_masks",
+    "separate_strengthen_loss",
     "soft_iou",
+    "suppress",
 ]
 
 
@@ -139,3 +143,82 @@ def soft_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     inter = (a * b).sum(dim=(-2, -1))
     total = (a + b).sum(dim=(-2, -1))
     return (inter + 1) / (total - inter + 1)
+
+
+# ------------------------------------------------------------------------------------------------------
+# DisenDiff (Zhang et al., CVPR 2024): attention calibration between modifier and class-noun maps
+
+
+def suppress(maps: torch.Tensor, times: int = 1) -> torch.Tensor:
+    """DisenDiff's suppression ``f_m(A) = A ⊙ A`` (applied ``times`` times; 0 returns ``maps``).
+
+    On maps in [0, 1] it keeps strong activations and shrinks weak ones, sharpening a map's boundary.
+    """
+    if times < 0:
+        raise ValueError(f"times must be >= 0 (got {times})")
+    out = maps
+    for _ in range(int(times)):
+        out = out * out
+    return out
+
+
+def _check_pair(name: str, a: torch.Tensor, b: torch.Tensor | None, valid: torch.Tensor | None) -> torch.Tensor:
+    """Shape checks shared by the DisenDiff losses; returns ``valid`` as a float (B, K) tensor."""
+    if a.ndim != 4 or (b is not None and b.shape != a.shape):
+        shapes = f"{tuple(a.shape)}" + ("" if b is None else f" and {tuple(b.shape)}")
+        raise ValueError(f"{name}: maps must be (B, K, h, w) (and of the same shape); got {shapes}")
+    if valid is None:
+        return torch.ones(a.shape[:2], dtype=torch.float32, device=a.device)
+    if valid.shape != a.shape[:2]:
+        raise ValueError(f"{name}: valid must be (B, K) = {tuple(a.shape[:2])}, got {tuple(valid.shape)}")
+    return valid.to(device=a.device, dtype=torch.float32)
+
+
+def bind_loss(class_maps: torch.Tensor, modifier_maps: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """DisenDiff's L_bind: ``Σ_k [1 − IoU(class_k.detach(), modifier_k)]``, averaged over the batch.
+
+    ``class_maps`` / ``modifier_maps`` (B, K, h, w): the (already smoothed and, for the class maps,
+    suppressed) maps of each concept's class noun and modifier; the class maps carry no gradient here, so
+    only the modifier is pulled onto its class. ``valid`` (B, K) bool marks the concepts present in each
+    row (None: all). IoU is :func:`soft_iou`.
+    """
+    v = _check_pair("bind_loss", class_maps, modifier_maps, valid)
+    iou = soft_iou(class_maps.detach().float(), modifier_maps.float())  # (B, K)
+    return ((1.0 - iou) * v).sum(dim=1).mean()
+
+
+def separate_strengthen_loss(class_maps: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """DisenDiff's L_s&s: ``Σ_{i<j} IoU(class_i, class_j)`` over every pair of valid concepts, averaged
+    over the batch (no detach: both maps of a pair are pushed apart). ``class_maps`` (B, K, h, w)."""
+    v = _check_pair("separate_strengthen_loss", class_maps, None, valid)
+    a = class_maps.float()
+    b, k = a.shape[:2]
+    total = a.new_zeros(b)
+    for i in range(k):
+        for j in range(i + 1, k):
+            total = total + soft_iou(a[:, i], a[:, j]) * v[:, i] * v[:, j]
+    return total.mean()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Textual Localization (Shentu et al., 2024)
+
+
+def localization_loss(maps: torch.Tensor, seg: torch.Tensor, valid: torch.Tensor | None = None,
+                      soft: bool = False) -> torch.Tensor:
+    """Textual Localization's cross-attention guidance.
+
+    ``maps`` (B, K, H, W): each identifier's map (in [0, 1]); ``seg`` (B, K, H, W): its segmentation map.
+    Hard guidance: mean over pixels of ``(seg − map)²``. Soft guidance (``soft=True``): the same squared
+    error counted only where ``seg == 0`` (outside the concept), still divided by all ``H·W`` pixels (the
+    paper's Eq. 8). The per-concept values are averaged over the valid (b, k) pairs (``valid`` (B, K)
+    bool; None: all), as the reference averages its two identifiers.
+    """
+    v = _check_pair("localization_loss", maps, seg, valid)
+    s = seg.float().to(maps.device)
+    err = (s - maps.float()).square()
+    if soft:
+        err = err * (s == 0).to(err.dtype)
+    per = err.mean(dim=(-2, -1))  # (B, K)
+    n = v.sum()
+    return (per * v).sum() / n.clamp_min(1.0)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from scenetok.errors import ConfigError
 from scenetok.methods.base import Batch, Method, Outputs, Phase, union_sample
 from scenetok.methods.break_a_scene import BreakAScene
+from scenetok.methods.disendiff import DisenDiff
+from scenetok.methods.textual_localization import TextualLocalization
 
 _REGISTRY: dict[str, type[Method]] = {}
 
@@ -15,6 +17,8 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 register(BreakAScene)
+register(DisenDiff)
+register(TextualLocalization)
 
 
 def available_methods() -> list[str]:

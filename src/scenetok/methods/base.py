@@ -66,6 +66,9 @@ class Batch:
     input_ids: torch.Tensor | None = None  # (B_all, L) token ids of every row, prior rows included
     sources: list[int] = field(default_factory=list)  # which training image each instance row shows
     flips: list[bool] = field(default_factory=list)
+    # [b][k]: token positions of concept k's class word (all its BPE pieces) after handle k in prompt b,
+    # found by tokenizing; [] when the prompt does not name it there (modifier + class prompts use it)
+    class_positions: list[list[list[int]]] = field(default_factory=list)
 
 
 @dataclass
@@ -86,6 +89,9 @@ class Method:
     needs_masks: bool = True
     # ablation switches: CLI flag name (without the leading --) -> (help, overrides it applies)
     switches: dict[str, tuple[str, list[str]]] = {}
+    # switches with a value: CLI flag name -> (help, config key, allowed values); ``--flag VALUE`` sets
+    # ``key=VALUE`` (e.g. ``--attn-scales all`` -> ``attn.scales=all``)
+    options: dict[str, tuple[str, str, tuple[str, ...]]] = {}
 
     def defaults(self) -> dict:
         raise NotImplementedError
@@ -116,6 +122,10 @@ class Method:
     def prompt(self, tokens: list[str], chosen: list[int], cfg: dict, class_words: list[str] | None = None) -> str:
         return cfg.get("prompt_template", "a photo of {tokens}").format(tokens=" and ".join(tokens[i] for i in chosen))
 
+    def init_words(self, concepts: list, cfg: dict) -> list[str]:
+        """The word each handle's embedding starts from (one per concept; default: the scene's init words)."""
+        return [c.init_word for c in concepts]
+
     def prior_prompts(self, class_words: list[str], cfg: dict) -> list[str]:
         """Prompts of the prior-preservation (regularisation) images; ``prior.mode`` decides:
         ``joint`` — one prompt naming every class ("a photo of a cat and a dog"), ``per_class`` — one
@@ -136,6 +146,10 @@ class Method:
         written to the training log as its own row."""
         return None
 
+    def preview_metrics(self, run: Any) -> dict[str, Any]:
+        """Extra numbers written into each preview row of the training log (e.g. a map overlap)."""
+        return {}
+
     def losses(self, batch: Batch, out: Outputs, cfg: dict) -> dict[str, torch.Tensor]:
         """Weighted loss terms for the instance rows (the trainer adds the prior term)."""
         raise NotImplementedError
@@ -151,6 +165,15 @@ def union_sample(rng: np.random.Generator, present: int | list[int]) -> list[int
         raise ValueError("union sampling needs at least one concept")
     k = int(rng.integers(1, len(pool) + 1))
     return [int(pool[i]) for i in rng.permutation(len(pool))[:k]]
+
+
+def cycled_init_words(words, concepts: list) -> list[str]:
+    """One init word per concept from a configured list, cycled (``["ktn", "pll"]`` → ktn, pll, ktn, …);
+    an empty list keeps each concept's own init word (from the scene)."""
+    words = [str(w) for w in (words or []) if str(w).strip()]
+    if not words:
+        return [c.init_word for c in concepts]
+    return [words[i % len(words)] for i in range(len(concepts))]
 
 
 def nearest_size(target: int, available: list[int]) -> int:

@@ -26,7 +26,7 @@ from scenetok import config as cfglib
 from scenetok.errors import ConfigError, ScenetokError
 from scenetok.methods import Batch, Method, Outputs, Phase, get_method
 from scenetok.scene import Concept, Scene
-from scenetok.tokens import Handles, add_handles, handle_token, token_positions
+from scenetok.tokens import Handles, add_handles, handle_token, token_positions, word_positions
 from scenetok.training import checkpoint as ckpt
 from scenetok.training import params as paramlib
 from scenetok.training.data import Source, collage_sources, scene_sources
@@ -41,7 +41,7 @@ TRAIN_DEFAULTS: dict = {
     "gradient_checkpointing": False,
     "optim": {"beta1": 0.9, "beta2": 0.999, "weight_decay": 1e-2, "eps": 1e-8, "grad_clip": 1.0, "use_8bit": False},
     "checkpoint_every": 100,
-    "preview_every": 100,
+    "preview_every": 100,  # steps between attention previews; 0 = none
     "detach_start_token_kv": False,  # Custom Diffusion: no gradient through the start token's K/V
     "collage": {"num_images": 100},  # size of the collage collection (methods whose data mode is "collage")
     "prior": {
@@ -57,11 +57,21 @@ class TrainingInterrupted(ScenetokError):
 
 def method_config(method: Method, file_cfg: dict | None = None, overrides=()) -> dict:
     """Paper defaults of ``method`` + shared training defaults, then config file, then ``--set``."""
-    defaults = copy.deepcopy(TRAIN_DEFAULTS)
-    defaults.update(method.defaults())
+    defaults = _merged(copy.deepcopy(TRAIN_DEFAULTS), method.defaults())
     cfg = cfglib.resolve(defaults, file_cfg, overrides)
     validate_config(cfg)
     return cfg
+
+
+def _merged(base: dict, extra: dict) -> dict:
+    """``base`` with ``extra`` laid over it, nested dicts merged key by key (a method may change one
+    shared setting, e.g. ``prior.enabled``, and keep the other shared defaults)."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merged(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
 
 
 def validate_config(cfg: dict) -> None:
@@ -246,6 +256,7 @@ def train(
 
     sot = (paramlib.detach_start_token_kv(run.model.unet) if cfg["detach_start_token_kv"]
            else contextlib.nullcontext())
+    previews = cfg["preview_every"] > 0  # 0: no previews at all (not even the first and the last)
     try:
         with capture as store, sot:
             for pi, phase in enumerate(phases):
@@ -256,7 +267,7 @@ def train(
                 if state is not None and pi == start["phase"] and state["optimizer"] is not None and first_step > 0:
                     optimizer.load_state_dict(state["optimizer"])
                 global_step = sum(p.steps for p in phases[:pi]) + first_step
-                if global_step == 0:
+                if global_step == 0 and previews:
                     _preview(run, 0, on_preview)
                 for step in range(first_step, phase.steps):
                     rng_before = (run.torch_gen.get_state(), run.np_rng.bit_generator.state)
@@ -282,7 +293,7 @@ def train(
                     bar.update(1)
                     bar.set_postfix({k: f"{v:.4f}" for k, v in terms.items()}, refresh=False)
                     done_phase = step + 1 == phase.steps
-                    if global_step % cfg["preview_every"] == 0 and global_step != total:
+                    if previews and global_step % cfg["preview_every"] == 0 and global_step != total:
                         _preview(run, global_step, on_preview)
                     if cfg["checkpoint_every"] and global_step % cfg["checkpoint_every"] == 0 and global_step != total:
                         if done_phase:
@@ -290,7 +301,8 @@ def train(
                         else:
                             _save(run, optimizer, pi, step + 1, global_step)
                 del optimizer
-            _preview(run, total, on_preview)
+            if previews:
+                _preview(run, total, on_preview)
     finally:
         bar.close()
     result = _write_bundle(run, bundlelib)
@@ -337,7 +349,7 @@ def _setup(scenes: list[Scene], method: Method, cfg: dict, model: str | Model, o
         prior_latents, prior_ids = _prepare_prior(m, method, class_words, cfg, resolution, dev)
 
     tokens = [handle_token(i) for i in range(len(concepts))]
-    handles = add_handles(m.tokenizer, m.text_encoder, tokens, [c.init_word for c in concepts])
+    handles = add_handles(m.tokenizer, m.text_encoder, tokens, method.init_words(concepts, cfg))
     m.text_encoder.to(dev)
     if cfg["gradient_checkpointing"]:
         m.unet.enable_gradient_checkpointing()
@@ -485,6 +497,7 @@ def _make_batch(run: Run, cfg: dict) -> tuple[Batch, torch.Tensor, torch.Tensor]
     ids = m.tokenizer(prompts, padding="max_length", truncation=True, max_length=m.tokenizer.model_max_length,
                       return_tensors="pt").input_ids
     positions = token_positions(m.tokenizer, prompts, run.handles.ids)
+    class_positions = _class_positions(m.tokenizer, prompts, positions, class_words)
     if run.prior_latents is not None:
         pb = cfg["prior"]["batch_size"]
         pick = torch.randint(0, run.prior_latents.shape[0], (pb,), generator=run.torch_gen)
@@ -495,8 +508,23 @@ def _make_batch(run: Run, cfg: dict) -> tuple[Batch, torch.Tensor, torch.Tensor]
     batch = Batch(
         prompts=prompts, chosen=chosen, valid=valid, positions=positions, masks=masks, latent_mask=union,
         timesteps=torch.empty(0), n_instance=bs, input_ids=ids, sources=picked, flips=flips,
+        class_positions=class_positions,
     )
     return batch, latents, ids
+
+
+def _class_positions(tokenizer, prompts: list[str], positions: torch.Tensor,
+                     class_words: list[str]) -> list[list[list[int]]]:
+    """[b][k]: positions of concept k's class word (every BPE piece) after handle k in prompt b."""
+    out: list[list[list[int]]] = [[[] for _ in class_words] for _ in prompts]
+    for k, word in enumerate(class_words):
+        rows = [b for b in range(len(prompts)) if int(positions[b, k]) >= 0]
+        if not word or not word.strip() or not rows:
+            continue
+        found = word_positions(tokenizer, [prompts[b] for b in rows], word, after=[int(positions[b, k]) for b in rows])
+        for b, pos in zip(rows, found):
+            out[b][k] = pos
+    return out
 
 
 def _train_step(run: Run, phase: Phase, optimizer, store) -> dict[str, torch.Tensor]:
@@ -555,24 +583,44 @@ def _log(run: Run, row: dict) -> None:
 
 @torch.no_grad()
 def preview_maps(run: Run, timesteps=(0.3, 0.5, 0.7)) -> dict[str, np.ndarray]:
-    """Each handle's cross-attention map for "a photo of <all handles>" averaged over a few timesteps.
+    """Each handle's cross-attention map for the method's prompt naming every handle, averaged over a few
+    timesteps.
 
     Uses its own fixed random numbers, so previews never change the training run's random stream.
     """
-    from scenetok.attention import capture_attention, select_layers
-
-    m = run.model
-    size = run.attention_size or max(1, run.latent_size // 4)
     from scenetok.attention import available_sizes
     from scenetok.methods.base import nearest_size
 
+    m = run.model
+    size = run.attention_size or max(1, run.latent_size // 4)
     size = nearest_size(size, available_sizes(m.unet, run.latent_size))
-    layers = select_layers(m.unet, run.latent_size, sizes=[size])
     prompt = run.method.prompt(run.handles.tokens, list(range(len(run.handles.tokens))), run.cfg,
                                [c.class_word for c in run.concepts])
+    acc = prompt_attention(run, prompt, size, native=size, timesteps=timesteps)
+    pos = token_positions(m.tokenizer, [prompt], run.handles.ids)[0]
+    return {tok: acc[int(p)].cpu().numpy() for tok, p in zip(run.handles.tokens, pos) if p >= 0}
+
+
+@torch.no_grad()
+def prompt_attention(run: Run, prompt: str, size: int, native=None, timesteps=(0.3, 0.5, 0.7)) -> torch.Tensor:
+    """``(T, size, size)`` cross-attention maps of every token of ``prompt`` on the (unflipped) scene,
+    averaged over the layers working at the side(s) ``native`` (None: every cross-attention layer, resized
+    to ``size``) and over a few timesteps (fractions of the schedule).
+
+    Uses its own fixed random numbers, so it never changes the training run's random stream.
+    """
+    from scenetok.attention import available_sizes, capture_attention, select_layers
+
+    m = run.model
+    sides = available_sizes(m.unet, run.latent_size) if native is None else (
+        [int(native)] if isinstance(native, (int, np.integer)) else [int(s) for s in native])
+    memo = run.__dict__.get("_attention_memo")  # open during one preview: the same maps are computed once
+    key = (prompt, int(size), tuple(sides), tuple(timesteps))
+    if memo is not None and key in memo:
+        return memo[key]
+    layers = select_layers(m.unet, run.latent_size, sizes=sides)
     ids = m.tokenizer([prompt], padding="max_length", truncation=True, max_length=m.tokenizer.model_max_length,
                       return_tensors="pt").input_ids.to(run.device)
-    pos = token_positions(m.tokenizer, [prompt], run.handles.ids)[0]
     gen = torch.Generator("cpu").manual_seed(1234)
     mean, std = _scene_latent(run)
     lat = (mean + std * torch.randn(mean.shape, generator=gen).to(run.device)) * m.vae.config.scaling_factor
@@ -588,12 +636,14 @@ def preview_maps(run: Run, timesteps=(0.3, 0.5, 0.7)) -> dict[str, np.ndarray]:
             store.reset()
             with run.accelerator.autocast():
                 m.unet(m.scheduler.add_noise(lat, noise, t), t, enc)
-            maps = store.maps(size)[0].float()
+            maps = store.maps(size, native=sides)[0].float()
             acc = maps if acc is None else acc + maps
     m.unet.train(was[0])
     m.text_encoder.train(was[1])
     acc = acc / len(timesteps)
-    return {tok: acc[int(p)].cpu().numpy() for tok, p in zip(run.handles.tokens, pos) if p >= 0}
+    if memo is not None:
+        memo[key] = acc
+    return acc
 
 
 def _scene_latent(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
@@ -631,10 +681,15 @@ def _preview(run: Run, global_step: int, on_preview) -> None:
     from scenetok import viz
     from scenetok.bundle import atomic_write_bytes
 
-    maps = preview_maps(run)
-    row = {"global_step": global_step, "preview": True}
-    if run.masks_estimated or all(c.mask_known for c in run.concepts):
-        row["attn_iou"] = attention_iou(maps, run.concept_masks(), run.handles.tokens)
+    run.__dict__["_attention_memo"] = {}
+    try:
+        maps = preview_maps(run)
+        row = {"global_step": global_step, "preview": True}
+        if run.masks_estimated or all(c.mask_known for c in run.concepts):
+            row["attn_iou"] = attention_iou(maps, run.concept_masks(), run.handles.tokens)
+        row.update(run.method.preview_metrics(run) or {})
+    finally:
+        run.__dict__.pop("_attention_memo", None)
     _log(run, row)
     folder = run.out_dir / "previews"
     folder.mkdir(exist_ok=True)
@@ -727,9 +782,9 @@ def _write_bundle(run: Run, bundlelib):
         run.handles.detach(m.text_encoder)
         components["text_encoder"] = m.text_encoder
     handles = [
-        bundlelib.HandleInfo(token=t, name=c.name, class_word=c.class_word, init_word=c.init_word,
+        bundlelib.HandleInfo(token=t, name=c.name, class_word=c.class_word, init_word=w,
                              is_background=c.is_background)
-        for t, c in zip(run.handles.tokens, run.concepts)
+        for t, c, w in zip(run.handles.tokens, run.concepts, run.handles.init_words)
     ]
     rows = [r for r in run.log_rows if not r.get("preview") and not r.get("event")]
     viz.loss_plot(rows, run.out_dir / "loss.png")

@@ -1,0 +1,199 @@
+"""DisenDiff: attention calibration for disentangled personalization (Zhang et al., CVPR 2024).
+
+No masks. Each concept is a *modifier* handle bound to an existing class noun: the scene is described as
+"photo of a <asset0> cat and <asset1> dog" and every step trains on the whole image with that prompt.
+Custom Diffusion's parameter set trains (the key/value projections of every cross-attention layer plus
+the handle embeddings; the start-of-text token's K/V carry no gradient), with regularisation images of
+"a photo of a cat and a dog" generated once by the base model (or given).
+
+Two attention losses calibrate the cross-attention maps (METHODS.md §3, the paper's Eq. 3–6). The maps
+of each modifier and each class noun are taken at ¼ of the latent side (SD's 16×16 layers at 512 px),
+averaged over heads and layers, min–max normalised and Gaussian smoothed (G); class maps are then
+suppressed, f_m(A) = A ⊙ A:
+
+* L_bind = Σ_i [1 − IoU(f_m(G(A_class_i)).detach(), G(A_mod_i))] pulls each modifier onto its class;
+* L_s&s = Σ_{i<j} IoU(f_m(G(A_class_i)), f_m(G(A_class_j))) separates the classes from each other;
+
+with the soft IoU (Σab + 1) / (Σ(a + b) − Σab + 1); both weigh 0.01. A class noun of several BPE pieces
+("hedgehog" → "hedge", "hog") is found by tokenizing the prompt and its map is the mean of its pieces'
+maps (the same as their sum once min–max normalised).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from scenetok.errors import ConfigError
+from scenetok.losses import (
+    bind_loss,
+    gaussian_smooth,
+    masked_diffusion_loss,
+    minmax_normalize,
+    separate_strengthen_loss,
+    soft_iou,
+    suppress,
+)
+from scenetok.methods.base import Batch, Method, Outputs, Phase, cycled_init_words, nearest_size
+
+SCALES = ("quarter", "all")
+# The reference smooths with Attend-and-Excite's GaussianSmoothing(kernel 3, sigma 0.5), whose kernel is
+# exp(-(x/(2σ))²) = a true Gaussian of σ·√2: the effective σ is 0.5·√2 ≈ 0.707.
+REFERENCE_SIGMA = 0.5 * math.sqrt(2.0)
+
+
+class DisenDiff(Method):
+    name = "disendiff"
+    summary = ("no masks (concepts named by words); '<asset0> cat and <asset1> dog'; cross-attention K/V + "
+               "tokens (lr 8e-5, 250 steps); bind + separate&strengthen attention losses; regularisation images")
+    needs_masks = False
+    switches = {
+        "no-bind": ("DisenDiff ablation: no modifier-class binding loss (L_bind)", ["bind.weight=0"]),
+        "no-ss": ("DisenDiff ablation: no separate & strengthen loss (L_s&s)", ["ss.weight=0"]),
+        "no-suppression": ("DisenDiff ablation: class maps are not squared (no f_m)", ["attn.suppression=0"]),
+        "no-gaussian": ("DisenDiff ablation: attention maps are not Gaussian-smoothed", ["attn.gaussian=false"]),
+    }
+    options = {
+        "attn-scales": ("DisenDiff: read the maps of the layers at 1/4 of the latent side (quarter: SD's 16x16, "
+                        "the paper's choice) or of every cross-attention layer (all: the paper's ablation)",
+                        "attn.scales", SCALES),
+    }
+
+    def defaults(self) -> dict:
+        return {
+            # the paper: 250 steps at 8e-5 = 1e-5 (base lr) x 2 (batch) x 4 (gradient accumulation), i.e.
+            # Custom Diffusion's learning-rate scaling for its effective batch of 8 scene images
+            "train": {"steps": 250, "lr": 8e-5},
+            "batch_size": 2,
+            "grad_accum": 4,
+            # Lightning's AdamW with torch defaults (wd 1e-2) and no gradient clipping in the reference
+            "optim": {"grad_clip": 0.0},
+            "detach_start_token_kv": True,
+            "prompt_template": "photo of a {tokens}",
+            # Custom Diffusion's rare-token initialisers for the modifiers (cycled for more concepts);
+            # [] starts every handle from its scene init word (the class word unless scene.json says otherwise)
+            "init_words": ["ktn", "pll", "ucd"],
+            "bind": {"weight": 0.01},
+            "ss": {"weight": 0.01},
+            "attn": {"scales": "quarter", "downscale": 4, "gaussian": True, "kernel_size": 3,
+                     "sigma": round(REFERENCE_SIGMA, 4), "suppression": 1},
+            # "a photo of a cat and a dog": 200 images, one regularisation image per scene image per step
+            "prior": {"enabled": True, "num_images": 200, "mode": "joint", "batch_size": 2},
+        }
+
+    # --------------------------------------------------------------------------------------- recipe
+
+    def phases(self, cfg: dict) -> list[Phase]:
+        _check(cfg)
+        return [Phase("train", cfg["train"]["steps"], cfg["train"]["lr"], ("handles", "unet_kv"))]
+
+    def init_words(self, concepts: list, cfg: dict) -> list[str]:
+        return cycled_init_words(cfg["init_words"], concepts)
+
+    def prompt(self, tokens: list[str], chosen: list[int], cfg: dict, class_words: list[str] | None = None) -> str:
+        parts = [f"{tokens[i]} {class_words[i] if class_words else 'object'}" for i in chosen]
+        return cfg["prompt_template"].format(tokens=" and ".join(parts))
+
+    def attention_sizes(self, cfg: dict, latent_size: int, available: list[int]) -> list[int]:
+        if cfg["bind"]["weight"] <= 0 and cfg["ss"]["weight"] <= 0:
+            return []
+        return map_sides(cfg, latent_size, available)
+
+    # --------------------------------------------------------------------------------------- losses
+
+    def losses(self, batch: Batch, out: Outputs, cfg: dict) -> dict[str, torch.Tensor]:
+        n = batch.n_instance
+        terms = {"diffusion": masked_diffusion_loss(out.pred[:n], out.target[:n])}
+        wb, ws = cfg["bind"]["weight"], cfg["ss"]["weight"]
+        if out.store is None or (wb <= 0 and ws <= 0):
+            return terms
+        sides = list(out.attention_sizes)
+        size = max(sides)
+        handle_pos = batch.positions[:n]
+        mod = out.store.token_maps(handle_pos, size, native=sides).float()
+        cls = out.store.word_maps(batch.class_positions[:n], size, native=sides).float()
+        valid = batch.valid[:n].clone()
+        for b in range(n):
+            for k in range(valid.shape[1]):
+                if not batch.class_positions[b][k] or int(handle_pos[b, k]) < 0:
+                    valid[b, k] = False
+        mod, cls = calibrate(mod, cls, cfg)
+        valid = valid.to(mod.device)
+        if wb > 0:
+            terms["bind"] = wb * bind_loss(cls, mod, valid)
+        if ws > 0:
+            terms["ss"] = ws * separate_strengthen_loss(cls, valid)
+        return terms
+
+    # --------------------------------------------------------------------------------------- diagnostics
+
+    def preview_metrics(self, run: Any) -> dict[str, Any]:
+        """``class_iou``: mean soft IoU between every pair of calibrated class maps (what L_s&s lowers);
+        ``bind_iou``: mean soft IoU between each calibrated class map and its modifier (what L_bind raises).
+        Measured on the full prompt and the scene at a few fixed timesteps, whatever the loss weights."""
+        from scenetok.attention import available_sizes
+        from scenetok.tokens import token_positions, word_positions
+        from scenetok.training.trainer import prompt_attention
+
+        m = run.model
+        sides = map_sides(run.cfg, run.latent_size, available_sizes(m.unet, run.latent_size))
+        k = len(run.handles.tokens)
+        class_words = [c.class_word for c in run.concepts]
+        prompt = self.prompt(run.handles.tokens, list(range(k)), run.cfg, class_words)
+        maps = prompt_attention(run, prompt, max(sides), native=sides).float()  # (T, s, s)
+        hpos = token_positions(m.tokenizer, [prompt], run.handles.ids)[0]
+        mods, clss = [], []
+        for i, word in enumerate(class_words):
+            pieces = word_positions(m.tokenizer, [prompt], word, after=[int(hpos[i])])[0] if hpos[i] >= 0 else []
+            if not pieces:
+                return {}
+            mods.append(maps[int(hpos[i])])
+            clss.append(maps[pieces].mean(0))
+        mod, cls = calibrate(torch.stack(mods)[None], torch.stack(clss)[None], run.cfg)
+        pairs = [float(soft_iou(cls[0, i], cls[0, j])) for i in range(k) for j in range(i + 1, k)]
+        binds = [float(soft_iou(cls[0, i], mod[0, i])) for i in range(k)]
+        out = {"bind_iou": float(np.mean(binds))}
+        if pairs:
+            out["class_iou"] = float(np.mean(pairs))
+        return out
+
+
+def _check(cfg: dict) -> None:
+    a = cfg["attn"]
+    if a["scales"] not in SCALES:
+        raise ConfigError(f"attn.scales must be one of {', '.join(SCALES)}, got {a['scales']!r}",
+                          hint="quarter: the layers at 1/4 of the latent side (SD's 16x16); all: every layer")
+    if a["downscale"] < 1:
+        raise ConfigError(f"attn.downscale must be >= 1, got {a['downscale']}")
+    if a["kernel_size"] < 1 or a["kernel_size"] % 2 == 0:
+        raise ConfigError(f"attn.kernel_size must be a positive odd number, got {a['kernel_size']}")
+    if not a["sigma"] > 0:
+        raise ConfigError(f"attn.sigma must be > 0, got {a['sigma']}")
+    if a["suppression"] < 0:
+        raise ConfigError(f"attn.suppression (how many times class maps are squared) must be >= 0, "
+                          f"got {a['suppression']}")
+
+
+def map_sides(cfg: dict, latent_size: int, available: list[int]) -> list[int]:
+    """Sides of the cross-attention layers DisenDiff reads: the one nearest ¼ of the latent side
+    (``attn.scales=quarter``; SD at 512 px: 16), or every side the model has (``all``; the maps are then
+    resized to the largest side, as the reference upsamples them to the latent side)."""
+    _check(cfg)
+    if cfg["attn"]["scales"] == "all":
+        return sorted(available, reverse=True)
+    return [nearest_size(max(1, latent_size // cfg["attn"]["downscale"]), available)]
+
+
+def calibrate(modifier_maps: torch.Tensor, class_maps: torch.Tensor, cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """DisenDiff's map processing, per (b, k) map: min–max normalise, Gaussian-smooth (G, unless
+    ``attn.gaussian`` is off), and for class maps suppress (f_m, ``attn.suppression`` times)."""
+    a = cfg["attn"]
+
+    def g(x: torch.Tensor) -> torch.Tensor:
+        x = minmax_normalize(x)
+        return gaussian_smooth(x, a["kernel_size"], a["sigma"]) if a["gaussian"] else x
+
+    return g(modifier_maps), suppress(g(class_maps), int(a["suppression"]))
