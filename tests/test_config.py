@@ -64,3 +64,11 @@ def test_method_defaults_merge_into_shared_nested_defaults():
     # the method turns prior preservation on; the shared prior settings it does not name are kept
     assert cfg["prior"]["enabled"] is True and cfg["prior"]["steps"] == 25 and cfg["prior"]["cache_dir"] == ""
     assert cfg["optim"]["grad_clip"] == 0.0 and cfg["optim"]["beta2"] == 0.999
+
+
+def test_config_file_no_for_a_text_setting_stays_text(tmp_path):
+    from scenetok.config import load_config_file, resolve
+
+    f = tmp_path / "c.yaml"
+    f.write_text("mixed_precision: no\n")
+    assert resolve({"mixed_precision": "bf16"}, load_config_file(f))["mixed_precision"] == "no"

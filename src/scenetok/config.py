@@ -36,6 +36,9 @@ _YAML11_BOOLS = {"yes": True, "no": False, "on": True, "off": False, "y": True, 
 def _coerce(key: str, value: Any, default: Any) -> Any:
     if default is None or value is None:
         return value
+    if isinstance(default, str) and isinstance(value, bool):
+        # YAML 1.1 files read `no`/`off`/`false` as booleans: a text setting such as mixed_precision: no
+        return "yes" if value else "no"
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value

@@ -60,10 +60,14 @@ def generate_prior_images(
     have = sorted(folder.glob("*.png"))
     images = [np.asarray(Image.open(p).convert("RGB")) for p in have[:n]]
     i = len(images)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=n, initial=i, desc=f"prior images: {prompt[:40]}", disable=not progress or i >= n,
+               dynamic_ncols=True)
+    pipe.set_progress_bar_config(disable=True)
     while i < n:
         b = min(batch_size, n - i)
         gens = [torch.Generator("cpu").manual_seed(seed + i + j) for j in range(b)]
-        pipe.set_progress_bar_config(disable=not progress)
         result = pipe(
             [prompt] * b, num_inference_steps=steps, guidance_scale=guidance, height=resolution,
             width=resolution, generator=gens, output_type="np",
@@ -75,4 +79,6 @@ def generate_prior_images(
             os.replace(tmp, folder / f"{i + j:05d}.png")
             images.append(img)
         i += b
+        bar.update(b)
+    bar.close()
     return images

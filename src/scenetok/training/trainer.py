@@ -231,7 +231,7 @@ def train(
                             "by words only", hint="give masks (mask0.png …, or scenetok masks), or pick a mask-free "
                             "method such as em-masks or disendiff")
 
-    run = _setup(scenes, method, cfg, model, out_dir, device)
+    run = _setup(scenes, method, cfg, model, out_dir, device, progress)
     phases = [p for p in method.phases(cfg) if p.steps > 0]
     total = sum(p.steps for p in phases)
     start = {"phase": 0, "step": 0, "global": 0}
@@ -315,7 +315,7 @@ def train(
 
 
 def _setup(scenes: list[Scene], method: Method, cfg: dict, model: str | Model, out_dir: Path,
-           device: str | None) -> Run:
+           device: str | None, progress: bool = True) -> Run:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
@@ -346,7 +346,7 @@ def _setup(scenes: list[Scene], method: Method, cfg: dict, model: str | Model, o
     # prior images come from the base model, before any handle exists
     prior_latents = prior_ids = None
     if cfg["prior"]["enabled"]:
-        prior_latents, prior_ids = _prepare_prior(m, method, class_words, cfg, resolution, dev)
+        prior_latents, prior_ids = _prepare_prior(m, method, class_words, cfg, resolution, dev, progress)
 
     tokens = [handle_token(i) for i in range(len(concepts))]
     handles = add_handles(m.tokenizer, m.text_encoder, tokens, method.init_words(concepts, cfg))
@@ -376,7 +376,7 @@ def _setup(scenes: list[Scene], method: Method, cfg: dict, model: str | Model, o
 
 
 def _prepare_prior(m: Model, method: Method, class_words: list[str], cfg: dict, resolution: int,
-                   dev) -> tuple[torch.Tensor, torch.Tensor]:
+                   dev, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Latents (scaled) and prompt ids of the prior-preservation images: a given folder (one prompt), or
     ``prior.num_images`` images per prompt generated once by the base model (cached on disk)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -395,7 +395,7 @@ def _prepare_prior(m: Model, method: Method, class_words: list[str], cfg: dict, 
         )
         per_prompt = [(p, generate_prior_images(
             pipe, p, pc["num_images"], resolution, model_id=m.model_id, seed=cfg["seed"], steps=pc["steps"],
-            guidance=pc["guidance"], cache_root=pc["cache_dir"] or None)) for p in prompts]
+            guidance=pc["guidance"], cache_root=pc["cache_dir"] or None, progress=progress)) for p in prompts]
     lat, ids = [], []
     sf = m.vae.config.scaling_factor
     shift = getattr(m.vae.config, "shift_factor", None) or 0.0
@@ -623,7 +623,8 @@ def prompt_attention(run: Run, prompt: str, size: int, native=None, timesteps=(0
                       return_tensors="pt").input_ids.to(run.device)
     gen = torch.Generator("cpu").manual_seed(1234)
     mean, std = _scene_latent(run)
-    lat = (mean + std * torch.randn(mean.shape, generator=gen).to(run.device)) * m.vae.config.scaling_factor
+    shift = getattr(m.vae.config, "shift_factor", None) or 0.0
+    lat = (mean + std * torch.randn(mean.shape, generator=gen).to(run.device) - shift) * m.vae.config.scaling_factor
     was = (m.unet.training, m.text_encoder.training)
     m.unet.eval()
     m.text_encoder.eval()
