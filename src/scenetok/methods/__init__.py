@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from scenetok.errors import ConfigError
 from scenetok.methods.base import Batch, Method, Outputs, Phase, union_sample
+from scenetok.methods.baselines import CustomDiffusionM, DreamBoothM, TextualInversionM
 from scenetok.methods.break_a_scene import BreakAScene
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -15,6 +16,8 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 register(BreakAScene)
+for _baseline in (TextualInversionM, DreamBoothM, CustomDiffusionM):
+    register(_baseline)
 
 
 def available_methods() -> list[str]:
