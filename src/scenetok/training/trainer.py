@@ -769,7 +769,8 @@ def _write_bundle(run: Run, bundlelib):
              ("given" if masks_known else "none")}
     return bundlelib.write_bundle(
         run.out_dir, method=run.method.name, base_model=m.model_id, handles=handles, embeddings=embeddings,
-        components=components or None, partial_weights=partial or None, lora=lora, text_encoder_vocab_size=base_vocab,
+        components=components or None, partial_weights=partial or None, lora=lora,
+        text_encoder_vocab_size=base_vocab,
         config=run.cfg, resolution=run.resolution, input_hashes=run.scene.input_hashes, image=run.scene.image,
         masks=run.concept_masks() if masks_known else None,
         mask_names=[c.name for c in run.concepts] if masks_known else None, extra=extra, overwrite=True,
