@@ -19,6 +19,12 @@ from scenetok.training import trainer as trainer_mod
 FAST = ["train.steps=2", "collage.num_images=4", "preview_every=100", "checkpoint_every=0"]
 
 
+@pytest.fixture
+def no_previews(monkeypatch):
+    """Skip the attention previews (a third of a 3-step run's time) where a test does not look at them."""
+    monkeypatch.setattr(trainer_mod, "_preview", lambda *a, **k: None)
+
+
 def _steps(out):
     rows = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     return [r for r in rows if not r.get("preview") and not r.get("event")]
@@ -71,7 +77,7 @@ class _Recording(TextualInversionM):
         return super().losses(batch, out, cfg)
 
 
-def test_collage_prompts_name_exactly_the_pasted_concepts(tiny_sd, tmp_path):
+def test_collage_prompts_name_exactly_the_pasted_concepts(tiny_sd, tmp_path, no_previews):
     scene = _three_squares()
     method = _Recording()
     train(scene, tmp_path / "ti", method=method, model=str(tiny_sd), progress=False,
@@ -109,7 +115,7 @@ def test_short_run_writes_bundle_that_generates(name, tiny_sd, two_square_scene,
     assert images[0].image.size == (32, 32)
 
 
-def test_cd_m_trains_only_kv_and_handles(tiny_sd, two_square_scene, tmp_path):
+def test_cd_m_trains_only_kv_and_handles(tiny_sd, two_square_scene, tmp_path, no_previews):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -140,7 +146,7 @@ def test_cd_m_trains_only_kv_and_handles(tiny_sd, two_square_scene, tmp_path):
     assert not torch.equal(model.text_encoder.get_input_embeddings().vectors.detach(), init)  # handles learned
 
 
-def test_rare_token_init_and_resume(tiny_sd, two_square_scene, tmp_path, monkeypatch):
+def test_rare_token_init_and_resume(tiny_sd, two_square_scene, tmp_path, monkeypatch, no_previews):
     from transformers import CLIPTokenizer
 
     tok = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
@@ -159,9 +165,9 @@ def test_rare_token_init_and_resume(tiny_sd, two_square_scene, tmp_path, monkeyp
             super().prepare(run)
             start["vectors"] = run.handles.vectors(run.model.text_encoder).detach().clone()
 
-    common = ["train.steps=3", "train.lr=1e-3", "collage.num_images=3", "preview_every=100", "checkpoint_every=1"]
-    ref = train(two_square_scene, tmp_path / "ref", method=Spy(), model=str(tiny_sd), overrides=common,
-                progress=False)
+    common = ["train.steps=3", "train.lr=1e-3", "collage.num_images=3", "preview_every=100"]
+    ref = train(two_square_scene, tmp_path / "ref", method=Spy(), model=str(tiny_sd),
+                overrides=common + ["checkpoint_every=0"], progress=False)
     assert [h.init_word for h in ref.handles] == words  # the manifest says where each handle started
     assert torch.equal(start["vectors"], emb[ids].detach())  # each handle starts as its rare token's row
 
@@ -176,8 +182,9 @@ def test_rare_token_init_and_resume(tiny_sd, two_square_scene, tmp_path, monkeyp
 
     out = tmp_path / "run"
     monkeypatch.setattr(trainer_mod, "_train_step", flaky)
-    with pytest.raises(TrainingInterrupted):
-        train(two_square_scene, out, method="db-m", model=str(tiny_sd), overrides=common, progress=False)
+    with pytest.raises(TrainingInterrupted):  # checkpoint after step 2 (and on the interrupt in step 3)
+        train(two_square_scene, out, method="db-m", model=str(tiny_sd), overrides=common + ["checkpoint_every=2"],
+              progress=False)
     monkeypatch.setattr(trainer_mod, "_train_step", real_step)
     train(two_square_scene, out, method="db-m", model=str(tiny_sd), resume=True, progress=False)
     for rel in ["embeddings/asset0.safetensors", "embeddings/asset1.safetensors"] + [

@@ -158,7 +158,8 @@ def test_to_kohya_on_hand_made_state():
 
 
 def test_resume_with_lora_gives_same_weights(bas_lora, tiny_sd, two_square_scene, tmp_path, monkeypatch):
-    _, ref = bas_lora  # the same run without interruption (checkpoints do not change the weights)
+    _, ref = bas_lora  # the same run without interruption (checkpoints and previews do not change the weights)
+    monkeypatch.setattr(trainer_mod, "_preview", lambda *a, **k: None)
     common = BAS_LORA[:-1] + ["checkpoint_every=1"]
     real_step = trainer_mod._train_step
     calls = {"n": 0}
