@@ -39,6 +39,7 @@ MASKS_DIR = "masks"
 INPUT_IMAGE = "input.png"
 INPUTS_DIR = "inputs"  # images of scenes 1, 2, … of a multi-scene run
 PARTIAL_SUFFIX = ".partial.safetensors"
+LORA_DIR = "lora"  # weights/lora/: diffusers LoRA + kohya export
 MODEL_CARD = "README.md"
 # files the trainer adds beside the bundle proper; indexed in the manifest when present
 TRAINER_FILES = ("train_log.jsonl", "loss.png")
@@ -183,6 +184,14 @@ class Bundle:
 
         return {name: load_file(str(self.path / e["file"]))
                 for name, e in (self.manifest.get("partial_components") or {}).items()}
+
+    def lora(self) -> dict | None:
+        """The manifest's LoRA entry (``file``, ``kohya_file``, ``rank``, ``alpha``, ``components``) with
+        absolute paths, or None when the method trained no adapters."""
+        entry = self.manifest.get("lora")
+        if not entry:
+            return None
+        return {**entry, **{k: self.path / entry[k] for k in ("dir", "file", "kohya_file")}}
 
     def masks(self) -> tuple[np.ndarray, list[str]] | None:
         """The masks used for training as ``(N, H, W)`` float in [0, 1] and their names, or None."""
@@ -372,6 +381,7 @@ def write_bundle(
     embeddings: dict[str, torch.Tensor],
     components: dict[str, torch.nn.Module] | None = None,
     partial_weights: dict[str, tuple[list[str], dict[str, torch.Tensor]]] | None = None,
+    lora: dict | None = None,
     text_encoder_vocab_size: int | None = None,
     config: dict,
     resolution: int,
@@ -394,6 +404,9 @@ def write_bundle(
     stored compactly in ``weights/<component>.partial.safetensors`` and loaded over the base component.
     A run on several scenes passes the images of scenes 1, 2, … as ``scene_images`` (written to
     ``inputs/scene<i>.png``; ``image`` is scene 0) and, per mask, the scene it belongs to in ``mask_scenes``.
+    ``lora`` (``{"states": {component: peft state dict}, "configs": {component: LoraConfig}, "rank",
+    "alpha"}``) holds LoRA adapters, written to ``weights/lora/`` as a diffusers LoRA and a kohya export
+    (:func:`scenetok.lora.write_lora_dir`).
     Files the trainer put in ``out_dir`` (previews, logs) are kept; the files this function owns are
     replaced, and the manifest is written last.
     """
@@ -458,6 +471,21 @@ def write_bundle(
         written.append(rel)
         partial_entries[name] = {"file": rel, "groups": list(groups), "tensors": len(tensors)}
 
+    lora_entry = None
+    if lora:
+        from scenetok import lora as loralib
+
+        dst = out / WEIGHTS_DIR / LORA_DIR
+        atomic_save_dir(dst, lambda tmp: loralib.write_lora_dir(
+            tmp, lora["states"], lora["configs"], lora["rank"], lora["alpha"], base_model=str(base_model)))
+        written += [p.relative_to(out).as_posix() for p in sorted(dst.rglob("*")) if p.is_file()]
+        lora_entry = {
+            "dir": f"{WEIGHTS_DIR}/{LORA_DIR}", "file": f"{WEIGHTS_DIR}/{LORA_DIR}/{loralib.DIFFUSERS_FILE}",
+            "kohya_file": f"{WEIGHTS_DIR}/{LORA_DIR}/{loralib.KOHYA_FILE}", "rank": int(lora["rank"]),
+            "alpha": float(lora["alpha"]), "components": sorted(lora["states"]),
+            "targets": {c: sorted(cfg.target_modules) for c, cfg in lora["configs"].items()},
+        }
+
     if image is not None:
         atomic_write_bytes(out / INPUT_IMAGE, _png_bytes(_to_uint8_image(image)))
         written.append(INPUT_IMAGE)
@@ -487,6 +515,7 @@ def write_bundle(
         "handles": handle_entries,
         "components": sorted(components),
         "partial_components": partial_entries,
+        "lora": lora_entry,
         "hyperparameters": config,
         "input_hashes": dict(input_hashes),
         "inputs": inputs,
@@ -574,6 +603,12 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
         if not (path / entry.get("file", "")).is_file():
             raise BundleError(f"bundle {path}: the partial weights of {name!r} ({entry.get('file')}) are missing",
                               hint="the bundle is incomplete; copy the whole folder or extract it again")
+    lora = manifest.get("lora")
+    if lora:
+        for key in ("file", "kohya_file"):
+            if not (path / lora.get(key, "")).is_file():
+                raise BundleError(f"bundle {path}: the LoRA file {lora.get(key)} is missing",
+                                  hint="the bundle is incomplete; copy the whole folder or extract it again")
     return Bundle(path=path, manifest=manifest, handles=handles)
 
 
@@ -587,6 +622,8 @@ def model_card(manifest: dict, folder_name: str = "my-bundle") -> str:
     tokens = [h["token"] for h in handles]
     base = manifest["base_model"]
     comps = manifest.get("components") or []
+    partial = manifest.get("partial_components") or {}
+    lora = manifest.get("lora") or None
     example = "a photo of " + " and ".join(tokens)
     b = folder_name
     lines = [
@@ -611,8 +648,22 @@ def model_card(manifest: dict, folder_name: str = "my-bundle") -> str:
         "",
         (f"Besides the token embeddings the method fine-tuned: {', '.join(f'`{c}`' for c in comps)} "
          f"(diffusers folders under `weights/`). The handles only work as trained together with these weights."
-         if comps else "Only the token embeddings were trained; the base model's weights are unchanged."),
+         if comps else "Only the token embeddings were trained; the base model's weights are unchanged."
+         if not (partial or lora) else "Besides the token embeddings the method trained:"),
         "",
+    ]
+    for c, e in partial.items():
+        lines.append(f"- a few tensors of `{c}` ({', '.join(e['groups'])}: {e['tensors']} tensors), stored in "
+                     f"`{e['file']}` as their trained values; load them over the base {c} "
+                     "(`load_state_dict(..., strict=False)`), or use scenetok's `load_pipeline`.")
+    if lora:
+        lines.append(f"- LoRA adapters (rank {lora['rank']}, alpha {lora['alpha']:g}) on "
+                     f"{' and '.join(f'`{c}`' for c in lora['components'])}: `{lora['file']}` (diffusers, "
+                     f"`pipe.load_lora_weights`) and `{lora['kohya_file']}` (kohya format for AUTOMATIC1111 / "
+                     "ComfyUI: copy it into `models/Lora/`).")
+    if partial or lora:
+        lines.append("")
+    lines += [
         "## Use with scenetok",
         "",
         "```bash",
@@ -629,6 +680,8 @@ def model_card(manifest: dict, folder_name: str = "my-bundle") -> str:
     if any(c.startswith("text_encoder") for c in comps):
         lines.append("from transformers import CLIPTextModel")
     lines += ["", f'pipe = StableDiffusionPipeline.from_pretrained("{base}")']
+    if lora:
+        lines.append(f'pipe.load_lora_weights("{b}/{lora["dir"]}")')
     for c in comps:  # changed components first: the handles are added to the text encoder in use
         if c == "unet":
             lines.append(f'pipe.unet = UNet2DConditionModel.from_pretrained("{b}/weights/unet")')
@@ -652,9 +705,12 @@ def model_card(manifest: dict, folder_name: str = "my-bundle") -> str:
         f"- ComfyUI: copy them into `ComfyUI/models/embeddings/` and write `embedding:{_file_stem(tokens[0])}`.",
         f"- Use them with the same base model (`{base}`).",
     ]
-    if comps:
+    if comps or partial:
         lines.append("- This bundle also changed model weights; the embeddings alone will not reproduce its results "
                      "in these tools.")
+    if lora:
+        lines.append(f"- Load the LoRA `{lora['kohya_file']}` too (AUTOMATIC1111: `models/Lora/`, prompt "
+                     "`<lora:lora_kohya:1>`; ComfyUI: `models/loras/` and a LoraLoader node).")
     lines += [
         "",
         "## Hyperparameters",

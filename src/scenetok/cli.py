@@ -143,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sam-model", default=_DEFAULT_SAM, help="SAM for --auto-masks: Hub id or local folder")
     p.add_argument("--detector-model", default=_DEFAULT_DETECTOR,
                    help="GroundingDINO for --auto-masks: Hub id or local folder")
+    p.add_argument("--adapter", choices=["none", "lora"], default=None,
+                   help="lora: train LoRA adapters instead of the UNet/text-encoder weights a method fine-tunes "
+                   "(= --set adapter.type=lora; see docs/lora.md)")
+    p.add_argument("--rank", type=int, default=None, metavar="R",
+                   help="LoRA rank (= --set adapter.rank=R; default 4)")
     _add_switches(p)
     _add_common(p)
 
@@ -274,6 +279,18 @@ def _split_concepts(text: str, n_scenes: int) -> list[list[str]]:
     return [[w.strip() for w in g.split(",") if w.strip()] for g in groups]
 
 
+def adapter_overrides(args) -> list[str]:
+    """``--adapter`` / ``--rank`` as ``--set`` overrides (applied after ``--set``, like ``--mixed-precision``)."""
+    out = []
+    if args.adapter:
+        out.append(f"adapter.type={args.adapter}")
+    if args.rank is not None:
+        if args.rank < 1:
+            raise ScenetokError(f"--rank must be a positive integer, got {args.rank}")
+        out.append(f"adapter.rank={args.rank}")
+    return out
+
+
 def _cmd_extract(args) -> int:
     from scenetok.methods import get_method
     from scenetok.scene import load_scene
@@ -284,6 +301,7 @@ def _cmd_extract(args) -> int:
     overrides = switch_overrides(method.name, args) + list(args.overrides)
     if args.mixed_precision:
         overrides.append(f"mixed_precision={args.mixed_precision}")
+    overrides += adapter_overrides(args)
     file_cfg = cfglib.load_config_file(args.config) if args.config else None
     cfg = method_config(method, file_cfg, overrides)
     scene_paths = list(args.scene)
@@ -366,7 +384,11 @@ def _cmd_info(args) -> int:
     for h in b.handles:
         bg = " (background)" if h.is_background else ""
         print(f"  {h.token:10s} {h.name}{bg}  class word: {h.class_word}  init: {h.init_word}")
-    changed = man.get("components") or []
+    changed = list(man.get("components") or [])
+    changed += [f"{c} ({', '.join(e['groups'])})" for c, e in (man.get("partial_components") or {}).items()]
+    if man.get("lora"):
+        lo = man["lora"]
+        changed.append(f"LoRA rank {lo['rank']} on {', '.join(lo['components'])} ({lo['dir']})")
     print(f"trained weights: {', '.join(changed) if changed else 'token embeddings only'}")
     return 0
 

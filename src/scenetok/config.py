@@ -105,6 +105,17 @@ def load_config_file(path: str | Path) -> dict:
     return data
 
 
+def merge(base: dict, extra: dict) -> dict:
+    """``base`` updated in place with ``extra``, nested dicts merged key by key (a method's
+    ``{"prior": {"enabled": True}}`` changes one prior setting and keeps the others)."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
+
+
 def resolve(defaults: dict, file_cfg: dict | None = None, overrides: Iterable[str] = ()) -> dict:
     """defaults ← config file ← ``key=value`` overrides; returns a new dict."""
     cfg = copy.deepcopy(defaults)

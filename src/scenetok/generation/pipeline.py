@@ -80,7 +80,9 @@ def load_pipeline(bundle, base_model: str | None = None, device=None, dtype=None
 
     ``bundle`` is a :class:`Bundle` or its folder. The base model is the manifest's ``base_model`` unless
     ``base_model`` overrides it. Components the method fine-tuned replace the base ones (from
-    ``weights/``), partial weights (e.g. cross-attention K/V) are loaded over the base UNet; the handles are added with diffusers' ``load_textual_inversion``; the scheduler is
+    ``weights/``), partial weights (e.g. cross-attention K/V) are loaded over the base UNet, a LoRA
+    (``weights/lora/``) with ``load_lora_weights`` (adapter name ``scenetok``, not fused); the handles are
+    added with diffusers' ``load_textual_inversion``; the scheduler is
     ``scheduler`` (default DDIM) built from the base model's scheduler config; no safety checker.
     Returns ``(pipe, bundle)``.
     """
@@ -123,6 +125,23 @@ def load_pipeline(bundle, base_model: str | None = None, device=None, dtype=None
         except ValueError as e:
             raise BundleError(f"bundle {bundle.path}: its UNet weights do not fit the base model {base}: {e}",
                               hint=f"use the base model it was trained on ({bundle.base_model})") from None
+
+    lora = bundle.lora()
+    if lora is not None:
+        from diffusers.utils import logging as dlogging
+
+        from scenetok.lora import ADAPTER_NAME
+
+        level = dlogging.get_verbosity()
+        dlogging.set_verbosity_error()  # a UNet-only LoRA makes diffusers warn that the text encoder has none
+        try:
+            pipe.load_lora_weights(str(lora["dir"]), weight_name=lora["file"].name, adapter_name=ADAPTER_NAME)
+        except (ValueError, RuntimeError, KeyError) as e:
+            raise BundleError(f"bundle {bundle.path}: its LoRA does not fit the base model {base}: "
+                              f"{str(e).splitlines()[0]}",
+                              hint=f"use the base model it was trained on ({bundle.base_model})") from None
+        finally:
+            dlogging.set_verbosity(level)
 
     dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
     embeddings = bundle.embeddings()

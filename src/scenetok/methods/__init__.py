@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from scenetok.errors import ConfigError
 from scenetok.methods.base import Batch, Method, Outputs, Phase, union_sample
+from scenetok.methods.baselines import CustomDiffusionM, DreamBoothM, TextualInversionM
 from scenetok.methods.break_a_scene import BreakAScene
 from scenetok.methods.disendiff import DisenDiff
 from scenetok.methods.textual_localization import TextualLocalization
@@ -19,6 +20,8 @@ def register(cls: type[Method]) -> type[Method]:
 register(BreakAScene)
 register(DisenDiff)
 register(TextualLocalization)
+for _baseline in (TextualInversionM, DreamBoothM, CustomDiffusionM):
+    register(_baseline)
 
 
 def available_methods() -> list[str]:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from scenetok import config as cfglib
+from scenetok import lora as loralib
 from scenetok.errors import ConfigError, ScenetokError
 from scenetok.methods import Batch, Method, Outputs, Phase, get_method
 from scenetok.scene import Concept, Scene
@@ -48,6 +49,8 @@ TRAIN_DEFAULTS: dict = {
         "enabled": False, "weight": 1.0, "num_images": 100, "prompt": "", "mode": "joint", "images_dir": "",
         "batch_size": 1, "steps": 25, "guidance": 7.5, "cache_dir": "",
     },
+    # LoRA instead of full/partial weights for the phases that train unet, text_encoder, unet_kv, unet_q
+    "adapter": copy.deepcopy(loralib.ADAPTER_DEFAULTS),
 }
 
 
@@ -57,21 +60,10 @@ class TrainingInterrupted(ScenetokError):
 
 def method_config(method: Method, file_cfg: dict | None = None, overrides=()) -> dict:
     """Paper defaults of ``method`` + shared training defaults, then config file, then ``--set``."""
-    defaults = _merged(copy.deepcopy(TRAIN_DEFAULTS), method.defaults())
+    defaults = cfglib.merge(copy.deepcopy(TRAIN_DEFAULTS), method.defaults())
     cfg = cfglib.resolve(defaults, file_cfg, overrides)
     validate_config(cfg)
     return cfg
-
-
-def _merged(base: dict, extra: dict) -> dict:
-    """``base`` with ``extra`` laid over it, nested dicts merged key by key (a method may change one
-    shared setting, e.g. ``prior.enabled``, and keep the other shared defaults)."""
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merged(base[key], value)
-        else:
-            base[key] = copy.deepcopy(value)
-    return base
 
 
 def validate_config(cfg: dict) -> None:
@@ -83,6 +75,8 @@ def validate_config(cfg: dict) -> None:
         raise ConfigError("flip_p must be in [0, 1]")
     if cfg["prior"]["mode"] not in ("joint", "per_class"):
         raise ConfigError(f"prior.mode must be joint or per_class, got {cfg['prior']['mode']!r}")
+    if "adapter" in cfg:
+        loralib.validate(cfg["adapter"])
     for key, value in cfglib.flatten(cfg).items():
         if key.endswith(".steps") and isinstance(value, int) and value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
@@ -157,6 +151,7 @@ class Run:
     trainable: list = field(default_factory=list)  # parameters of the current phase (for clipping)
     masks_estimated: bool = False  # a mask-free method has replaced the placeholder masks with estimates
     state: dict = field(default_factory=dict)  # free room for method hooks (saved in checkpoints as JSON)
+    lora: loralib.LoraSet | None = None  # the LoRA adapters when adapter.type is lora
 
     @property
     def scene(self) -> Scene:
@@ -351,6 +346,13 @@ def _setup(scenes: list[Scene], method: Method, cfg: dict, model: str | Model, o
     tokens = [handle_token(i) for i in range(len(concepts))]
     handles = add_handles(m.tokenizer, m.text_encoder, tokens, method.init_words(concepts, cfg))
     m.text_encoder.to(dev)
+    lora = None
+    if loralib.enabled(cfg):
+        groups = {g for p in method.phases(cfg) if p.steps > 0 for g in p.train}
+        lora = loralib.add_lora(m.unet, m.text_encoder, groups, cfg["adapter"], seed=cfg["seed"])
+        if lora is None:
+            raise ConfigError(f"--adapter lora: {method.name} trains no UNet or text-encoder weights with these "
+                              "settings, so there is nothing to adapt", hint="drop --adapter lora")
     if cfg["gradient_checkpointing"]:
         m.unet.enable_gradient_checkpointing()
         m.text_encoder.gradient_checkpointing_enable()
@@ -371,7 +373,7 @@ def _setup(scenes: list[Scene], method: Method, cfg: dict, model: str | Model, o
         scenes=scenes_r, concepts=concepts, method=method, cfg=cfg, model=m, handles=handles, out_dir=out_dir,
         device=dev, accelerator=accelerator, resolution=resolution, latent_size=latent_size,
         attention_layers=layers, attention_sizes=attention_sizes, sources=sources, prior_latents=prior_latents,
-        prior_ids=prior_ids, torch_gen=torch_gen, np_rng=np_rng,
+        prior_ids=prior_ids, torch_gen=torch_gen, np_rng=np_rng, lora=lora,
     )
 
 
@@ -421,15 +423,19 @@ def _setup_phase(run: Run, phase: Phase) -> torch.optim.Optimizer:
     if "handles" in phase.train:
         vectors.requires_grad_(True)
         params.append(vectors)
-    if "unet" in phase.train:
+    # with LoRA (adapter.type=lora) the weight groups train through their adapters only
+    adapters = run.lora.parameters(phase.train) if run.lora is not None else []
+    for p in adapters:
+        p.requires_grad_(True)
+    if run.lora is None and "unet" in phase.train:
         m.unet.requires_grad_(True)
         params += [p for p in m.unet.parameters()]
-    else:
+    elif run.lora is None:
         partial = list(paramlib.partial_parameters(m.unet, phase.train).values())
         for p in partial:
             p.requires_grad_(True)
         params += partial
-    if "text_encoder" in phase.train:
+    if "text_encoder" in phase.train and run.lora is None:
         m.text_encoder.requires_grad_(True)
         base = run.handles.module(m.text_encoder).base.weight
         base.requires_grad_(False)  # the vocabulary never changes
@@ -438,16 +444,19 @@ def _setup_phase(run: Run, phase: Phase) -> torch.optim.Optimizer:
     m.text_encoder.train("text_encoder" in phase.train)
     o = cfg["optim"]
     kwargs = dict(lr=phase.lr, betas=(o["beta1"], o["beta2"]), weight_decay=o["weight_decay"], eps=o["eps"])
+    groups = [{"params": params}] if params else []
+    if adapters:  # LoRA weights learn at their own rate (adapter.lr); the handles keep the phase's
+        groups.append({"params": adapters, "lr": cfg["adapter"]["lr"]})
     if o["use_8bit"]:
         try:
             import bitsandbytes as bnb
         except ImportError:
             raise ConfigError("optim.use_8bit needs bitsandbytes", hint="pip install bitsandbytes") from None
-        optimizer = bnb.optim.AdamW8bit(params, **kwargs)
+        optimizer = bnb.optim.AdamW8bit(groups, **kwargs)
     else:
-        optimizer = torch.optim.AdamW(params, **kwargs)
+        optimizer = torch.optim.AdamW(groups, **kwargs)
     optimizer = run.accelerator.prepare_optimizer(optimizer, device_placement=False)
-    run.trainable = params
+    run.trainable = params + adapters
     return optimizer
 
 
@@ -721,6 +730,9 @@ def _trainable_state(run: Run, phase_idx: int) -> dict[str, torch.Tensor]:
     m = run.model
     state = {"handles": run.handles.vectors(m.text_encoder).detach().clone()}
     trained = _trained_parts(run, phase_idx)
+    if run.lora is not None:  # adapters only (the base weights never change)
+        state.update({f"lora.{k}": v for k, v in run.lora.state().items()})
+        trained = trained & {"handles"}
     if "unet" in trained:
         state.update({f"unet.{k}": v for k, v in m.unet.state_dict().items()})
     else:
@@ -748,6 +760,11 @@ def _load_trainable(run: Run, state: dict[str, torch.Tensor]) -> None:
         missing, unexpected = m.text_encoder.load_state_dict(te_sd, strict=False)
         if unexpected or any("token_embedding" not in k for k in missing):
             raise ScenetokError("the checkpoint's text encoder does not match the base model")
+    adapter_state = {k[5:]: v for k, v in state.items() if k.startswith("lora.")}
+    if run.lora is not None:
+        run.lora.load_state(adapter_state)
+    elif adapter_state:
+        raise ScenetokError("the checkpoint holds LoRA adapters but the run has none")
     masks = {int(k[6:]): v for k, v in state.items() if k.startswith("masks.")}
     for i, mk in masks.items():
         run.sources[i].set_masks(mk)
@@ -773,7 +790,11 @@ def _write_bundle(run: Run, bundlelib):
     trained = _trained_parts(run)
     embeddings = run.handles.as_dict(m.text_encoder)
     base_vocab = min(run.handles.ids)
-    components, partial = {}, {}
+    components, partial, lora = {}, {}, None
+    if run.lora is not None:
+        lora = {"states": {c: run.lora.peft_state(c) for c in run.lora.modules}, "configs": run.lora.configs,
+                "rank": run.lora.rank, "alpha": run.lora.alpha}
+        trained = trained & {"handles"}
     if "unet" in trained:
         components["unet"] = m.unet
     elif any(g in trained for g in paramlib.PARTIAL_GROUPS):
@@ -794,7 +815,8 @@ def _write_bundle(run: Run, bundlelib):
              ("given" if masks_known else "none")}
     return bundlelib.write_bundle(
         run.out_dir, method=run.method.name, base_model=m.model_id, handles=handles, embeddings=embeddings,
-        components=components or None, partial_weights=partial or None, text_encoder_vocab_size=base_vocab,
+        components=components or None, partial_weights=partial or None, lora=lora,
+        text_encoder_vocab_size=base_vocab,
         config=run.cfg, resolution=run.resolution, input_hashes=run.scene.input_hashes, image=run.scene.image,
         masks=run.concept_masks() if masks_known else None,
         mask_names=[c.name for c in run.concepts] if masks_known else None, extra=extra, overwrite=True,
