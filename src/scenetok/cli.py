@@ -243,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_arguments(p)
     _add_common(p)
 
-    p = sub.add_parser("benchmark", help="benchmarks: the Break-A-Scene COCO protocol", formatter_class=_Formatter)
+    p = sub.add_parser("benchmark", help="benchmarks: the Break-A-Scene COCO protocol, the toy world",
+                       formatter_class=_Formatter)
     p.set_defaults(debug=False, quiet=False)
     bench = p.add_subparsers(dest="benchmark_command", metavar="BENCHMARK")
     b = bench.add_parser("coco", help="build the Break-A-Scene COCO scene set, train methods on it, evaluate",
@@ -263,6 +264,35 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_arguments(b)
     _add_common(b)
     # --- end evaluation ---------------------------------------------------------------------------------
+
+    # --- toy-world benchmark (scenetok.evaluation.toyworld) ---------------------------------------------
+    b = bench.add_parser("toyworld", help="methods × ablations on held-out toy scenes, scored by the toy-world oracle",
+                         formatter_class=_Formatter,
+                         description="Train every method variant (paper recipe + each ablation) on a fixed suite of "
+                         "held-out toy scenes with toy-sd, generate each handle alone, in pairs and all together on "
+                         "new backgrounds, and score every image exactly with the toy-world oracle (identity, prompt "
+                         "fidelity, leakage, multi-concept success, mask IoU). Writes results.md/.csv, claims.csv and "
+                         "pareto.png; finished runs are skipped on a rerun. See docs/benchmarks.md.")
+    b.add_argument("-o", "--output", default="toyworld-benchmark", help="output folder")
+    b.add_argument("--quick", action="store_true", help="the quick subset of scenes (≤ 10 min on 2 idle CPU cores)")
+    b.add_argument("--methods", default="", help="comma-separated methods (each with all its ablations) or variants "
+                   "METHOD:base, METHOD:SWITCH, METHOD:OPTION=VALUE, METHOD:adapter=lora (empty: every method)")
+    b.add_argument("--no-ablations", action="store_true", help="only each method's paper recipe")
+    b.add_argument("--scenes", default="", help="comma-separated suite scenes (empty: all, or the quick ones)")
+    b.add_argument("--seeds", type=int, default=2, help="images per prompt")
+    b.add_argument("--model", default=None, help="base model (None: the shipped toy-sd)")
+    b.add_argument("--jobs", type=int, default=0, help="worker processes (0: one per CPU core, 1 on a GPU)")
+    b.add_argument("--steps", type=int, default=25, help="DDIM steps per image")
+    b.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    b.add_argument("--set", dest="overrides", action="append", default=[], metavar="[METHOD:]KEY=VALUE",
+                   help="training override for every run (or one method's), after the toy settings (repeatable)")
+    b.add_argument("--train-steps", type=int, default=None,
+                   help="optimizer steps per method in all, split over its phases (None: the toy table, 180)")
+    b.add_argument("--keep-bundles", action="store_true", help="keep each run's trained weights")
+    b.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (None: cuda if available)")
+    b.add_argument("--estimate", action="store_true", help="print the plan and the time estimate, run nothing")
+    _add_common(b)
+    # --- end toy-world benchmark ------------------------------------------------------------------------
 
     p = sub.add_parser("methods", help="list the methods and their default hyperparameters",
                        formatter_class=_Formatter)
@@ -478,9 +508,29 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_benchmark_toyworld(args) -> int:
+    from scenetok.evaluation.toyworld import run_toyworld_benchmark
+
+    split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
+    result = run_toyworld_benchmark(
+        args.output, quick=args.quick, methods=split(args.methods) or None, ablations=not args.no_ablations,
+        scenes=split(args.scenes) or None, seeds=args.seeds, model=args.model, jobs=args.jobs, steps=args.steps,
+        guidance=args.guidance, overrides=args.overrides, train_steps=args.train_steps, keep_bundles=args.keep_bundles,
+        device=args.device,
+        estimate_only=args.estimate, log=(lambda *a: None) if args.quiet else print)
+    if result is not None and not args.quiet:
+        from scenetok.evaluation.toyworld.report import markdown_summary
+
+        print(markdown_summary(result["table"]), end="")
+    return 0
+
+
 def _cmd_benchmark(args) -> int:
+    if args.benchmark_command == "toyworld":
+        return _cmd_benchmark_toyworld(args)
     if args.benchmark_command != "coco":
-        raise ScenetokError("scenetok benchmark needs a benchmark name", hint="scenetok benchmark coco --help")
+        raise ScenetokError("scenetok benchmark needs a benchmark name",
+                            hint="scenetok benchmark coco --help, scenetok benchmark toyworld --help")
     from scenetok.evaluation import run_coco_benchmark
     from scenetok.evaluation.cli_options import eval_options
 

@@ -10,6 +10,7 @@
 :class:`LPIPS`                     LPIPS from a user-supplied safetensors file
 :func:`build_coco_scenes`          the Break-A-Scene COCO scene set
 :func:`run_coco_benchmark`         scenes → methods → evaluation → table
+:func:`run_toyworld_benchmark`     methods × ablations on toy scenes, scored by the toy-world oracle
 :mod:`.tables`                     group means, CSV and markdown tables
 =================================  ================================================================
 
@@ -51,6 +52,7 @@ _EXPORTS = {
     "decode_rle": "scenetok.evaluation.coco",
     "polygons_to_mask": "scenetok.evaluation.coco",
     "share": "scenetok.evaluation.distributed",
+    "run_toyworld_benchmark": "scenetok.evaluation.toyworld.runner",
 }
 
 __all__ = sorted(_EXPORTS) + ["tables"]

@@ -99,3 +99,33 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None, d
     lines = ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def mean_ci(values: Iterable, z: float = 1.96) -> dict:
+    """``{"mean", "ci95", "std", "n"}`` of the finite numbers in ``values`` (booleans count as 0/1):
+    ``std`` with n − 1 in the denominator, ``ci95`` the half-width ``z · std / √n`` of the normal
+    approximation (0 for one value; every field None but ``n`` for none)."""
+    nums = [float(v) for v in values if _is_number(v) or isinstance(v, bool)]
+    n = len(nums)
+    if not n:
+        return {"mean": None, "ci95": None, "std": None, "n": 0}
+    mean = sum(nums) / n
+    std = math.sqrt(sum((x - mean) ** 2 for x in nums) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "ci95": z * std / math.sqrt(n), "std": std, "n": n}
+
+
+def group_stats(rows: Sequence[dict], keys: Sequence[str], metrics: Sequence[str], count: str = "images") -> list[dict]:
+    """Like :func:`group_mean`, with per metric also ``<metric>_ci95`` (95 % normal-approximation
+    half-width), ``<metric>_std`` and ``<metric>_n`` (how many rows had a value)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(_hashable(r.get(k)) for k in keys), []).append(r)
+    out = []
+    for members in groups.values():
+        row = {k: members[0].get(k) for k in keys}
+        row[count] = len(members)
+        for m in metrics:
+            s = mean_ci(r.get(m) for r in members)
+            row[m], row[f"{m}_ci95"], row[f"{m}_std"], row[f"{m}_n"] = s["mean"], s["ci95"], s["std"], s["n"]
+        out.append(row)
+    return out

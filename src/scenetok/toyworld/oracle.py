@@ -460,16 +460,20 @@ def _request(obj) -> dict:
     return req
 
 
-def judge(image, objects, background: str | None = None) -> Judgement:
+def judge(image, objects, background: str | None = None,
+          analysis: tuple[str | None, list[FoundObject]] | None = None) -> Judgement:
     """Compare an image with what was asked for.
 
     ``objects``: ObjectSpecs or dicts with ``color``/``shape``/``texture`` (a missing or None field is
     "don't care"). Requests and found objects are paired by a Hungarian assignment that maximises
     attribute agreement (colour counts most); a request pairs only with an object that agrees on at
-    least one requested attribute. Found objects left unpaired are ``extra`` (leakage)."""
+    least one requested attribute. Found objects left unpaired are ``extra`` (leakage).
+
+    ``analysis``: the ``(background, objects)`` that :func:`analyze` returned for this image, to judge
+    one image against several requests without reading it again (``image`` is then not read)."""
     if background is not None and background not in world.BACKGROUNDS:
         raise ValueError(f"unknown background {background!r}; choose one of {tuple(world.BACKGROUNDS)}")
-    bg_name, found, _ = _analyze_work(image)
+    bg_name, found = analysis if analysis is not None else analyze(image)
     reqs = [_request(o) for o in objects]
     score = np.zeros((len(reqs), len(found)))
     for i, r in enumerate(reqs):
@@ -506,12 +510,17 @@ def identity_score(image, concept) -> float:
     """How well the best-matching object in ``image`` shows ``concept``: 1.0 when an object with the
     concept's colour, shape and texture is present; otherwise the best partial credit, colour 0.4 +
     shape 0.4 + texture 0.2 (only over the attributes the concept specifies, renormalised)."""
+    _, found = analyze(image)
+    return identity_of(found, concept)
+
+
+def identity_of(found: list[FoundObject], concept) -> float:
+    """:func:`identity_score` on objects already found by :func:`analyze`."""
     req = _request(concept)
     weights = {a: w for a, w in IDENTITY_WEIGHTS.items() if req[a] is not None}
     total = sum(weights.values())
     if total == 0:
         raise ValueError("the concept specifies no colour, shape or texture")
-    _, found = analyze(image)
     best = 0.0
     for f in found:
         s = sum(w for a, w in weights.items() if getattr(f, a) == req[a]) / total
