@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -344,7 +343,7 @@ def _setup(scenes: list[Scene], method: Method, cfg: dict, model: str | Model, o
         prior_latents, prior_ids = _prepare_prior(m, method, class_words, cfg, resolution, dev, progress)
 
     tokens = [handle_token(i) for i in range(len(concepts))]
-    handles = add_handles(m.tokenizer, m.text_encoder, tokens, method.init_words(concepts, cfg))
+    handles = add_handles(m.tokenizer, m.text_encoder, tokens, method.init_words(concepts, cfg, m.tokenizer))
     m.text_encoder.to(dev)
     lora = None
     if loralib.enabled(cfg):
