@@ -10,6 +10,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from scenetok.errors import ModelLoadError as _ModelLoadError
 from scenetok.errors import SceneError
 
 __all__ = ["ConceptMask", "MaskError", "DEFAULT_SAM", "DEFAULT_DETECTOR", "clear_model_cache"]
@@ -22,7 +23,7 @@ class MaskError(SceneError):
     """A mask could not be made: a concept was not found, a prompt is invalid, or a model failed to load."""
 
 
-class ModelLoadError(MaskError):
+class ModelLoadError(MaskError, _ModelLoadError):
     """A segmentation/detection model could not be loaded (the user's to fix, never a result)."""
 
 
