@@ -218,12 +218,15 @@ def test_word_positions_in_prompt(tiny_model):
         word_token_positions(tok, "a photo of red", ["blue"])
 
 
-def test_attention_masks_on_the_tiny_model(tiny_model):
-    from scenetok.masks.attention import attention_masks
+def test_attention_masks_on_the_tiny_model(tiny_sd, tiny_model):
+    from diffusers import StableDiffusionPipeline
 
+    from scenetok.masks import attention_masks
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd))
     img, _ = two_squares(48)
     img = np.concatenate([img, img[:, :16]], axis=1)  # 48 × 64: not square
-    out = attention_masks(tiny_model, img, ["red", "zebra", "background"], timesteps=4, batch_size=4, seed=0)
+    out = attention_masks(pipe, img, ["red", "zebra", "background"], timesteps=4, batch_size=4, seed=0)
     assert [c.name for c in out] == ["red", "zebra", "background"]
     for c in out:
         assert c.mask.dtype == bool and c.mask.shape == (48, 64) and c.mask.any()
@@ -231,6 +234,8 @@ def test_attention_masks_on_the_tiny_model(tiny_model):
     objects = out[0].mask | out[1].mask
     assert not (out[0].mask & out[1].mask).any()
     np.testing.assert_array_equal(out[2].mask, ~objects)
+    # a pipeline or the trainer's model parts; the batch size changes nothing (the seed fixes timesteps and
+    # noise)
     again = attention_masks(tiny_model, img, ["red", "zebra", "background"], timesteps=4, batch_size=2, seed=0)
-    for a, b in zip(out, again):  # the batch size changes nothing; the seed fixes the timesteps and noise
+    for a, b in zip(out, again):
         np.testing.assert_array_equal(a.mask, b.mask)

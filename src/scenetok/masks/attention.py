@@ -36,30 +36,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from scenetok.masks.core import ConceptMask, as_rgb
+
 __all__ = ["ConceptMask", "AttentionMaskConfig", "attention_masks", "token_attention", "maps_to_masks",
-           "mask_layers", "is_background_word"]
-
-try:  # the masks package's common result type (branch "masks"); the same fields otherwise
-    from scenetok.masks.core import ConceptMask  # type: ignore
-except ImportError:  # pragma: no cover - depends on which parts of the package are present
-
-    @dataclass
-    class ConceptMask:
-        """One concept's mask at the image's own size: ``name``, ``mask`` (bool (H, W)), ``score``
-        (here: the mean normalised attention inside the mask), ``source`` (here ``"attention"``)."""
-
-        name: str
-        mask: np.ndarray
-        score: float | None = None
-        source: str = "attention"
-        box: tuple[float, float, float, float] | None = None
-
-        def __post_init__(self) -> None:
-            self.mask = np.asarray(self.mask).astype(bool, copy=False)
-
-        @property
-        def fraction(self) -> float:
-            return float(self.mask.mean()) if self.mask.size else 0.0
+           "mask_layers", "is_background_word", "word_token_positions"]
 
 
 @dataclass
@@ -228,8 +208,9 @@ def maps_to_masks(image: np.ndarray, maps: torch.Tensor, background: Sequence[bo
     cfg = (config or AttentionMaskConfig()).validate()
     K = maps.shape[0]
     H, W = image.shape[:2]
+    dev = maps.device  # the CRF runs where the maps are (the GPU during training on one)
     bg = [False] * K if background is None else [bool(b) for b in background]
-    norm = _normalise(maps.float().cpu())
+    norm = _normalise(maps.detach().float())
     full = F.interpolate(norm[None], size=(H, W), mode="bilinear", align_corners=False)[0].clamp(0, 1)
     objects = [k for k in range(K) if not bg[k]]
     masks = np.zeros((K, H, W), bool)
@@ -243,31 +224,28 @@ def maps_to_masks(image: np.ndarray, maps: torch.Tensor, background: Sequence[bo
         if cfg.unary == "binary":
             stack = torch.cat([1.0 - binary.float().amax(0, keepdim=True), binary.float()])
         else:
-            stack = torch.cat([torch.full((1, H, W), cfg.threshold), obj])
+            stack = torch.cat([torch.full((1, H, W), cfg.threshold, device=dev), obj])
         probs = torch.softmax(stack * cfg.unary_scale, dim=0)
         q = dense_crf(image, probs, params=params, backend=cfg.crf_backend, max_side=cfg.crf_max_side)
         labels = q.argmax(0).cpu().numpy()
     else:
         winner = torch.where(binary, obj, torch.full_like(obj, -1.0)).argmax(0)
-        labels = np.where(binary.any(0).numpy(), winner.numpy() + 1, 0)
+        labels = np.where(binary.any(0).cpu().numpy(), winner.cpu().numpy() + 1, 0)
+    obj_np, binary_np = obj.cpu(), binary.cpu().numpy()
     for j, k in enumerate(objects):
         m = labels == j + 1
-        if m.mean() < 1e-9:
-            m = binary[j].numpy()
-        if m.mean() < 1e-9:
-            m = _top_fraction(obj[j], cfg.min_fraction)
+        if not m.any():
+            m = binary_np[j]
+        if not m.any():
+            m = _top_fraction(obj_np[j], cfg.min_fraction)
         masks[k] = m
     union = masks[objects].any(0)
+    rest = 1.0 - obj_np.amax(0).numpy()
     for k in range(K):
         if bg[k]:
-            masks[k] = ~union if (~union).any() else _top_fraction(1.0 - obj.amax(0), cfg.min_fraction)
-    scores = np.zeros(K, np.float32)
-    for k in range(K):
-        inside = masks[k]
-        if bg[k]:
-            scores[k] = float((1.0 - obj.amax(0).numpy())[inside].mean())
-        else:
-            scores[k] = float(full[k].numpy()[inside].mean())
+            masks[k] = ~union if (~union).any() else _top_fraction(torch.from_numpy(rest), cfg.min_fraction)
+    full_np = full.cpu().numpy()
+    scores = np.array([float((rest if bg[k] else full_np[k])[masks[k]].mean()) for k in range(K)], np.float32)
     return masks, scores
 
 
@@ -285,19 +263,6 @@ def _parts(model) -> Any:
     if missing:
         raise TypeError(f"expected a Stable Diffusion pipeline or model parts, missing {missing}")
     return model
-
-
-def _image_array(image) -> np.ndarray:
-    from PIL import Image
-
-    if isinstance(image, (str, Path)):
-        image = Image.open(image)
-    if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
-    arr = np.asarray(image)
-    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
-        raise ValueError(f"image must be uint8 (H, W, 3) RGB, a PIL image or a path; got {arr.dtype} {arr.shape}")
-    return arr
 
 
 def word_token_positions(tokenizer, prompt: str, words: Sequence[str]) -> list[list[int]]:
@@ -347,7 +312,7 @@ def attention_masks(model, image, words: Sequence[str], *, prompt: str | None = 
         cfg = AttentionMaskConfig.from_dict({**cfg.__dict__, **options})
     cfg.validate()
     parts = _parts(model)
-    img = _image_array(image)
+    img = as_rgb(image)
     H, W = img.shape[:2]
     vae, unet = parts.vae, parts.unet
     factor = 2 ** (len(vae.config.block_out_channels) - 1)

@@ -159,9 +159,10 @@ class EMMasks(Method):
         mc = AttentionMaskConfig.from_dict(cfg["masks"]).validate()
         m = run.model
         layers, size = mask_layers(m.unet, run.latent_size, mc.layers)
-        # own random numbers (seeded by the step): the training run's streams are untouched, and a
-        # resumed run re-estimates exactly the same masks
-        gen = torch.Generator("cpu").manual_seed(int(cfg["seed"]) * 1_000_003 + int(global_step) + 17)
+        # own random numbers: the training run's streams are untouched, a resumed run re-estimates exactly
+        # the same masks, and every estimate sees the same noise levels and noise, so the masks change only
+        # because the handles did
+        gen = torch.Generator("cpu").manual_seed(int(cfg["seed"]) * 1_000_003 + 17)
         sf = m.vae.config.scaling_factor
         shift = getattr(m.vae.config, "shift_factor", None) or 0.0
         class_words = [c.class_word for c in run.concepts]
