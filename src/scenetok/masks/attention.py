@@ -164,14 +164,15 @@ def token_attention(unet, scheduler, latents: torch.Tensor, text_embeddings: tor
     edges = torch.linspace(lo, hi, timesteps + 1)
     u = torch.rand(timesteps, generator=gen)
     ts = (edges[:-1] + u * (edges[1:] - edges[:-1])).round().long().clamp(0, total - 1)
-    dev = latents.device
+    noises = torch.randn((timesteps,) + tuple(latents.shape[1:]), generator=gen)  # drawn at once: the batch
+    dev = latents.device                                                           # size changes nothing
     acc = None
     ctx = autocast if autocast is not None else contextlib.nullcontext
     with capture_attention(unet, layers) as store:
         for start in range(0, timesteps, batch_size):
             t = ts[start:start + batch_size]
             b = t.numel()
-            noise = torch.randn((b,) + tuple(latents.shape[1:]), generator=gen).to(dev, latents.dtype)
+            noise = noises[start:start + b].to(dev, latents.dtype)
             noisy = scheduler.add_noise(latents.expand(b, -1, -1, -1), noise, t.to(dev))
             store.reset()
             with ctx():
