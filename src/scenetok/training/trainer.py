@@ -161,6 +161,11 @@ class Run:
     def attention_size(self) -> int | None:
         return self.attention_sizes[0] if self.attention_sizes else None
 
+    def log(self, row: dict) -> None:
+        """Append ``row`` to the training log (``train_log.jsonl``); for method hooks such as
+        :meth:`Method.prepare`, which has no return path to the log."""
+        _log(self, row)
+
     def concept_masks(self) -> np.ndarray:
         """Current masks of all concepts, ``float (N, S, S)``, each from the image that shows it."""
         out = np.zeros((len(self.concepts), self.resolution, self.resolution), np.float32)
