@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from conftest import two_squares
 from scenetok.attention import AttentionStore
-from scenetok.losses import bind_loss, gaussian_smooth, separate_strengthen_loss, soft_iou, suppress
+from scenetok.losses import bind_loss, gaussian_smooth, separate_strengthen_loss, suppress
 from scenetok.methods import Batch, Outputs, get_method
 from scenetok.methods.disendiff import REFERENCE_SIGMA, DisenDiff, calibrate, map_sides
 from scenetok.scene import Scene

@@ -247,7 +247,9 @@ def test_text_sam_segmenter_with_a_fake_from_text(monkeypatch):
     assert [c.label for c in cands[1]] == ["dog"] and [q for q, _ in calls[1:]] == [["ghost", "dog"], ["ghost"], ["dog"]]
 
     def broken(image, queries, **kwargs):
-        raise ScenetokError("cannot load the GroundingDINO model 'x'")
+        from scenetok.errors import ModelLoadError
+
+        raise ModelLoadError("cannot load the GroundingDINO model 'x'")
 
     monkeypatch.setitem(sys.modules, "scenetok.masks", types.SimpleNamespace(from_text=broken))
     with pytest.raises(ScenetokError, match="cannot load"):

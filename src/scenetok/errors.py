@@ -28,6 +28,10 @@ class ConfigError(ScenetokError):
     """A hyperparameter, option or config file is wrong."""
 
 
+class ModelLoadError(ScenetokError):
+    """A model (diffusion, segmentation, metric) could not be loaded: the user's to fix, never a result."""
+
+
 class BundleError(ScenetokError):
     """An output bundle is missing, damaged, or from an incompatible version."""
 

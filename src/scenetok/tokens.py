@@ -96,10 +96,11 @@ class Handles:
         text_encoder.set_input_embeddings(base)
 
 
-def add_handles(tokenizer, text_encoder, tokens: list[str], init_words: list[str]) -> Handles:
+def add_handles(tokenizer, text_encoder, tokens: list[str], init_words: list[str | int]) -> Handles:
     """Add ``tokens`` to the tokenizer and text encoder; initialise each from its init word.
 
-    A word of several BPE pieces is initialised with the mean of its pieces. The embedding matrix is
+    A word of several BPE pieces is initialised with the mean of its pieces; an int is a token id whose
+    row is copied (e.g. a rare vocabulary token). ``Handles.init_words`` records each as text. The embedding matrix is
     frozen afterwards and the handle rows become the trainable :class:`HandleEmbedding` parameter.
     """
     if len(tokens) != len(init_words):
@@ -114,10 +115,18 @@ def add_handles(tokenizer, text_encoder, tokens: list[str], init_words: list[str
     base_emb = text_encoder.get_input_embeddings()
     if isinstance(base_emb, HandleEmbedding):
         raise RuntimeError("handles are already attached to this text encoder")
+    names = []
     with torch.no_grad():
         for word in init_words:
+            if isinstance(word, int) and not isinstance(word, bool):  # a token id (e.g. a rare token)
+                if not 0 <= word < base_emb.weight.shape[0]:
+                    raise ConfigError(f"init token id {word} is outside the vocabulary (0..{base_emb.weight.shape[0] - 1})")
+                init_vectors.append(base_emb.weight[word].float())
+                names.append(str(tokenizer.convert_ids_to_tokens(word)))
+                continue
             ids = word_ids(tokenizer, word)
             init_vectors.append(base_emb.weight[ids].float().mean(0))
+            names.append(str(word))
     added = tokenizer.add_tokens(list(tokens))
     if added != len(tokens):
         raise RuntimeError(f"tokenizer added {added} of {len(tokens)} handles")
@@ -131,7 +140,7 @@ def add_handles(tokenizer, text_encoder, tokens: list[str], init_words: list[str
         base.weight[ids[0] : ids[0] + len(ids)] = vecs
     base.weight.requires_grad_(False)
     text_encoder.set_input_embeddings(HandleEmbedding(base, ids[0], vecs.float()))
-    return Handles(tokens=list(tokens), ids=list(ids), init_words=list(init_words))
+    return Handles(tokens=list(tokens), ids=list(ids), init_words=names)
 
 
 def token_positions(tokenizer, prompts: list[str], token_ids: list[int]) -> torch.Tensor:

@@ -176,10 +176,8 @@ class TextSamSegmenter:
 
 def _reraise_if_fatal(exc: Exception) -> None:
     """A model that cannot load is the user's to fix; a query not found in an image is a result."""
-    try:
-        from scenetok.masks.core import ModelLoadError
-    except ImportError:  # scenetok.masks replaced (tests) or absent: only configuration errors are fatal
-        ModelLoadError = ConfigError
+    from scenetok.errors import ModelLoadError
+
     if isinstance(exc, (ModelLoadError, ConfigError)):
         raise exc
 

@@ -15,8 +15,9 @@ folder plus a preview, and :func:`make_masks` does all of it in one call (the ``
 command). :mod:`scenetok.masks.hygiene` holds the clean-up every source applies (holes, islands,
 dilation, overlaps, refusal of empty results).
 
-The attention-based source of the EM method (``masks/attention.py``) and its dense-CRF refinement
-(``masks/crf.py``) live in this package too, built separately.
+The attention-based source of the EM method, :func:`attention_masks` (a word's or a handle's
+cross-attention averaged over timesteps → threshold → dense CRF, ``masks/attention.py``), and the dense CRF
+itself (:func:`dense_crf`, :func:`refine_masks`, ``masks/crf.py``) live in this package too.
 
 Heavy dependencies (transformers models, scipy) are imported only when a function needs them, so
 ``import scenetok.masks`` is cheap.
@@ -48,6 +49,9 @@ _EXPORTS = {
     "make_masks": "scenetok.masks.output",
     "preview_image": "scenetok.masks.output",
     "auto_mask_scene": "scenetok.masks.output",
+    "attention_masks": "scenetok.masks.attention",
+    "dense_crf": "scenetok.masks.crf",
+    "refine_masks": "scenetok.masks.crf",
 }
 
 __all__ = sorted(_EXPORTS)

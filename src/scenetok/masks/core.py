@@ -10,6 +10,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from scenetok.errors import ModelLoadError as _ModelLoadError
 from scenetok.errors import SceneError
 
 __all__ = ["ConceptMask", "MaskError", "DEFAULT_SAM", "DEFAULT_DETECTOR", "clear_model_cache"]
@@ -22,7 +23,7 @@ class MaskError(SceneError):
     """A mask could not be made: a concept was not found, a prompt is invalid, or a model failed to load."""
 
 
-class ModelLoadError(MaskError):
+class ModelLoadError(MaskError, _ModelLoadError):
     """A segmentation/detection model could not be loaded (the user's to fix, never a result)."""
 
 
@@ -33,8 +34,8 @@ class ConceptMask:
     ``name``: the concept's name (written to scene.json). ``mask``: ``bool (H, W)``, the image's size
     (float masks are thresholded at 0.5, integer masks read as nonzero = on).
     ``score``: the model's confidence where it has one (SAM's predicted IoU for boxes and clicks,
-    GroundingDINO's box score for text), else None. ``source``: ``"file"``, ``"box"``, ``"points"`` or
-    ``"text"``. ``box``: the ``(x0, y0, x1, y1)`` box (pixels) the mask was prompted with, if any.
+    GroundingDINO's box score for text, the mean normalised attention inside the mask for attention),
+    else None. ``source``: ``"file"``, ``"box"``, ``"points"``, ``"text"`` or ``"attention"``. ``box``: the ``(x0, y0, x1, y1)`` box (pixels) the mask was prompted with, if any.
     """
 
     name: str

@@ -7,6 +7,7 @@ from scenetok.methods.base import Batch, Method, Outputs, Phase, union_sample
 from scenetok.methods.baselines import CustomDiffusionM, DreamBoothM, TextualInversionM
 from scenetok.methods.break_a_scene import BreakAScene
 from scenetok.methods.disendiff import DisenDiff
+from scenetok.methods.em_masks import EMMasks
 from scenetok.methods.textual_localization import TextualLocalization
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -20,6 +21,7 @@ def register(cls: type[Method]) -> type[Method]:
 register(BreakAScene)
 register(DisenDiff)
 register(TextualLocalization)
+register(EMMasks)
 for _baseline in (TextualInversionM, DreamBoothM, CustomDiffusionM):
     register(_baseline)
 

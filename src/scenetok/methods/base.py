@@ -122,8 +122,9 @@ class Method:
     def prompt(self, tokens: list[str], chosen: list[int], cfg: dict, class_words: list[str] | None = None) -> str:
         return cfg.get("prompt_template", "a photo of {tokens}").format(tokens=" and ".join(tokens[i] for i in chosen))
 
-    def init_words(self, concepts: list, cfg: dict) -> list[str]:
-        """The word each handle's embedding starts from (one per concept; default: the scene's init words)."""
+    def init_words(self, concepts: list, cfg: dict, tokenizer=None) -> list[str | int]:
+        """What each handle's embedding starts from, one per concept: a word, or a token id of
+        ``tokenizer`` (default: the scene's init words)."""
         return [c.init_word for c in concepts]
 
     def prior_prompts(self, class_words: list[str], cfg: dict) -> list[str]:

@@ -35,7 +35,6 @@ and the collection is made from one scene.
 
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 
@@ -90,8 +89,12 @@ class CollageBaseline(Method):
             raise ScenetokError(f"{self.name} cannot learn the background concept: its collages paste the "
                                 "objects onto solid colours", hint="run without --background (or set "
                                 '"background": false in scene.json)')
-        if run.cfg["handles_init"] == "rare":
-            init_rare_tokens(run)
+
+    def init_words(self, concepts: list, cfg: dict, tokenizer=None) -> list[str | int]:
+        """``handles_init=rare``: each handle starts from its own rare vocabulary token (by id)."""
+        if cfg["handles_init"] == "rare" and tokenizer is not None:
+            return rare_token_ids(tokenizer, len(concepts), len(tokenizer))
+        return [c.init_word for c in concepts]
 
     def losses(self, batch: Batch, out: Outputs, cfg: dict) -> dict[str, torch.Tensor]:
         n = batch.n_instance
@@ -112,21 +115,6 @@ def rare_token_ids(tokenizer, n: int, below: int) -> list[int]:
         raise ScenetokError(f"the tokenizer has fewer than {n} ordinary tokens for rare-token init",
                             hint="use --set handles_init=word")
     return ids
-
-
-def init_rare_tokens(run) -> None:
-    """Start each handle from its own rare token's embedding (once: a resumed run keeps its handles);
-    the concepts' ``init_word`` (and so the bundle's manifest) then names that token."""
-    te, tok = run.model.text_encoder, run.model.tokenizer
-    module = run.handles.module(te)
-    ids = rare_token_ids(tok, len(run.handles.tokens), min(run.handles.ids))
-    words = tok.convert_ids_to_tokens(ids)
-    if not run.state.get("rare_init"):
-        with torch.no_grad():
-            module.vectors.copy_(module.base.weight[ids].to(module.vectors.dtype))
-        run.state["rare_init"] = list(words)
-    run.concepts[:] = [dataclasses.replace(c, init_word=w) for c, w in zip(run.concepts, words)]
-    run.handles.init_words = list(words)
 
 
 class TextualInversionM(CollageBaseline):

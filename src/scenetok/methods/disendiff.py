@@ -90,7 +90,7 @@ class DisenDiff(Method):
         _check(cfg)
         return [Phase("train", cfg["train"]["steps"], cfg["train"]["lr"], ("handles", "unet_kv"))]
 
-    def init_words(self, concepts: list, cfg: dict) -> list[str]:
+    def init_words(self, concepts: list, cfg: dict, tokenizer=None) -> list[str]:
         return cycled_init_words(cfg["init_words"], concepts)
 
     def prompt(self, tokens: list[str], chosen: list[int], cfg: dict, class_words: list[str] | None = None) -> str:

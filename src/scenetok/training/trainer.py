@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,6 +160,11 @@ class Run:
     @property
     def attention_size(self) -> int | None:
         return self.attention_sizes[0] if self.attention_sizes else None
+
+    def log(self, row: dict) -> None:
+        """Append ``row`` to the training log (``train_log.jsonl``); for method hooks such as
+        :meth:`Method.prepare`, which has no return path to the log."""
+        _log(self, row)
 
     def concept_masks(self) -> np.ndarray:
         """Current masks of all concepts, ``float (N, S, S)``, each from the image that shows it."""
@@ -344,7 +348,7 @@ def _setup(scenes: list[Scene], method: Method, cfg: dict, model: str | Model, o
         prior_latents, prior_ids = _prepare_prior(m, method, class_words, cfg, resolution, dev, progress)
 
     tokens = [handle_token(i) for i in range(len(concepts))]
-    handles = add_handles(m.tokenizer, m.text_encoder, tokens, method.init_words(concepts, cfg))
+    handles = add_handles(m.tokenizer, m.text_encoder, tokens, method.init_words(concepts, cfg, m.tokenizer))
     m.text_encoder.to(dev)
     lora = None
     if loralib.enabled(cfg):

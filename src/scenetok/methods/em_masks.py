@@ -1,0 +1,333 @@
+"""EM concept masks (Rahman et al., "Visual Concept-driven Image Generation with Text-to-Image Diffusion
+Model"): Break-A-Scene without user masks.
+
+The concepts are named by words (``--concepts "man, woman, background"``); their masks are estimated from
+the model's own cross-attention and refined while the handles learn, in an EM-like alternation:
+
+1. **init** — each handle starts from its concept's word (the CLIP embedding; optionally followed by
+   ``init.steps`` of unmasked textual inversion). Initial masks: each handle's cross-attention averaged
+   over 50 random timesteps → threshold → dense CRF (:mod:`scenetok.masks.attention`).
+2. **em** (400 steps) — only the handles train, with Break-A-Scene's masked diffusion loss and
+   cross-attention loss on the *current* masks; every ``em.every`` steps the masks are re-estimated from
+   the new handles' attention (+ CRF).
+3. **joint** (400 steps) — handles, UNet and text encoder train together with the masks frozen
+   (Break-A-Scene's phase 2: "this avoids drift").
+
+Each estimate is logged: an overlay of every image's masks in ``previews/masks/step_NNNNN.png``, the
+share of the image each mask covers, and — when true masks are known for evaluation (masks in the scene
+folder, which this method never trains on, or ``eval_masks_dir``) — each mask's IoU with them
+(``train_log.jsonl`` rows with ``"event": true`` and ``mask_iou``; plot ``previews/mask_iou.png``), the
+curve of the paper's Fig. 3.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from scenetok.losses import masked_diffusion_loss
+from scenetok.methods.base import Batch, Method, Outputs, Phase, nearest_size, union_sample
+from scenetok.methods.break_a_scene import attention_term
+
+
+def is_background_concept(concept) -> bool:
+    """The background concept: added with ``--background``, or a concept named "background"."""
+    from scenetok.masks.attention import is_background_word
+
+    return bool(getattr(concept, "is_background", False)) or is_background_word(concept.name)
+
+
+class EMMasks(Method):
+    name = "em-masks"
+    summary = ("masks from the handles' cross-attention + dense CRF, re-estimated while the tokens learn (EM); "
+               "then model + tokens with the masks frozen")
+    needs_masks = False
+    switches = {
+        "no-mask-updates": ("EM ablation (the paper's baseline): estimate the masks once from the initial "
+                            "attention and never update them", ["em.every=0"]),
+    }
+
+    def __init__(self) -> None:
+        self._masks_ready = False
+        self._eval: list[np.ndarray | None] = []
+
+    # ------------------------------------------------------------------------------------------------
+    # recipe
+
+    def defaults(self) -> dict:
+        return {
+            # Stage 1: CLIP-word init; init.steps > 0 adds the paper's alternative, unmasked inversion
+            "init": {"steps": 0, "lr": 5e-4},
+            # Stage 2: tokens only, masks re-estimated every `every` steps (0: never, the paper's baseline)
+            "em": {"steps": 400, "lr": 5e-4, "every": 50},
+            # Stage 3: tokens + UNet + text encoder, masks frozen
+            "joint": {"steps": 400, "lr": 2e-6},
+            "union_sampling": True,
+            "masked_loss": True,
+            "attn": {"weight": 0.01, "downscale": 4},
+            "prompt_template": "a photo of {tokens}",
+            "masks": {
+                "timesteps": 50,
+                "t_range": [0.0, 1.0],
+                "layers": "all",
+                "threshold": 0.5,
+                "unary": "binary",
+                "unary_scale": 1.0,
+                "batch_size": 10,
+                "min_fraction": 0.01,
+                "crf": {"enabled": True, "backend": "torch", "max_side": 64, "iterations": 10,
+                        "gaussian_sxy": 3.0, "gaussian_weight": 7.0, "bilateral_sxy": 50.0,
+                        "bilateral_srgb": 5.0, "bilateral_weight": 10.0, "reference_side": 480},
+            },
+            # scene folders (one per input scene, in order; "" for none) whose mask{i}.png are used only to
+            # score the estimated masks; masks inside the trained scene folders are used that way anyway
+            "eval_masks_dir": [],
+        }
+
+    def phases(self, cfg: dict) -> list[Phase]:
+        return [
+            Phase("init", cfg["init"]["steps"], cfg["init"]["lr"], ("handles",)),
+            Phase("em", cfg["em"]["steps"], cfg["em"]["lr"], ("handles",)),
+            Phase("joint", cfg["joint"]["steps"], cfg["joint"]["lr"], ("handles", "unet", "text_encoder")),
+        ]
+
+    def attention_size(self, cfg, latent_size, available):
+        if cfg["attn"]["weight"] <= 0:
+            return None
+        return nearest_size(max(1, latent_size // cfg["attn"]["downscale"]), available)
+
+    def sample_concepts(self, rng: np.random.Generator, present: list[int], cfg: dict) -> list[int]:
+        return union_sample(rng, present) if cfg["union_sampling"] else list(present)
+
+    def losses(self, batch: Batch, out: Outputs, cfg: dict) -> dict[str, torch.Tensor]:
+        n = batch.n_instance
+        # before the first estimate (only during an unmasked init inversion) there is no mask to use
+        ready = self._masks_ready
+        mask = batch.latent_mask[:n] if cfg["masked_loss"] and ready else None
+        terms = {"diffusion": masked_diffusion_loss(out.pred[:n], out.target[:n], mask)}
+        if ready and out.store is not None and cfg["attn"]["weight"] > 0:
+            terms["attn"] = cfg["attn"]["weight"] * attention_term(batch, out)
+        return terms
+
+    # ------------------------------------------------------------------------------------------------
+    # hooks
+
+    def prepare(self, run: Any) -> None:
+        from scenetok.masks.attention import AttentionMaskConfig
+
+        AttentionMaskConfig.from_dict(run.cfg["masks"]).validate()  # fail before training, not at step 50
+        self._eval = _evaluation_masks(run)
+        if run.masks_estimated:  # resumed: the checkpoint's masks are in the sources
+            self._masks_ready = True
+            return
+        if run.cfg["init"]["steps"] > 0:
+            # unmasked inversion first: placeholders cover each image (never a given mask: those are
+            # for evaluation only)
+            for src in run.sources:
+                full = np.zeros((len(run.concepts), run.resolution, run.resolution), np.float32)
+                full[src.present] = 1.0
+                src.set_masks(full)
+            self._masks_ready = False
+            return
+        row = self.estimate(run, 0)
+        run.log({"global_step": 0, "event": True, **row})
+
+    def after_step(self, run: Any, global_step: int) -> dict[str, Any] | None:
+        cfg = run.cfg
+        init, em, every = cfg["init"]["steps"], cfg["em"]["steps"], cfg["em"]["every"]
+        if not self._masks_ready and global_step >= init:
+            return self.estimate(run, global_step)
+        k = global_step - init
+        if every > 0 and 0 < k <= em and (k % every == 0 or k == em):
+            return self.estimate(run, global_step)
+        return None
+
+    # ------------------------------------------------------------------------------------------------
+    # mask estimation
+
+    @torch.no_grad()
+    def estimate(self, run: Any, global_step: int) -> dict[str, Any]:
+        """Re-estimate every training image's masks from the current handles; returns the log row."""
+        from scenetok.masks.attention import AttentionMaskConfig, maps_to_masks, mask_layers, token_attention
+        from scenetok.tokens import token_positions
+
+        cfg = run.cfg
+        mc = AttentionMaskConfig.from_dict(cfg["masks"]).validate()
+        m = run.model
+        layers, size = mask_layers(m.unet, run.latent_size, mc.layers)
+        # own random numbers: the training run's streams are untouched, a resumed run re-estimates exactly
+        # the same masks, and every estimate sees the same noise levels and noise, so the masks change only
+        # because the handles did
+        gen = torch.Generator("cpu").manual_seed(int(cfg["seed"]) * 1_000_003 + 17)
+        sf = m.vae.config.scaling_factor
+        shift = getattr(m.vae.config, "shift_factor", None) or 0.0
+        class_words = [c.class_word for c in run.concepts]
+        was = (m.unet.training, m.text_encoder.training)
+        m.unet.eval()
+        m.text_encoder.eval()
+        estimated = []
+        try:
+            for src in run.sources:
+                present = list(src.present)
+                prompt = self.prompt(run.handles.tokens, present, cfg, class_words)
+                ids = m.tokenizer([prompt], padding="max_length", truncation=True,
+                                  max_length=m.tokenizer.model_max_length, return_tensors="pt").input_ids
+                pos = token_positions(m.tokenizer, [prompt], [run.handles.ids[k] for k in present])[0]
+                with run.accelerator.autocast():
+                    enc = m.text_encoder(ids.to(run.device))[0]
+                lat = (src.latents[False][0] - shift) * sf
+                maps = token_attention(m.unet, m.scheduler, lat, enc, [[int(p)] for p in pos], layers=layers,
+                                       size=size, timesteps=mc.timesteps, t_range=mc.t_range,
+                                       batch_size=mc.batch_size, generator=gen, autocast=run.accelerator.autocast)
+                bg = [is_background_concept(run.concepts[k]) for k in present]
+                masks, _ = maps_to_masks(src.image, maps, bg, mc)
+                full = np.zeros((len(run.concepts), run.resolution, run.resolution), np.float32)
+                full[present] = masks
+                src.set_masks(full)
+                estimated.append((src, masks))
+        finally:
+            m.unet.train(was[0])
+            m.text_encoder.train(was[1])
+        run.masks_estimated = True
+        self._masks_ready = True
+
+        current = run.concept_masks() >= 0.5
+        names = [c.name for c in run.concepts]
+        row: dict[str, Any] = {
+            "masks": "estimated",
+            "mask_fraction": {f"{t} {n}": round(float(current[k].mean()), 4)
+                              for k, (t, n) in enumerate(zip(run.handles.tokens, names))},
+        }
+        if any(e is not None for e in self._eval):
+            from scenetok.masks.crf import iou
+
+            ious = {f"{run.handles.tokens[k]} {names[k]}": round(iou(current[k], e), 4)
+                    for k, e in enumerate(self._eval) if e is not None}
+            row["mask_iou"] = ious
+            row["mask_iou_mean"] = round(float(np.mean(list(ious.values()))), 4)
+        _write_overlay(run, estimated, global_step)
+        if "mask_iou" in row:
+            _write_iou_plot(run, global_step, row)
+        return row
+
+
+# ----------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _evaluation_masks(run: Any) -> list[np.ndarray | None]:
+    """The true mask of each concept at the training resolution, where one is known (else None).
+
+    Known: a concept loaded with a mask (a scene folder with mask files — this method only scores
+    against them), or the matching ``mask{i}.png`` of the scene's ``eval_masks_dir`` folder; a concept
+    named "background" without a mask file there is the complement of that folder's masks.
+    """
+    from scenetok.errors import ConfigError
+
+    dirs = run.cfg.get("eval_masks_dir") or []
+    if isinstance(dirs, str):
+        dirs = [d for d in dirs.split(";")]
+    if len(dirs) > len(run.scenes):
+        raise ConfigError(f"eval_masks_dir names {len(dirs)} folders for {len(run.scenes)} scene(s)",
+                          hint="give one folder per scene, in order (\"\" for a scene without)")
+    out: list[np.ndarray | None] = []
+    for si, scene in enumerate(run.scenes):
+        folder = str(dirs[si]).strip() if si < len(dirs) else ""
+        given = _load_eval_folder(folder, scene, run.resolution) if folder else None
+        for ci, c in enumerate(scene.concepts):
+            if given is not None:
+                out.append(given[ci])
+            elif c.mask_known:
+                out.append(np.asarray(c.mask, bool))
+            else:
+                out.append(None)
+    return out
+
+
+def _load_eval_folder(folder: str, scene, resolution: int) -> list[np.ndarray]:
+    from scenetok.errors import ConfigError
+    from scenetok.scene import load_scene
+
+    path = Path(folder)
+    try:
+        ref = load_scene(path, background=False, min_mask_fraction=0.0)
+    except Exception as exc:  # SceneError with the file named
+        raise ConfigError(f"eval_masks_dir {path}: {getattr(exc, 'message', exc)}",
+                          hint="give a scene folder (img.* + mask0.png …) whose masks match the concepts") from None
+    gt = ref.resized(resolution).masks()
+    objects = [c for c in scene.concepts if not is_background_concept(c)]
+    if len(gt) == len(scene.concepts):
+        return [m for m in gt]
+    if len(gt) == len(objects):
+        union = gt.any(0) if len(gt) else np.zeros((resolution, resolution), bool)
+        it = iter(gt)
+        return [~union if is_background_concept(c) else next(it) for c in scene.concepts]
+    raise ConfigError(f"eval_masks_dir {path} holds {len(gt)} masks for {len(scene.concepts)} concepts "
+                      f"({', '.join(c.name for c in scene.concepts)})",
+                      hint="give one mask{i}.png per concept, in the order of --concepts (the background "
+                           "may be left out)")
+
+
+def _png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_overlay(run: Any, estimated: list, global_step: int) -> None:
+    """previews/masks/step_NNNNN.png: each training image with its current masks, labelled."""
+    from scenetok import viz
+    from scenetok.bundle import atomic_write_bytes
+
+    from PIL import Image
+
+    tiles, labels = [], []
+    for src, masks in estimated:
+        names = [f"{run.handles.tokens[k]} {run.concepts[k].name}" for k in src.present]
+        image = Image.fromarray(src.image)
+        if image.width < 256:  # small (toy) images: enlarge so that the labels do not cover them
+            image = image.resize((256, 256), Image.Resampling.NEAREST)
+        tiles.append(viz.mask_overlay(image, masks, names=names))
+        labels.append(f"{src.name} step {global_step}")
+    folder = run.out_dir / "previews" / "masks"
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(folder / f"step_{global_step:05d}.png", _png(viz.grid(tiles, labels=labels)))
+
+
+def _write_iou_plot(run: Any, global_step: int, row: dict) -> None:
+    """previews/mask_iou.png: IoU of each estimated mask with the true one over training; the dashed
+    line is the first estimate (the masks the paper's baseline keeps)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return
+    from scenetok.bundle import atomic_write_bytes
+
+    points = [(r["global_step"], r["mask_iou"]) for r in run.log_rows
+              if r.get("event") and "mask_iou" in r and r["global_step"] < global_step]
+    points.append((global_step, row["mask_iou"]))
+    points.sort(key=lambda p: p[0])
+    fig = Figure(figsize=(6.5, 4), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    keys = list(points[-1][1])
+    for i, key in enumerate(keys):
+        xs = [s for s, d in points if key in d]
+        ys = [d[key] for s, d in points if key in d]
+        line, = ax.plot(xs, ys, marker="o", linewidth=1.4, label=key)
+        ax.axhline(ys[0], color=line.get_color(), linestyle="--", linewidth=0.8, alpha=0.7)
+    means = [float(np.mean(list(d.values()))) for _, d in points]
+    ax.plot([s for s, _ in points], means, color="black", linewidth=2.0, label="mean")
+    ax.set_xlabel("step")
+    ax.set_ylabel("IoU with the true mask")
+    ax.set_ylim(0, 1)
+    ax.set_title("estimated masks vs true masks (dashed: first estimate)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(run.out_dir / "previews" / "mask_iou.png", buf.getvalue())
