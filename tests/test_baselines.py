@@ -211,14 +211,16 @@ def toy_identity_scores(model: str, tmp_path, steps: int = 80) -> dict[str, floa
     from scenetok.generation import generate, load_pipeline
     from scenetok.toyworld import oracle, world
 
-    spec = world.sample_scene(np.random.default_rng(3), n_objects=2, allow_held_out=True, overlap=False)
+    # large objects (toy-sd draws small ones poorly); the star is a held-out combination
+    spec = world.SceneSpec((world.ObjectSpec("star", "red", "striped", 0.30, 0.33, 0.40),
+                            world.ObjectSpec("square", "blue", "plain", 0.70, 0.68, 0.34)), "gray")
     image, masks = world.render(spec, size=64)
     scene = Scene.from_arrays(image, list(masks), names=[o.shape for o in spec.objects],
                               class_words=[o.shape for o in spec.objects])
     # toy settings: the shape word as init (the toy vocabulary's last entries are colour words), a larger
     # lr than CD's 1e-5 x batch (a few dozen steps instead of 500), no prior images
     common = ["collage.num_images=24", "prior.enabled=false", "preview_every=1000", "checkpoint_every=0",
-              "handles_init=word", "train.scale_lr=false", "train.lr=2e-3", "batch_size=2"]
+              "handles_init=word", "train.scale_lr=false", "train.lr=5e-3", "batch_size=2"]
     scores = {}
     for label, n_steps in (("untrained", 0), ("trained", steps)):
         bundle = train(scene, tmp_path / label, method="cd-m", model=model, progress=False,
@@ -226,7 +228,7 @@ def toy_identity_scores(model: str, tmp_path, steps: int = 80) -> dict[str, floa
         pipe = load_pipeline(bundle, device="cpu")
         vals = []
         for k, obj in enumerate(spec.objects):
-            for g in generate(pipe, f"a photo of <asset{k}>", n=4, seed=10, steps=15, guidance=5.0,
+            for g in generate(pipe, f"a photo of <asset{k}>", n=10, seed=10, steps=15, guidance=5.0,
                               progress=False):
                 vals.append(oracle.identity_score(np.asarray(g.image.convert("RGB")), obj))
         scores[label] = float(np.mean(vals))
@@ -241,4 +243,5 @@ def test_cd_m_learned_handle_beats_untrained_on_toy_world(tmp_path):
 
     scores = toy_identity_scores(str(toy_sd_path()), tmp_path)
     print("toy cd-m identity", scores)
+    # measured on the shipped toy-sd: untrained 0.39, trained 0.51 (the star handle learns its colour)
     assert scores["trained"] > scores["untrained"] + 0.05

@@ -208,7 +208,7 @@ def train_toy_sd(
     out_dir: str | Path,
     *,
     seed: int = 0,
-    vae_steps: int = 3000,
+    vae_steps: int = 1500,
     unet_steps: int = 6000,
     batch_size: int = 32,
     vae_batch_size: int = 32,
@@ -453,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m scenetok.toyworld.train", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="output folder (diffusers pipeline)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae-steps", type=int, default=3000)
+    p.add_argument("--vae-steps", type=int, default=1500)
     p.add_argument("--unet-steps", type=int, default=6000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--vae-batch-size", type=int, default=32)
