@@ -159,7 +159,13 @@ def setup(path: Path, mode: str, phase: int, precision: str, device: str, seed: 
         text_encoder.requires_grad_(True)
         trainable = [p for m in (unet, text_encoder) for p in m.parameters()]
         lr = 2e-6
-    optimizer = torch.optim.AdamW(trainable, lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    # ours: the trainer's optimizer (fused AdamW kernel); naive: the reference's plain torch.optim.AdamW
+    if mode == "ours":
+        from scenetok.training.trainer import adamw
+
+        optimizer = adamw([{"params": trainable}], lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    else:
+        optimizer = torch.optim.AdamW(trainable, lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
 
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     resolution = vae.config.sample_size

@@ -39,7 +39,8 @@ TRAIN_DEFAULTS: dict = {
     "mixed_precision": "no",  # no | fp16 | bf16
     "flip_p": 0.5,
     "gradient_checkpointing": False,
-    "optim": {"beta1": 0.9, "beta2": 0.999, "weight_decay": 1e-2, "eps": 1e-8, "grad_clip": 1.0, "use_8bit": False},
+    "optim": {"beta1": 0.9, "beta2": 0.999, "weight_decay": 1e-2, "eps": 1e-8, "grad_clip": 1.0, "use_8bit": False,
+              "fused": True},
     "checkpoint_every": 100,
     "preview_every": 100,  # steps between attention previews; 0 = none
     "detach_start_token_kv": False,  # Custom Diffusion: no gradient through the start token's K/V
@@ -458,10 +459,26 @@ def _setup_phase(run: Run, phase: Phase) -> torch.optim.Optimizer:
             raise ConfigError("optim.use_8bit needs bitsandbytes", hint="pip install bitsandbytes") from None
         optimizer = bnb.optim.AdamW8bit(groups, **kwargs)
     else:
-        optimizer = torch.optim.AdamW(groups, **kwargs)
+        optimizer = adamw(groups, fused=bool(o.get("fused", True)), **kwargs)
     optimizer = run.accelerator.prepare_optimizer(optimizer, device_placement=False)
     run.trainable = params + adapters
     return optimizer
+
+
+def adamw(groups, *, fused: bool = True, **kwargs):
+    """``torch.optim.AdamW``, with PyTorch's fused kernel where it applies (floating-point parameters on
+    CPU or CUDA). On CPU the default multi-tensor path costs ~0.5 s per 100 M parameters per step, the fused
+    one ~0.06 s (measured, 2 cores): most of a full fine-tuning step of an SD-sized UNet at 256 px.
+    ``fused=False`` (``--set optim.fused=false``) keeps the multi-tensor path."""
+    import torch
+
+    params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    if fused and params and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params):
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        except (RuntimeError, TypeError, ValueError):
+            pass  # a torch build or parameter the fused kernel does not support
+    return torch.optim.AdamW(groups, **kwargs)
 
 
 def _capture_context(run: Run):
