@@ -244,3 +244,18 @@ def test_atomic_writes_leave_no_temp_files(tmp_path, tiny_sd, monkeypatch):
         atomic_write_bytes(target, b"new")
     assert target.read_text() == "old"  # the old file is intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "f.txt", "t.safetensors"]
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    """mkstemp creates 0600 files; what we write must get the mode the umask gives an ordinary file."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        p = atomic_write_bytes(tmp_path / "a.bin", b"x")
+        assert (p.stat().st_mode & 0o777) == 0o644
+        os.umask(0o077)
+        q = atomic_write_bytes(tmp_path / "b.bin", b"x")
+        assert (q.stat().st_mode & 0o777) == 0o600
+    finally:
+        os.umask(old)

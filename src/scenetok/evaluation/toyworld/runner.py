@@ -110,11 +110,18 @@ def estimate_cpu_seconds(job: dict, seeds: int, steps: int) -> float:
 
 
 def _init_worker(threads: int) -> None:
+    """A spawned worker: the libraries' loading bars and notices off (one line per finished run is the
+    benchmark's own output), ``threads`` torch threads."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    import diffusers.utils.logging as dlog
     import torch
+    import transformers.utils.logging as tlog
+
+    tlog.disable_progress_bar()
+    dlog.disable_progress_bar()
 
     torch.set_num_threads(max(1, int(threads)))
 
