@@ -221,3 +221,20 @@ def test_adapter_options_and_errors(tiny_sd, two_square_scene, tmp_path):
     with pytest.raises(ConfigError, match="nothing to adapt"):  # ti-m trains only handles
         train(two_square_scene, tmp_path / "ti", method="ti-m", model=str(tiny_sd), progress=False,
               overrides=["train.steps=1", "collage.num_images=2", "adapter.type=lora"])
+
+
+def test_incompatible_peft_is_named_as_such():
+    """transformers' PEFT integration can refuse the installed peft (transformers 5.24 with peft 0.21):
+    that must not be reported as 'no module matches'."""
+    import types
+
+    from scenetok.lora import add_lora
+
+    def refuse(*a, **k):
+        raise ValueError("The version of PEFT you are using is not compatible, please use a version >= 0.22.0")
+
+    te = types.SimpleNamespace(add_adapter=refuse)
+    acfg = {"rank": 4, "alpha": 0, "dropout": 0.0, "targets": [], "text_encoder_targets": ["q_proj"]}
+    with pytest.raises(ConfigError, match="do not work together") as info:
+        add_lora(None, te, ("text_encoder",), acfg)
+    assert "transformers<5.24" in info.value.hint

@@ -195,6 +195,9 @@ def add_lora(unet, text_encoder, groups, acfg: dict, seed: int = 0) -> LoraSet |
         try:
             text_encoder.add_adapter(cfg, adapter_name=ADAPTER_NAME)
         except ValueError as e:
+            if "version of PEFT" in str(e):  # transformers' PEFT integration refuses the installed peft
+                raise ConfigError(f"text-encoder LoRA: the installed transformers and peft do not work together ({e})",
+                                  hint="pip install 'transformers<5.24' (or a newer peft)") from None
             raise ConfigError(f"adapter.text_encoder_targets {acfg['text_encoder_targets']} match no "
                               f"text-encoder module: {e}",
                               hint="name linear layers of the text encoder, e.g. "
