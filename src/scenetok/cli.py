@@ -301,12 +301,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _comma_list(text: str) -> list[str]:
+    """``"a, b,,c "`` → ``["a", "b", "c"]``."""
+    return [w.strip() for w in text.split(",") if w.strip()]
+
+
 def _split_concepts(text: str, n_scenes: int) -> list[list[str]]:
     groups = [g for g in text.split(";")]
     if len(groups) != n_scenes:
         raise ScenetokError(f"--concepts names {len(groups)} group(s) for {n_scenes} scene folder(s)",
                             hint='separate the concepts of each scene with ";", e.g. --concepts "dog; background"')
-    return [[w.strip() for w in g.split(",") if w.strip()] for g in groups]
+    return [_comma_list(g) for g in groups]
 
 
 def adapter_overrides(args) -> list[str]:
@@ -511,10 +516,9 @@ def _cmd_eval(args) -> int:
 def _cmd_benchmark_toyworld(args) -> int:
     from scenetok.evaluation.toyworld import run_toyworld_benchmark
 
-    split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
     result = run_toyworld_benchmark(
-        args.output, quick=args.quick, methods=split(args.methods) or None, ablations=not args.no_ablations,
-        scenes=split(args.scenes) or None, seeds=args.seeds, model=args.model, jobs=args.jobs, steps=args.steps,
+        args.output, quick=args.quick, methods=_comma_list(args.methods) or None, ablations=not args.no_ablations,
+        scenes=_comma_list(args.scenes) or None, seeds=args.seeds, model=args.model, jobs=args.jobs, steps=args.steps,
         guidance=args.guidance, overrides=args.overrides, train_steps=args.train_steps, keep_bundles=args.keep_bundles,
         device=args.device,
         estimate_only=args.estimate, log=(lambda *a: None) if args.quiet else print)

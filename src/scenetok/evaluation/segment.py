@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from scenetok.errors import ConfigError
+from scenetok.errors import ConfigError, ModelLoadError
 
 from scenetok.evaluation.defaults import DEFAULT_MASKFORMER
 
@@ -176,8 +176,6 @@ class TextSamSegmenter:
 
 def _reraise_if_fatal(exc: Exception) -> None:
     """A model that cannot load is the user's to fix; a query not found in an image is a result."""
-    from scenetok.errors import ModelLoadError
-
     if isinstance(exc, (ModelLoadError, ConfigError)):
         raise exc
 

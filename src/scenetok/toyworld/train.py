@@ -275,13 +275,10 @@ def train_toy_sd(
         info["vae_from"] = str(vae_from)
         _log(f"VAE loaded from {vae_from}; stage 1 skipped")
     t_vae = time.time()
-    step = 0
     if not vae_from:
-        step = train_vae(vae, images, fg, steps=vae_steps, batch_size=vae_batch_size, lr=vae_lr, crop=vae_crop,
-                         fg_weight=vae_fg_weight, rng=rng, gen=gen, device=device, log_every=log_every,
-                         minutes=vae_minutes)
-    if not vae_from:
-        info["vae_steps"] = step
+        info["vae_steps"] = train_vae(vae, images, fg, steps=vae_steps, batch_size=vae_batch_size, lr=vae_lr,
+                                      crop=vae_crop, fg_weight=vae_fg_weight, rng=rng, gen=gen, device=device,
+                                      log_every=log_every, minutes=vae_minutes)
         info["vae_seconds"] = round(time.time() - t_vae)
     gen = torch.Generator().manual_seed(seed + 1)  # stage 2's own random streams
     rng = np.random.default_rng([seed, 3])

@@ -459,7 +459,7 @@ def _setup_phase(run: Run, phase: Phase) -> torch.optim.Optimizer:
             raise ConfigError("optim.use_8bit needs bitsandbytes", hint="pip install bitsandbytes") from None
         optimizer = bnb.optim.AdamW8bit(groups, **kwargs)
     else:
-        optimizer = adamw(groups, fused=bool(o.get("fused", True)), **kwargs)
+        optimizer = adamw(groups, fused=bool(o["fused"]), **kwargs)
     optimizer = run.accelerator.prepare_optimizer(optimizer, device_placement=False)
     run.trainable = params + adapters
     return optimizer
