@@ -110,3 +110,66 @@ def test_main_rejects_bad_arguments(tmp_path):
 
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "x"), "--unet-steps", "0"])
+
+
+def _tiny_train(out, **kw):
+    from scenetok.toyworld.train import train_toy_sd
+
+    args = dict(seed=0, vae_steps=2, unet_steps=5, batch_size=2, vae_batch_size=2, n_images=6,
+                save_every_minutes=None, eval_every_minutes=None, checkpoint_every_minutes=1e-9, log_every=1,
+                progress=False)
+    args.update(kw)
+    return train_toy_sd(out, **args)
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return {f"{sub}.{k}": v for sub in ("unet", "text_encoder", "vae")
+            for f in sorted((folder / sub).glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+def test_train_resume_after_interrupt_is_exact(tmp_path, monkeypatch):
+    """Ctrl-C in the middle of UNet step 4, then --resume: the same weights, bit for bit, as a run that was
+    never interrupted; the resumable state is removed once the model is saved."""
+    from scenetok.toyworld import world
+    from scenetok.toyworld.train import checkpoint_dir
+
+    ref = _weights(_tiny_train(tmp_path / "ref"))
+
+    real_caption = world.caption
+    calls = {"n": 0}
+
+    def flaky_caption(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2 * 3 + 1:  # batch 2: the first caption of step 4
+            raise KeyboardInterrupt
+        return real_caption(*a, **k)
+
+    monkeypatch.setattr(world, "caption", flaky_caption)
+    with pytest.raises(KeyboardInterrupt):
+        _tiny_train(tmp_path / "run")
+    assert (checkpoint_dir(tmp_path / "run") / "checkpoint" / "state.json").is_file()
+    state = json.loads((checkpoint_dir(tmp_path / "run") / "checkpoint" / "state.json").read_text())
+    assert state["progress"]["step"] == 3
+    with pytest.raises(FileExistsError, match="--resume"):
+        _tiny_train(tmp_path / "run")
+    monkeypatch.setattr(world, "caption", real_caption)
+    out = _tiny_train(tmp_path / "run", resume=True)
+    got = _weights(out)
+    assert got.keys() == ref.keys()
+    diff = max((got[k].float() - ref[k].float()).abs().max().item() for k in ref)
+    assert diff == 0.0
+    assert not checkpoint_dir(out).exists()
+
+
+def test_train_resume_without_state_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="start without --resume"):
+        _tiny_train(tmp_path / "none", resume=True)
+
+
+def test_train_periodic_oracle_scores_are_recorded(tmp_path):
+    out = _tiny_train(tmp_path / "s", unet_steps=2, eval_every_minutes=1e-9, eval_n=2, checkpoint_every_minutes=None)
+    info = json.loads((out / "training_info.json").read_text())
+    assert [r["step"] for r in info["scores"]][-1] == 2
+    assert all(0.0 <= r["background"] <= 1.0 and 0.0 <= r["shape"] <= 1.0 for r in info["scores"])

@@ -76,3 +76,16 @@ def test_loss_plot(tmp_path, monkeypatch):
     assert viz.loss_plot([], tmp_path / "empty.png") is None and not (tmp_path / "empty.png").exists()
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # matplotlib missing: skip silently
     assert viz.loss_plot(rows, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+
+
+def test_overlay_heatmap_spreads_small_probabilities_for_display():
+    """Attention probabilities are small (spread over 77 tokens): the overlay must still show where the map
+    is high, not paint everything in the coldest colour."""
+    img = np.full((32, 32, 3), 128, dtype=np.uint8)
+    heat = np.full((8, 8), 0.001, dtype=np.float32)
+    heat[:, 4:] = 0.004
+    a = np.asarray(viz.overlay_heatmap(img, heat, alpha=1.0)).astype(int)
+    assert a[:, 24:, 0].mean() > a[:, 24:, 2].mean() + 100  # high side red
+    assert a[:, :8, 2].mean() > a[:, :8, 0].mean() + 100  # low side blue
+    raw = np.asarray(viz.overlay_heatmap(img, heat, alpha=1.0, normalize=False)).astype(int)
+    assert np.abs(raw[:, 24:] - raw[:, :8]).mean() < 10  # as-is: both sides the same cold colour

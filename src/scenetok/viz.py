@@ -63,11 +63,12 @@ def normalize_map(heat) -> np.ndarray:
     return (h - lo) / (hi - lo)
 
 
-def overlay_heatmap(image, heat, alpha: float = 0.5) -> Image.Image:
+def overlay_heatmap(image, heat, alpha: float = 0.5, normalize: bool = True) -> Image.Image:
     """Blend a colour-mapped heat map over ``image``; returns an RGB image of the image's size.
 
-    ``heat`` is ``(h, w)`` (numpy or torch), upsampled bilinearly to the image size. Values already in
-    [0, 1] are used as they are; any other range is min-max normalized first.
+    ``heat`` is ``(h, w)`` (numpy or torch), upsampled bilinearly to the image size. By default the map is
+    min-max normalized for display, so a map of small probabilities (attention is spread over 77 tokens)
+    still shows where it is high; ``normalize=False`` keeps values that are already in [0, 1] as they are.
     """
     img = _to_pil(image)
     h = _to_numpy(heat)
@@ -75,7 +76,7 @@ def overlay_heatmap(image, heat, alpha: float = 0.5) -> Image.Image:
         h = np.squeeze(h)
         if h.ndim != 2:
             raise ValueError(f"heat map must be 2-D (h, w), got shape {tuple(_to_numpy(heat).shape)}")
-    if not (np.nanmin(h) >= 0.0 and np.nanmax(h) <= 1.0):
+    if normalize or not (np.nanmin(h) >= 0.0 and np.nanmax(h) <= 1.0):
         h = normalize_map(h)
     up = Image.fromarray(np.nan_to_num(h).astype(np.float32)).resize(img.size, Image.BILINEAR)
     colored = Image.fromarray(colormap(np.asarray(up)))

@@ -192,7 +192,9 @@ def _write_report(out_dir, sc, spec, bundle, maps_over_time, results, rows, summ
     img = Image.fromarray(sc.image)
     parts.append("<h2>Input and masks</h2><div class='row'>")
     parts.append(f"<div class='card'><img src='{_png_data_uri(big(img))}'><br>input</div>")
-    parts.append(f"<div class='card'><img src='{_png_data_uri(big(viz.mask_overlay(img, sc.masks(), [f'{t} {c.name}' for t, c in zip(tokens, sc.concepts)])))}'><br>masks</div>")
+    # masks drawn on the enlarged input with the handle names only: at 64 px the labels covered the masks
+    parts.append(f"<div class='card'><img src='{_png_data_uri(viz.mask_overlay(big(img), sc.masks(), list(tokens)))}'>"
+                 "<br>masks</div>")
     if spec is not None:
         parts.append("<div class='card'><b>handles</b><br>" + "<br>".join(
             f"{e(t)} = {e(world.object_phrase(o))}" for t, o in zip(tokens, spec.objects)) + "</div>")

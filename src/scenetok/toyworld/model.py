@@ -29,10 +29,12 @@ PROMPT_WORDS = ("a", "photo", "of", "and", "on", "background")
 class ToySDArch:
     """Sizes of the toy-sd parts (the defaults are the shipped model)."""
 
-    vae_channels: tuple[int, ...] = (32, 64, 64)
-    unet_channels: tuple[int, ...] = (64, 128, 128)
-    unet_blocks: tuple[str, ...] = ("cross", "cross", "plain")  # 16×16, 8×8, 4×4
+    vae_channels: tuple[int, ...] = (32, 64)  # one block per entry; down-sampling 2**(len - 1)
+    unet_channels: tuple[int, ...] = (32, 64, 128)
+    unet_blocks: tuple[str, ...] = ("plain", "cross", "cross")  # 32×32, 16×16, 8×8
     layers_per_block: int = 1
+    vae_layers_per_block: int = 1
+    mid_block: str = "cross"  # "cross" (UNetMidBlock2DCrossAttn) or "plain" (UNetMidBlock2D)
     attention_head_dim: int = 32
     text_hidden: int = 128
     text_layers: int = 3
@@ -40,6 +42,14 @@ class ToySDArch:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# v1: the first shipped toy-sd (down-sampling ×4, 16×16 latents); v2: down-sampling ×2, 32×32 latents
+# (docs/toy-sd.md has the diagnosis that led from one to the other).
+ARCHS: dict[str, ToySDArch] = {
+    "v1": ToySDArch(vae_channels=(32, 64, 64), unet_channels=(64, 128, 128), unet_blocks=("cross", "cross", "plain")),
+    "v2": ToySDArch(),
+}
 
 
 def toy_sd_path() -> Path:
@@ -92,7 +102,7 @@ def build_toy_sd(path_or_none: str | Path | None = None, seed: int = 0, arch: To
     torch.manual_seed(seed)
     tokenizer = _build_tokenizer(toy_vocabulary())
     n = len(a.vae_channels)
-    assert 2 ** (n - 1) == VAE_FACTOR, "the VAE must down-sample by 4 (three blocks)"
+    factor = 2 ** (n - 1)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -100,7 +110,7 @@ def build_toy_sd(path_or_none: str | Path | None = None, seed: int = 0, arch: To
         up_block_types=("UpDecoderBlock2D",) * n,
         block_out_channels=a.vae_channels,
         latent_channels=LATENT_CHANNELS,
-        layers_per_block=1,
+        layers_per_block=a.vae_layers_per_block,
         norm_num_groups=16,
         sample_size=RESOLUTION,
         scaling_factor=1.0,  # replaced by 1/std of the latents after VAE training
@@ -109,12 +119,12 @@ def build_toy_sd(path_or_none: str | Path | None = None, seed: int = 0, arch: To
     up = tuple("CrossAttnUpBlock2D" if b == "cross" else "UpBlock2D" for b in reversed(a.unet_blocks))
     heads = tuple(max(1, c // a.attention_head_dim) for c in a.unet_channels)
     unet = UNet2DConditionModel(
-        sample_size=RESOLUTION // VAE_FACTOR,
+        sample_size=RESOLUTION // factor,
         in_channels=LATENT_CHANNELS,
         out_channels=LATENT_CHANNELS,
         down_block_types=down,
         up_block_types=up,
-        mid_block_type="UNetMidBlock2DCrossAttn",
+        mid_block_type="UNetMidBlock2DCrossAttn" if a.mid_block == "cross" else "UNetMidBlock2D",
         block_out_channels=a.unet_channels,
         layers_per_block=a.layers_per_block,
         cross_attention_dim=a.text_hidden,

@@ -204,10 +204,21 @@ def save_pipeline(pipe, out_dir: str | Path, *, extra_info: dict | None = None) 
 
 
 # ---------------------------------------------------------------------------------------------- train
+def checkpoint_dir(out_dir: str | Path) -> Path:
+    """Where a run that writes ``out_dir`` keeps its resumable state (beside it, never inside it)."""
+    out_dir = Path(out_dir)
+    return out_dir.parent / f"{out_dir.name}.train-state"
+
+
+def _rng_state(rng: np.random.Generator, gen) -> dict:
+    return {"np": rng.bit_generator.state, "torch": gen.get_state()}
+
+
 def train_toy_sd(
     out_dir: str | Path,
     *,
     seed: int = 0,
+    arch=None,
     vae_steps: int = 1500,
     unet_steps: int = 6000,
     batch_size: int = 32,
@@ -219,38 +230,69 @@ def train_toy_sd(
     vae_minutes: float | None = None,
     render_minutes: float | None = None,
     save_every_minutes: float | None = 10.0,
+    checkpoint_every_minutes: float | None = 5.0,
+    eval_every_minutes: float | None = 15.0,
+    eval_n: int = 48,
     log_every: int = 50,
     lr: float = 3e-4,
     vae_lr: float = 1e-3,
     ema_decay: float = 0.999,
+    bf16: bool = False,
     device: str = "cpu",
     threads: int | None = 2,
     vae_from: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
 ) -> Path:
-    """Train toy-sd from scratch and save it (diffusers folder, safetensors) at ``out_dir``."""
+    """Train toy-sd from scratch and save it (diffusers folder, safetensors) at ``out_dir``.
+
+    Every ``checkpoint_every_minutes`` the whole state (weights, EMA, optimizer, position in the schedule,
+    random streams) goes to :func:`checkpoint_dir`; ``resume=True`` continues from there to the same
+    schedule (the data set is rendered again from ``seed``: the same scenes, bit for bit). Every
+    ``eval_every_minutes`` the EMA weights are scored by the oracle on ``eval_n`` unseen captions; the
+    scores are printed and kept in ``training_info.json`` (``scores``)."""
     import torch
     import torch.nn.functional as F
     from diffusers import DDIMScheduler
+    from tqdm.auto import tqdm
 
     from scenetok.toyworld import world
-    from scenetok.toyworld.model import build_toy_sd, count_params
+    from scenetok.toyworld.model import ToySDArch, build_toy_sd, count_params
+    from scenetok.training.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 
     if threads:
         torch.set_num_threads(threads)
+    arch = arch or ToySDArch()
     t_start = time.time()
     out_dir = Path(out_dir)
+    ckpt = checkpoint_dir(out_dir)
+    state = None
+    if resume:
+        if not has_checkpoint(ckpt):
+            raise FileNotFoundError(f"no training state to resume from in {ckpt}; start without --resume")
+        state = load_checkpoint(ckpt)
+        saved = state["run_state"]["args"]
+        if saved["seed"] != seed or saved["arch"] != json.loads(json.dumps(arch.to_dict())):
+            raise ValueError(f"{ckpt} was written by a run with seed {saved['seed']} and arch {saved['arch']}; "
+                             f"resume with the same settings")
+    elif has_checkpoint(ckpt):
+        raise FileExistsError(f"{ckpt} holds the state of an unfinished run; pass --resume to continue it, or "
+                              f"remove that folder to start again")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng([seed, 2])
 
-    # ---- data
+    # ---- data (rendered again on resume: the same seed gives the same scenes)
     images, specs, fg = render_dataset(n_images, seed, max_seconds=None if not render_minutes else render_minutes * 60,
                                        with_masks=True)
     n = len(specs)
     _log(f"data: {n} scenes rendered in {time.time() - t_start:.0f}s")
+    if state is not None and n != state["run_state"]["info"]["n_images"]:
+        raise RuntimeError(f"rendered {n} scenes but the saved run had {state['run_state']['info']['n_images']}; "
+                           "resume without --render-minutes")
 
     # ---- scheduler: zero terminal SNR, v-prediction, trailing spacing
-    pipe = build_toy_sd(None, seed)
+    pipe = build_toy_sd(None, seed, arch)
     pipe.scheduler = DDIMScheduler.from_config(
         pipe.scheduler.config, prediction_type="v_prediction", rescale_betas_zero_snr=True,
         timestep_spacing="trailing",
@@ -258,35 +300,54 @@ def train_toy_sd(
     vae, unet, te, tok = pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer
     vae.to(device), unet.to(device), te.to(device)
     info = {
-        "seed": seed, "params": {k: count_params(getattr(pipe, k)) for k in ("vae", "unet", "text_encoder")},
+        "seed": seed, "arch": arch.to_dict(),
+        "params": {k: count_params(getattr(pipe, k)) for k in ("vae", "unet", "text_encoder")},
         "n_images": n, "batch_size": batch_size, "vae_batch_size": vae_batch_size, "vae_crop": vae_crop,
-        "vae_fg_weight": vae_fg_weight, "lr": lr, "vae_lr": vae_lr,
+        "vae_fg_weight": vae_fg_weight, "lr": lr, "vae_lr": vae_lr, "bf16": bf16,
         "ema_decay": ema_decay, "caption_dropout": CAPTION_DROPOUT, "threads": threads, "device": device,
+        "scores": [],
     }
+    args_key = {"seed": seed, "arch": arch.to_dict()}
+    if state is not None:
+        info = state["run_state"]["info"]
     _log(f"params: {info['params']}")
+    prog = dict(state["progress"]) if state is not None else {"stage": "vae", "step": 0}
+    last_ckpt = time.time()
+
+    def checkpoint(tensors: dict, opt, progress_now: dict):
+        save_checkpoint(ckpt, trainable=tensors, optimizer=opt, torch_gen=gen, np_rng=rng, progress=progress_now,
+                        run_state={"info": info, "args": args_key})
 
     # ---- stage 1: VAE (or a VAE trained by an earlier run of the same seed: stage 2 draws from its own
     # random streams, so training the UNet on a loaded VAE gives the same result as the full run)
-    if vae_from:
+    if vae_from and prog["stage"] == "vae":
         from diffusers import AutoencoderKL
 
         loaded = AutoencoderKL.from_pretrained(str(vae_from), subfolder="vae", use_safetensors=True)
         vae.load_state_dict(loaded.state_dict())
         info["vae_from"] = str(vae_from)
         _log(f"VAE loaded from {vae_from}; stage 1 skipped")
-    t_vae = time.time()
-    if not vae_from:
+    elif prog["stage"] == "vae":
+        t_vae = time.time()
         info["vae_steps"] = train_vae(vae, images, fg, steps=vae_steps, batch_size=vae_batch_size, lr=vae_lr,
                                       crop=vae_crop, fg_weight=vae_fg_weight, rng=rng, gen=gen, device=device,
                                       log_every=log_every, minutes=vae_minutes)
         info["vae_seconds"] = round(time.time() - t_vae)
-    gen = torch.Generator().manual_seed(seed + 1)  # stage 2's own random streams
-    rng = np.random.default_rng([seed, 3])
+    else:
+        vae.load_state_dict({k[4:]: v for k, v in state["trainable"].items() if k.startswith("vae.")})
+        _log(f"resumed: VAE restored, UNet stage at step {prog['step']}")
     vae.eval()
     vae.requires_grad_(False)
+    if prog["stage"] == "vae":  # stage 2's own random streams
+        gen = torch.Generator().manual_seed(seed + 1)
+        rng = np.random.default_rng([seed, 3])
+        prog = {"stage": "unet", "step": 0, "seconds": 0.0}
+        checkpoint({f"vae.{k}": v for k, v in vae.state_dict().items()}, None, prog)
+        last_ckpt = time.time()
 
     # ---- encode the data set once
     t_enc = time.time()
+    enc_gen = torch.Generator().manual_seed(seed + 2)
     # both the images and their mirror images (every toy shape is left-right symmetric and captions never
     # name positions, so a flip is a free second view of each scene): index [flip, scene]
     means, stds = [[], []], [[], []]
@@ -300,7 +361,7 @@ def train_toy_sd(
     lat_mean = torch.stack([torch.cat(m) for m in means])
     lat_std = torch.stack([torch.cat(s) for s in stds])
     with torch.no_grad():
-        sample = lat_mean[0] + lat_std[0] * torch.randn(lat_mean[0].shape, generator=gen)
+        sample = lat_mean[0] + lat_std[0] * torch.randn(lat_mean[0].shape, generator=enc_gen)
         recon = vae.decode(sample[:64].to(device)).sample.cpu()
         rec_err = (recon - _to_tensor(images[:64])).abs().mean().item()
     scaling = float(1.0 / sample.std())
@@ -311,6 +372,7 @@ def train_toy_sd(
          f"{scaling:.4f}; recon L1 {rec_err:.4f} (on [-1,1])")
     lat_mean = lat_mean * scaling
     lat_std = lat_std * scaling
+    del images, fg
 
     # ---- stage 2: UNet + text encoder
     def encode_captions(caps):
@@ -321,15 +383,55 @@ def train_toy_sd(
     acp = pipe.scheduler.alphas_cumprod.to(device)
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2, betas=(0.9, 0.99))
-    total_ref = [unet_steps]
+    total_ref = [int(prog.get("total", unet_steps))]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(200, max(1, unet_steps // 10)), total_ref))
     ema = _EMA(params, ema_decay)
+    step = int(prog["step"])
+    if state is not None and step > 0:
+        tr = state["trainable"]
+        unet.load_state_dict({k[5:]: v for k, v in tr.items() if k.startswith("unet.")})
+        te.load_state_dict({k[3:]: v for k, v in tr.items() if k.startswith("te.")})
+        with torch.no_grad():
+            for i, s_ in enumerate(ema.shadow):
+                s_.copy_(tr[f"ema.{i}"])
+        opt.load_state_dict(state["optimizer"])
+        sched.last_epoch = step
+        for g_, lr_ in zip(opt.param_groups, sched.get_lr()):
+            g_["lr"] = lr_
+    if state is not None and prog["stage"] == "unet":
+        gen.set_state(state["torch_rng"])
+        rng.bit_generator.state = state["numpy_rng"]
     unet.train()
     te.train()
-    t_unet = time.time()
-    last_save = time.time()
-    step = 0
-    run_loss = 0.0
+    seconds_before = float(prog.get("seconds", 0.0))
+    t_unet = time.time() - seconds_before
+    last_save = last_eval = time.time()
+    run_loss, n_loss = 0.0, 0
+    amp = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
+
+    def snapshot_state() -> dict:
+        tensors = {f"vae.{k}": v for k, v in vae.state_dict().items()}
+        tensors.update({f"unet.{k}": v for k, v in unet.state_dict().items()})
+        tensors.update({f"te.{k}": v for k, v in te.state_dict().items()})
+        tensors.update({f"ema.{i}": s_ for i, s_ in enumerate(ema.shadow)})
+        return tensors
+
+    def score_now() -> dict:
+        ema.swap()
+        unet.eval(), te.eval()
+        try:
+            res = evaluate_toy_sd(pipe=pipe, n=eval_n, seed=seed + 17, steps=20, guidance=5.0, batch=eval_n)
+        finally:
+            unet.train(), te.train()
+            ema.swap()
+        row = {"step": step, "minutes": round((time.time() - t_unet) / 60, 1),
+               **{k: round(res[k], 4) for k in ("background", "color", "shape", "texture", "no_extra", "all_ok")}}
+        info["scores"].append(row)
+        _log("oracle (EMA, %d captions): " % eval_n + " ".join(f"{k}={v}" for k, v in row.items()))
+        return row
+
+    bar = tqdm(total=total_ref[0], initial=step, desc="toy-sd UNet", disable=not progress, dynamic_ncols=True,
+               mininterval=2.0)
     while step < total_ref[0]:
         idx = rng.integers(0, n, batch_size)
         caps = [world.caption(specs[i], rng) if rng.random() >= CAPTION_DROPOUT else "" for i in idx]
@@ -343,8 +445,9 @@ def train_toy_sd(
         s = (1 - acp[t]).sqrt().view(-1, 1, 1, 1)
         xt = a * x0 + s * noise
         target = a * noise - s * x0
-        pred = unet(xt, t, encode_captions(caps)).sample
-        loss = F.mse_loss(pred, target)
+        with amp:
+            pred = unet(xt, t, encode_captions(caps)).sample
+        loss = F.mse_loss(pred.float(), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -353,27 +456,43 @@ def train_toy_sd(
         ema.update(step)
         step += 1
         run_loss += loss.item()
+        n_loss += 1
+        bar.update(1)
         if minutes and step % 25 == 0:  # re-plan the step count from the measured speed
             total_ref[0] = _replan(step, unet_steps, t_unet, minutes)
+            bar.total = total_ref[0]
         if step % log_every == 0 or step == total_ref[0]:
             el = time.time() - t_unet
-            _log(f"unet step {step}/{total_ref[0]} loss={run_loss / (log_every if step % log_every == 0 else 1):.4f} "
-                 f"lr={sched.get_last_lr()[0]:.2e} {el / step:.2f}s/step elapsed {el / 60:.1f}min")
-            run_loss = 0.0
-        if save_every_minutes and time.time() - last_save > save_every_minutes * 60 and step < total_ref[0]:
+            bar.set_postfix(loss=f"{run_loss / n_loss:.4f}", refresh=False)
+            if not progress:
+                _log(f"unet step {step}/{total_ref[0]} loss={run_loss / n_loss:.4f} lr={sched.get_last_lr()[0]:.2e} "
+                     f"elapsed {el / 60:.1f}min")
+            run_loss, n_loss = 0.0, 0
+        now = time.time()
+        if eval_every_minutes and now - last_eval > eval_every_minutes * 60 and step < total_ref[0]:
+            score_now()
+            last_eval = time.time()
+        if save_every_minutes and now - last_save > save_every_minutes * 60 and step < total_ref[0]:
             ema.swap()
             save_pipeline(pipe, out_dir, extra_info={**info, "unet_steps": step, "snapshot": True})
             ema.swap()
             last_save = time.time()
-            _log(f"snapshot (EMA) saved at step {step}")
+        if checkpoint_every_minutes and now - last_ckpt > checkpoint_every_minutes * 60 and step < total_ref[0]:
+            checkpoint(snapshot_state(), opt, {"stage": "unet", "step": step, "total": total_ref[0],
+                                               "seconds": time.time() - t_unet})
+            last_ckpt = time.time()
+    bar.close()
     info["unet_steps"] = step
     info["unet_seconds"] = round(time.time() - t_unet)
-    info["total_seconds"] = round(time.time() - t_start)
+    info["total_seconds"] = round(time.time() - t_start) + round(seconds_before)
+    if eval_every_minutes:
+        score_now()
     ema.swap()
     unet.eval()
     te.eval()
     path = save_pipeline(pipe, out_dir, extra_info=info)
-    _log(f"saved {path} after {info['total_seconds'] / 60:.1f} min")
+    shutil.rmtree(ckpt, ignore_errors=True)
+    _log(f"saved {path} after {info['unet_seconds'] / 60:.1f} min of UNet training")
     return path
 
 
@@ -463,12 +582,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--save-every-minutes", type=float, default=10)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--arch", default="v2", help="model sizes: v2 (32×32 latents, shipped) or v1 (16×16 latents)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the UNet stage (~25 %% faster on CPUs "
+                   "with AVX-512 BF16 or AMX)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.train-state")
+    p.add_argument("--checkpoint-every-minutes", type=float, default=5,
+                   help="write the resumable state this often (0 = never)")
+    p.add_argument("--eval-every-minutes", type=float, default=15,
+                   help="score the EMA weights with the oracle this often, and at the end (0 = never)")
+    p.add_argument("--eval-n", type=int, default=48, help="captions per periodic oracle score")
+    p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--vae-from", default=None, help="skip stage 1: take the VAE of this toy-sd folder (trained "
                    "by an earlier run with the same seed gives the same result as the full run)")
     p.add_argument("--eval", type=int, default=0, help="after training, score N unseen captions with the oracle")
     a = p.parse_args(argv)
+    from scenetok.toyworld.model import ARCHS
+
+    if a.arch not in ARCHS:
+        p.error(f"--arch must be one of {', '.join(ARCHS)}")
     if min(a.vae_steps, a.unet_steps, a.batch_size, a.n_images) < 1:
         p.error("--vae-steps, --unet-steps, --batch-size and --n-images must be >= 1")
     path = train_toy_sd(
@@ -476,7 +609,9 @@ def main(argv: list[str] | None = None) -> int:
         vae_batch_size=a.vae_batch_size, vae_crop=a.vae_crop, vae_fg_weight=a.vae_fg_weight, n_images=a.n_images, minutes=a.minutes or None,
         vae_minutes=a.vae_minutes or None, render_minutes=a.render_minutes or None,
         save_every_minutes=a.save_every_minutes or None, log_every=a.log_every, lr=a.lr, device=a.device,
-        threads=a.threads, vae_from=a.vae_from,
+        threads=a.threads, vae_from=a.vae_from, arch=ARCHS[a.arch], bf16=a.bf16, resume=a.resume,
+        checkpoint_every_minutes=a.checkpoint_every_minutes or None, eval_every_minutes=a.eval_every_minutes or None,
+        eval_n=a.eval_n, progress=not a.no_progress,
     )
     if a.eval:
         res = evaluate_toy_sd(path, n=a.eval, seed=a.seed)
