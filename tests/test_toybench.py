@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from scenetok.errors import ConfigError
 from scenetok.evaluation import tables
 from scenetok.evaluation.toyworld import report, scoring
 from scenetok.evaluation.toyworld import suite as S
@@ -267,3 +268,16 @@ def test_tiny_benchmark_end_to_end(tmp_path, one_thread, capsys):
     assert main(args) == 0
     assert "(1 already done)" in capsys.readouterr().out
     assert (run / "run.json").stat().st_mtime_ns == stamp
+
+
+def test_tuning_scenes_share_nothing_with_the_suite():
+    """Toy settings are tuned on scenes that the reported suite never uses: no scene name, no object
+    (colour, shape, texture, place) in common."""
+    suite, tuning = S.get_scenes(), S.get_scenes(scene_set="tuning")
+    assert len(tuning) >= 3
+    assert not {s.name for s in suite} & {s.name for s in tuning}
+    objs = lambda scenes: {(o.color, o.shape, o.texture, o.cx, o.cy) for s in scenes for o in s.spec.objects}  # noqa: E731
+    assert not objs(suite) & objs(tuning)
+    assert S.find_scene("tune-pair").name == "tune-pair" and S.find_scene("pair-apart").name == "pair-apart"
+    with pytest.raises(ConfigError):
+        S.get_scenes(scene_set="nope")

@@ -279,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "METHOD:base, METHOD:SWITCH, METHOD:OPTION=VALUE, METHOD:adapter=lora (empty: every method)")
     b.add_argument("--no-ablations", action="store_true", help="only each method's paper recipe")
     b.add_argument("--scenes", default="", help="comma-separated suite scenes (empty: all, or the quick ones)")
+    b.add_argument("--scene-set", default="suite", choices=("suite", "tuning"),
+                   help="suite: the scenes results are reported on; tuning: other scenes, for choosing toy settings")
     b.add_argument("--seeds", type=int, default=2, help="images per prompt")
     b.add_argument("--model", default=None, help="base model (None: the shipped toy-sd)")
     b.add_argument("--jobs", type=int, default=0, help="worker processes (0: one per CPU core, 1 on a GPU)")
@@ -518,7 +520,7 @@ def _cmd_benchmark_toyworld(args) -> int:
 
     result = run_toyworld_benchmark(
         args.output, quick=args.quick, methods=_comma_list(args.methods) or None, ablations=not args.no_ablations,
-        scenes=_comma_list(args.scenes) or None, seeds=args.seeds, model=args.model, jobs=args.jobs, steps=args.steps,
+        scenes=_comma_list(args.scenes) or None, scene_set=args.scene_set, seeds=args.seeds, model=args.model, jobs=args.jobs, steps=args.steps,
         guidance=args.guidance, overrides=args.overrides, train_steps=args.train_steps, keep_bundles=args.keep_bundles,
         device=args.device,
         estimate_only=args.estimate, log=(lambda *a: None) if args.quiet else print)

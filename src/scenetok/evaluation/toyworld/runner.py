@@ -168,7 +168,7 @@ def _train_and_score(job: dict, run_dir: Path) -> dict:
     from scenetok.methods import get_method
     from scenetok.training import method_config, train
 
-    scene = suitelib.get_scenes([job["scene"]])[0]
+    scene = suitelib.find_scene(job["scene"])
     method = get_method(job["method"])
     overrides = list(job["overrides"]) + list(job.get("runtime_overrides", []))
     cfg = method_config(method, None, overrides)
@@ -271,6 +271,7 @@ def run_toyworld_benchmark(
     methods=None,
     ablations: bool = True,
     scenes=None,
+    scene_set: str = "suite",
     seeds: int = 2,
     model: str | None = None,
     jobs: int = 0,
@@ -288,7 +289,8 @@ def run_toyworld_benchmark(
     ``methods``: method names (each with all its ablations unless ``ablations=False``) or variant specs
     (``"break-a-scene:no-attn-loss"``, ``"textual-localization:guidance=soft"``, ``"cd-m:base"``,
     ``"break-a-scene:adapter=lora"``); default every registered method. ``scenes``: scene names (default:
-    the whole suite, or the quick subset with ``quick``). ``seeds``: images per prompt. ``model``: the base
+    the whole suite, or the quick subset with ``quick``). ``scene_set``: ``suite`` (report these) or
+    ``tuning`` (scenes for choosing toy settings; never tune on the suite). ``seeds``: images per prompt. ``model``: the base
     model (default the shipped toy-sd). ``jobs``: worker processes (0: one per CPU core; 1: in this
     process). ``steps`` / ``guidance``: DDIM sampling. ``overrides``: ``--set`` assignments for every run
     (after the toy settings; ``method:key=value`` for one method). ``train_steps``: every method's
@@ -308,7 +310,7 @@ def run_toyworld_benchmark(
     if int(steps) < 1:
         raise ConfigError(f"--steps must be at least 1, got {steps}")
     variants = suitelib.expand_variants(methods, ablations)
-    scene_list = suitelib.get_scenes(scenes, quick)
+    scene_list = suitelib.get_scenes(scenes, quick, scene_set)
     if not variants or not scene_list:
         raise ConfigError("nothing to run: no method variant or no scene selected")
     report.require_matplotlib()

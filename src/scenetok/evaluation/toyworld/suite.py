@@ -125,24 +125,59 @@ SCENES: tuple[SuiteScene, ...] = (
 
 QUICK_SCENES: tuple[str, ...] = ("trio-overlap", "pair-bg")
 
+# Scenes for tuning the toy settings (steps, learning rates), never for reporting: no scene, object or
+# placement of :data:`SCENES` repeats here, so settings chosen on these are not fitted to the suite. Like
+# the suite they mix apart / touching objects, 2–4 concepts, a background concept and one held-out
+# combination (the yellow striped square, the one held-out combination the suite does not use).
+TUNING_SCENES: tuple[SuiteScene, ...] = (
+    _scene("tune-pair", [("square", "yellow", "striped", 0.32, 0.62, 0.36), ("ring", "red", "plain", 0.68, 0.36, 0.34)],
+           "navy", note="2 objects apart; yellow striped square held out"),
+    _scene("tune-trio", [("cross", "purple", "dotted", 0.28, 0.30, 0.34), ("star", "green", "plain", 0.70, 0.34, 0.36),
+                         ("circle", "orange", "striped", 0.48, 0.72, 0.32)],
+           "gray", note="3 objects apart"),
+    _scene("tune-touching-bg", [("triangle", "cyan", "striped", 0.40, 0.46, 0.38), ("circle", "pink", "plain", 0.64, 0.58, 0.34)],
+           "beige", background_concept=True, note="2 objects touching + the beige background as a concept"),
+    _scene("tune-quad", [("ring", "blue", "striped", 0.26, 0.28, 0.30), ("square", "red", "dotted", 0.72, 0.28, 0.28),
+                         ("star", "yellow", "plain", 0.28, 0.72, 0.32), ("triangle", "purple", "striped", 0.72, 0.72, 0.30)],
+           "teal", note="4 objects apart"),
+)
+SCENE_SETS: dict[str, tuple[SuiteScene, ...]] = {"suite": SCENES, "tuning": TUNING_SCENES}
 
-def scene_names() -> list[str]:
-    return [s.name for s in SCENES]
+
+def scene_names(scene_set: str = "suite") -> list[str]:
+    return [s.name for s in _scene_set(scene_set)]
 
 
-def get_scenes(names=None, quick: bool = False) -> list[SuiteScene]:
-    """The scenes of the suite (``quick``: the quick subset), or the ones named, in suite order."""
-    by_name = {s.name: s for s in SCENES}
+def _scene_set(name: str) -> tuple[SuiteScene, ...]:
+    if name not in SCENE_SETS:
+        raise ConfigError(f"unknown scene set {name!r}", hint=f"choose one of: {', '.join(SCENE_SETS)}")
+    return SCENE_SETS[name]
+
+
+def find_scene(name: str) -> SuiteScene:
+    """A scene of any set by its name (names are unique across sets)."""
+    for pool in SCENE_SETS.values():
+        for sc in pool:
+            if sc.name == name:
+                return sc
+    raise ConfigError(f"unknown benchmark scene {name!r}", hint=f"suite scenes: {', '.join(scene_names())}")
+
+
+def get_scenes(names=None, quick: bool = False, scene_set: str = "suite") -> list[SuiteScene]:
+    """The scenes of a set (``suite``: the benchmark's; ``tuning``: the scenes toy settings are tuned on;
+    ``quick``: the suite's quick subset), or the ones named, in set order."""
+    pool = _scene_set(scene_set)
+    by_name = {s.name: s for s in pool}
     if names:
         names = [n.strip() for n in names if n.strip()]
         unknown = [n for n in names if n not in by_name]
         if unknown:
             raise ConfigError(f"unknown benchmark scene(s): {', '.join(unknown)}",
                               hint=f"suite scenes: {', '.join(by_name)}")
-        return [s for s in SCENES if s.name in names]
-    if quick:
+        return [s for s in pool if s.name in names]
+    if quick and scene_set == "suite":
         return [by_name[n] for n in QUICK_SCENES]
-    return list(SCENES)
+    return list(pool)
 
 
 # ----------------------------------------------------------------------------------------------------
