@@ -53,7 +53,14 @@ ARCHS: dict[str, ToySDArch] = {
 
 
 def toy_sd_path() -> Path:
-    """Folder of the shipped, trained toy-sd model (inside the installed package)."""
+    """Folder of the toy-sd model: the shipped one inside the installed package, or the folder named by the
+    environment variable ``SCENETOK_TOY_SD`` (a toy-sd you trained yourself, used wherever the shipped one
+    would be: demo, benchmark, tests)."""
+    import os
+
+    env = os.environ.get("SCENETOK_TOY_SD")
+    if env:
+        return Path(env).expanduser().resolve()
     return Path(__file__).resolve().parent.parent / "assets" / "toy-sd"
 
 
