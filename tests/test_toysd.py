@@ -46,19 +46,19 @@ def test_shipped_architecture(toy_pipe):
     assert all(p.dtype == torch.float32 for p in unet.parameters())
     assert all(p.dtype == torch.float32 for p in toy_pipe.text_encoder.parameters())
     assert isinstance(toy_pipe.scheduler, DDIMScheduler)
-    # v2: the VAE down-samples by 2: 64 px -> 32×32×4 latents; scaling factor was measured, not left at 1
-    assert 2 ** (len(vae.config.block_out_channels) - 1) == 2
+    # VAE down-samples by 4: 64 px -> 16×16×4 latents; scaling factor was measured, not left at 1
+    assert 2 ** (len(vae.config.block_out_channels) - 1) == 4
     assert vae.config.latent_channels == 4
     assert vae.config.scaling_factor != 1.0
-    # no cross-attention at 32×32; cross-attention at 16×16 and at one more resolution
+    # cross-attention at 16×16 (the first down block) and at one more resolution
     res, cross = unet.config.sample_size, []
     for block in unet.down_blocks:
         if getattr(block, "has_cross_attention", False):
             cross.append(res)
         if block.downsamplers is not None:
             res //= 2
-    assert unet.config.sample_size == 32
-    assert 32 not in cross and 16 in cross and len(set(cross)) >= 2, cross
+    assert unet.config.sample_size == 16
+    assert 16 in cross and len(set(cross)) >= 2, cross
     # every caption word is a single token
     ids = toy_pipe.tokenizer("a photo of", add_special_tokens=False).input_ids
     assert len(ids) == 3
@@ -76,7 +76,7 @@ def test_shipped_generates_64px(toy_pipe):
 
 @shipped
 def test_shipped_attention_maps_at_16(toy_pipe):
-    """Hook the first cross-attention layer: its queries cover a 16×16 grid (half the 32×32 latent side)."""
+    """Hook the cross-attention of the first down block: its queries cover the 16×16 latent grid."""
     seen = []
     attn = [m for n, m in toy_pipe.unet.named_modules() if n.endswith("attn2")][0]
     h = attn.register_forward_hook(lambda mod, args, kwargs_out: seen.append(args[0].shape))
@@ -173,3 +173,17 @@ def test_train_periodic_oracle_scores_are_recorded(tmp_path):
     info = json.loads((out / "training_info.json").read_text())
     assert [r["step"] for r in info["scores"]][-1] == 2
     assert all(0.0 <= r["background"] <= 1.0 and 0.0 <= r["shape"] <= 1.0 for r in info["scores"])
+
+
+def test_arch_presets_build_their_latent_sizes():
+    """v1 (shipped): ×4 VAE, 16×16 latents; v2: ×2 VAE, 32×32 latents with no cross-attention at 32×32."""
+    from scenetok.toyworld.model import ARCHS, build_toy_sd
+
+    for name, side, factor in (("v1", 16, 4), ("v2", 32, 2)):
+        pipe = build_toy_sd(None, 0, ARCHS[name])
+        assert pipe.unet.config.sample_size == side
+        assert 2 ** (len(pipe.vae.config.block_out_channels) - 1) == factor
+        with torch.no_grad():
+            lat = pipe.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
+        assert lat.shape == (1, 4, side, side)
+    assert ARCHS["v2"].unet_blocks[0] == "plain"

@@ -29,9 +29,9 @@ PROMPT_WORDS = ("a", "photo", "of", "and", "on", "background")
 class ToySDArch:
     """Sizes of the toy-sd parts (the defaults are the shipped model)."""
 
-    vae_channels: tuple[int, ...] = (32, 64)  # one block per entry; down-sampling 2**(len - 1)
-    unet_channels: tuple[int, ...] = (32, 64, 128)
-    unet_blocks: tuple[str, ...] = ("plain", "cross", "cross")  # 32×32, 16×16, 8×8
+    vae_channels: tuple[int, ...] = (32, 64, 64)  # one block per entry; down-sampling 2**(len - 1)
+    unet_channels: tuple[int, ...] = (64, 128, 128)
+    unet_blocks: tuple[str, ...] = ("cross", "cross", "plain")  # 16×16, 8×8, 4×4
     layers_per_block: int = 1
     vae_layers_per_block: int = 1
     mid_block: str = "cross"  # "cross" (UNetMidBlock2DCrossAttn) or "plain" (UNetMidBlock2D)
@@ -44,11 +44,11 @@ class ToySDArch:
         return asdict(self)
 
 
-# v1: the first shipped toy-sd (down-sampling ×4, 16×16 latents); v2: down-sampling ×2, 32×32 latents
-# (docs/toy-sd.md has the diagnosis that led from one to the other).
+# v1: the shipped toy-sd (down-sampling ×4, 16×16 latents); v2: down-sampling ×2, 32×32 latents, tried
+# on the evidence of the diagnosis and not (yet) better in a CPU budget (docs/toy-sd.md).
 ARCHS: dict[str, ToySDArch] = {
-    "v1": ToySDArch(vae_channels=(32, 64, 64), unet_channels=(64, 128, 128), unet_blocks=("cross", "cross", "plain")),
-    "v2": ToySDArch(),
+    "v1": ToySDArch(),
+    "v2": ToySDArch(vae_channels=(32, 64), unet_channels=(32, 64, 128), unet_blocks=("plain", "cross", "cross")),
 }
 
 
