@@ -14,20 +14,18 @@ killed process never leaves a half-written file or a manifest pointing at files 
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import re
 import shutil
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from scenetok.errors import BundleError
+from scenetok.io import atomic_save_dir, atomic_save_safetensors, atomic_write_bytes, atomic_write_text, png_bytes, sha256_file
 
 MANIFEST_VERSION = 1
 MANIFEST = "manifest.json"
@@ -43,72 +41,6 @@ MODEL_CARD = "README.md"
 # files the trainer adds beside the bundle proper; indexed in the manifest when present
 TRAINER_FILES = ("train_log.jsonl", "loss.png")
 TRAINER_DIRS = ("previews",)
-
-
-# ----------------------------------------------------------------------------------------------------
-# atomic writes
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically: a temporary file in the same folder, then ``os.replace``.
-
-    Readers see either the old file or the complete new one, never a partial write; on any error the
-    temporary file is removed.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
-    # created like an ordinary file (mode 0666 less the umask; mkstemp would make it 0600), never over one
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
-    """:func:`atomic_write_bytes` for text."""
-    return atomic_write_bytes(path, text.encode(encoding))
-
-
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
-                            metadata: dict[str, str] | None = None) -> Path:
-    """Save ``tensors`` as a safetensors file, atomically (tensors are moved to CPU and made contiguous)."""
-    from safetensors.torch import save
-
-    clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    return atomic_write_bytes(path, save(clean, metadata=metadata))
-
-
-def atomic_save_dir(path: str | os.PathLike, fill: Callable[[Path], Any]) -> Path:
-    """Create the folder ``path`` atomically: ``fill(tmp)`` writes into a sibling temporary folder,
-    which then replaces ``path`` (an existing ``path`` is moved aside first and deleted afterwards)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
-    trash = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.old"
-    try:
-        tmp.mkdir()
-        fill(tmp)
-        if path.exists():
-            os.replace(path, trash)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if trash.exists() and not path.exists():
-            os.replace(trash, path)  # put the old folder back
-        raise
-    shutil.rmtree(trash, ignore_errors=True)
-    return path
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -252,24 +184,6 @@ def _json_default(obj):
     if isinstance(obj, torch.dtype):
         return str(obj).replace("torch.", "")
     return str(obj)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _png_bytes(array: np.ndarray) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _to_uint8_image(image) -> np.ndarray:
@@ -488,12 +402,12 @@ def write_bundle(
         }
 
     if image is not None:
-        atomic_write_bytes(out / INPUT_IMAGE, _png_bytes(_to_uint8_image(image)))
+        atomic_write_bytes(out / INPUT_IMAGE, png_bytes(_to_uint8_image(image)))
         written.append(INPUT_IMAGE)
     inputs = [INPUT_IMAGE] if image is not None else []
     for i, extra_image in enumerate(scene_images or [], start=1):
         rel = f"{INPUTS_DIR}/scene{i}.png"
-        atomic_write_bytes(out / rel, _png_bytes(_to_uint8_image(extra_image)))
+        atomic_write_bytes(out / rel, png_bytes(_to_uint8_image(extra_image)))
         written.append(rel)
         inputs.append(rel)
     mask_entries = []
@@ -502,7 +416,7 @@ def write_bundle(
             raise ValueError(f"{len(masks)} masks but {len(mask_scenes)} mask scene indices")
         for i, (m, n) in enumerate(zip(masks, names)):
             rel = f"{MASKS_DIR}/mask{i}.png"
-            atomic_write_bytes(out / rel, _png_bytes(_to_uint8_mask(m)))
+            atomic_write_bytes(out / rel, png_bytes(_to_uint8_mask(m)))
             written.append(rel)
             mask_entries.append({"file": rel, "name": n, "scene": int(mask_scenes[i]) if mask_scenes else 0})
 
@@ -534,7 +448,7 @@ def write_bundle(
             index_paths += [p.relative_to(out).as_posix() for p in sorted((out / d).rglob("*"))
                             if p.is_file() and not p.name.startswith(".")]
     manifest["files"] = {
-        rel: {"bytes": (out / rel).stat().st_size, "sha256": _sha256(out / rel)} for rel in index_paths
+        rel: {"bytes": (out / rel).stat().st_size, "sha256": sha256_file(out / rel)} for rel in index_paths
     }
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2, default=_json_default) + "\n")
     return read_bundle(out)

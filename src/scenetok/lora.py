@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from scenetok.errors import ConfigError
+from scenetok.io import atomic_save_safetensors
 
 ADAPTER_NAME = "scenetok"
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA file name
@@ -253,7 +254,6 @@ def write_lora_dir(folder: str | Path, states: dict[str, dict[str, torch.Tensor]
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
 
-    from scenetok.bundle import atomic_save_safetensors
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,7 @@ from typing import Sequence
 import numpy as np
 
 from scenetok.errors import ConfigError
+from scenetok.io import atomic_write_text
 
 EXCLUDED_CLASSES = ("orange", "banana", "broccoli", "carrot", "zebra", "giraffe")
 MIN_FRACTION = 0.15
@@ -196,7 +197,6 @@ def build_coco_scenes(annotations: str | Path | dict, images_dir: str | Path, ou
     """
     from PIL import Image, ImageOps
 
-    from scenetok.bundle import atomic_write_text
     from scenetok.scene import MAX_CONCEPTS, Scene, save_scene
 
     data = annotations if isinstance(annotations, dict) else load_annotations(annotations)
@@ -336,7 +336,6 @@ def run_coco_benchmark(annotations, images_dir, out_dir, *, max_scenes: int | No
     table = tables.group_mean(summary, ["method"], metrics, count="scenes")
     tables.write_csv(out_dir / "results.csv", table)
     tables.write_csv(out_dir / "results_per_scene.csv", summary)
-    from scenetok.bundle import atomic_write_text
 
     atomic_write_text(out_dir / "results.md", "# COCO benchmark (Break-A-Scene protocol)\n\n"
                       f"{len(report['scenes'])} scenes; per method, the mean over scenes of each bundle's mean.\n\n"

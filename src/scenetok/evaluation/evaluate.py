@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 import shutil
@@ -33,6 +32,7 @@ from scenetok.evaluation import tables
 from scenetok.evaluation.metrics import DEFAULT_CLIP, DEFAULT_DINO
 from scenetok.evaluation.prompts import EvalPrompt, build_prompt_set
 from scenetok.evaluation.segment import DEFAULT_MASKFORMER, SEGMENTERS
+from scenetok.io import atomic_save_safetensors, atomic_write_bytes, atomic_write_text, png_bytes
 
 METRICS = ("clip_t", "clip_i", "identity", "kid", "lpips")
 DEFAULT_METRICS = ("clip_t", "clip_i", "identity", "kid")
@@ -357,7 +357,6 @@ def _run_items(plans, items, opts: EvalOptions, scorers: _Scorers, device: str, 
     """Generate and score ``items`` (``(bundle index, prompt index)`` pairs, grouped by bundle)."""
     from tqdm.auto import tqdm
 
-    from scenetok.bundle import atomic_write_bytes
     from scenetok.generation import generate, load_pipeline
 
     rows, prompt_rows, feats = [], [], {}
@@ -381,7 +380,7 @@ def _run_items(plans, items, opts: EvalOptions, scorers: _Scorers, device: str, 
             files = []
             for i, (g, img) in enumerate(zip(gens, images)):
                 rel = f"images/p{prompt.index:03d}_{i:02d}_seed{g.seed}.png"
-                atomic_write_bytes(plan.out_dir / rel, _png(img))
+                atomic_write_bytes(plan.out_dir / rel, png_bytes(img))
                 files.append(rel)
             r, pr, f = score_prompt(plan, prompt, images, [g.seed for g in gens], files, opts, scorers, size)
             rows += r
@@ -484,20 +483,11 @@ def _feat_key(bi: int, pk: int, i: int) -> str:
     return f"b{bi}_p{pk}_s{i}"
 
 
-def _png(array) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    (array if isinstance(array, Image.Image) else Image.fromarray(array)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 # ----------------------------------------------------------------------------------------------------
 # partial results
 
 
 def _write_partial(folder: Path, tag: str, rows, prompt_rows, feats) -> None:
-    from scenetok.bundle import atomic_save_safetensors, atomic_write_text
 
     folder.mkdir(parents=True, exist_ok=True)
     if feats:
@@ -523,7 +513,6 @@ def _read_partial(folder: Path, tag: str):
 def _merge(plans, rows, prompt_rows, feats, opts: EvalOptions, scorers: _Scorers, out_dir: Path, single: bool,
            work: dict) -> dict:
     from scenetok import __version__
-    from scenetok.bundle import atomic_write_text
     from scenetok.evaluation.metrics import input_views, kid
 
     order = {p.name: p.index for p in plans}
@@ -608,7 +597,6 @@ def _image_columns(rows) -> list[str]:
 
 
 def _write_bundle_outputs(plan: _Plan, entry: dict, opts: EvalOptions) -> None:
-    from scenetok.bundle import atomic_write_text
 
     out = plan.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -627,7 +615,7 @@ def _write_bundle_outputs(plan: _Plan, entry: dict, opts: EvalOptions) -> None:
 
 
 def _data_uri(image) -> str:
-    return "data:image/png;base64," + base64.b64encode(_png(image)).decode()
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
 
 
 def _fmt(v) -> str:
@@ -652,7 +640,6 @@ def _write_bundle_html(plan: _Plan, entry: dict, opts: EvalOptions) -> None:
     from PIL import Image
 
     from scenetok import viz
-    from scenetok.bundle import atomic_write_text
 
     e = html.escape
     out = plan.out_dir
@@ -704,7 +691,6 @@ def _write_bundle_html(plan: _Plan, entry: dict, opts: EvalOptions) -> None:
 
 
 def _write_overview_html(out_dir: Path, bundles: list[dict], opts: EvalOptions) -> None:
-    from scenetok.bundle import atomic_write_text
 
     e = html.escape
     rows = [b["summary"] | {"bundle": f"<a href='{e(b['name'])}/index.html'>{e(b['name'])}</a>"} for b in bundles]

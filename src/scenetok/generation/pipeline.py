@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scenetok.bundle import Bundle, _file_stem, atomic_write_bytes, atomic_write_text, read_bundle
+from scenetok.bundle import Bundle, _file_stem, read_bundle
 from scenetok.errors import BundleError, ConfigError, PromptError
+from scenetok.io import atomic_write_bytes, atomic_write_text, png_bytes
 
 HANDLE_RE = re.compile(r"<[^<>\s|][^<>\s]*>")
 
@@ -338,14 +339,6 @@ def generate(
     return results
 
 
-def _png(image) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def write_outputs(results: list[Generated], out_dir, *, bundle: Bundle | None = None, negative_prompt=None,
                   steps=None, guidance=None, first_index: int = 0) -> Path:
     """Write generated images, their attention overlays, ``grid.png`` and ``prompts.jsonl`` to ``out_dir``."""
@@ -360,7 +353,7 @@ def write_outputs(results: list[Generated], out_dir, *, bundle: Bundle | None = 
     per_row = 1 + max((len(r.attention or {}) for r in results), default=0)
     for i, r in enumerate(results, start=first_index):
         fname = f"{i:02d}_seed{r.seed}.png"
-        atomic_write_bytes(out / fname, _png(r.image))
+        atomic_write_bytes(out / fname, png_bytes(r.image))
         row = {"file": fname, "prompt": r.prompt, "negative_prompt": negative_prompt, "seed": r.seed,
                "steps": steps, "guidance": guidance, "width": r.image.width, "height": r.image.height,
                "bundle": str(bundle.path) if bundle is not None else None}
@@ -371,7 +364,7 @@ def write_outputs(results: list[Generated], out_dir, *, bundle: Bundle | None = 
             for tok, heat in r.attention.items():
                 overlay = viz.overlay_heatmap(r.image, heat)
                 oname = f"{i:02d}_seed{r.seed}_{_file_stem(tok)}.png"
-                atomic_write_bytes(out / oname, _png(overlay))
+                atomic_write_bytes(out / oname, png_bytes(overlay))
                 row["attention"][tok] = oname
                 tiles.append(overlay)
                 labels.append(f"{tok} {names.get(tok, '')}".strip())
@@ -380,7 +373,7 @@ def write_outputs(results: list[Generated], out_dir, *, bundle: Bundle | None = 
                 labels.append("")
         rows.append(row)
     cols = per_row if per_row > 1 else None
-    atomic_write_bytes(out / "grid.png", _png(viz.grid(tiles, labels=labels, cols=cols)))
+    atomic_write_bytes(out / "grid.png", png_bytes(viz.grid(tiles, labels=labels, cols=cols)))
     log = out / "prompts.jsonl"
     old = log.read_text(encoding="utf-8") if log.is_file() else ""
     if old and not old.endswith("\n"):

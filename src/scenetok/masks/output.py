@@ -15,7 +15,6 @@ preview.png and masks.json).
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -28,6 +27,7 @@ import numpy as np
 from scenetok.errors import SceneError
 from scenetok.masks.core import DEFAULT_DETECTOR, DEFAULT_SAM, ConceptMask, MaskError, as_rgb
 from scenetok.masks.hygiene import Hygiene
+from scenetok.io import atomic_save_dir, png_bytes
 
 __all__ = ["to_scene", "save_masks", "make_masks", "preview_image", "auto_mask_scene", "MaskOutput",
            "class_word_for", "SCENE_SUFFIX"]
@@ -105,15 +105,6 @@ class MaskOutput:
     concepts: list[ConceptMask]
 
 
-def _png(array_or_image) -> bytes:
-    from PIL import Image
-
-    im = array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(array_or_image)
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def save_masks(image: Any, concepts: Sequence[ConceptMask], out_dir: str | os.PathLike, *, background: bool = False,
                policy: str = "crop", overwrite: bool = False, info: dict | None = None) -> MaskOutput:
     """Write ``image`` and ``concepts`` as a scene folder at ``out_dir`` (module docstring) plus preview.png.
@@ -123,7 +114,6 @@ def save_masks(image: Any, concepts: Sequence[ConceptMask], out_dir: str | os.Pa
     temporary sibling folder renamed into place). An existing non-empty ``out_dir`` is replaced only
     with ``overwrite``. ``info``: extra provenance for masks.json.
     """
-    from scenetok.bundle import atomic_save_dir
 
     rgb = as_rgb(image)
     concepts = list(concepts)
@@ -146,12 +136,12 @@ def save_masks(image: Any, concepts: Sequence[ConceptMask], out_dir: str | os.Pa
     preview = preview_image(rgb, concepts, background=background)
 
     def fill(tmp: Path) -> None:
-        (tmp / "img.png").write_bytes(_png(rgb))
+        (tmp / "img.png").write_bytes(png_bytes(rgb))
         for i, c in enumerate(concepts):
-            (tmp / f"mask{i}.png").write_bytes(_png(c.mask.astype(np.uint8) * 255))
+            (tmp / f"mask{i}.png").write_bytes(png_bytes(c.mask.astype(np.uint8) * 255))
         (tmp / "scene.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         (tmp / "masks.json").write_text(json.dumps(provenance, indent=2, default=str) + "\n", encoding="utf-8")
-        (tmp / "preview.png").write_bytes(_png(preview))
+        (tmp / "preview.png").write_bytes(png_bytes(preview))
 
     atomic_save_dir(out, fill)
     return MaskOutput(path=out, preview=out / "preview.png", concepts=concepts)

@@ -22,7 +22,6 @@ curve of the paper's Fig. 3.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ import torch
 from scenetok.losses import masked_diffusion_loss
 from scenetok.methods.base import Batch, Method, Outputs, Phase, nearest_size, union_sample
 from scenetok.methods.break_a_scene import attention_term
+from scenetok.io import atomic_write_png
 
 
 def is_background_concept(concept) -> bool:
@@ -272,16 +272,9 @@ def _load_eval_folder(folder: str, scene, resolution: int) -> list[np.ndarray]:
                            "may be left out)")
 
 
-def _png(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _write_overlay(run: Any, estimated: list, global_step: int) -> None:
     """previews/masks/step_NNNNN.png: each training image with its current masks, labelled."""
     from scenetok import viz
-    from scenetok.bundle import atomic_write_bytes
 
     from PIL import Image
 
@@ -295,7 +288,7 @@ def _write_overlay(run: Any, estimated: list, global_step: int) -> None:
         labels.append(f"{src.name} step {global_step}")
     folder = run.out_dir / "previews" / "masks"
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(folder / f"step_{global_step:05d}.png", _png(viz.grid(tiles, labels=labels)))
+    atomic_write_png(folder / f"step_{global_step:05d}.png", viz.grid(tiles, labels=labels))
 
 
 def _write_iou_plot(run: Any, global_step: int, row: dict) -> None:
@@ -305,7 +298,6 @@ def _write_iou_plot(run: Any, global_step: int, row: dict) -> None:
         from matplotlib.figure import Figure
     except ImportError:
         return
-    from scenetok.bundle import atomic_write_bytes
 
     points = [(r["global_step"], r["mask_iou"]) for r in run.log_rows
               if r.get("event") and "mask_iou" in r and r["global_step"] < global_step]
@@ -328,6 +320,4 @@ def _write_iou_plot(run: Any, global_step: int, row: dict) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(run.out_dir / "previews" / "mask_iou.png", buf.getvalue())
+    atomic_write_png(run.out_dir / "previews" / "mask_iou.png", fig)

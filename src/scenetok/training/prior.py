@@ -6,7 +6,6 @@ settings reuses the images. A user folder of images is used as it is (center-cro
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from scenetok.errors import ConfigError
+from scenetok.io import sha256_text
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 
@@ -54,7 +54,7 @@ def generate_prior_images(
     """Generate (or reuse cached) ``n`` images of ``prompt`` with the base pipeline."""
     import torch
 
-    key = hashlib.sha256(f"{model_id}|{prompt}|{n}|{resolution}|{seed}|{steps}|{guidance}".encode()).hexdigest()[:16]
+    key = sha256_text(f"{model_id}|{prompt}|{n}|{resolution}|{seed}|{steps}|{guidance}", 16)
     folder = Path(cache_root or default_cache_root()) / key
     folder.mkdir(parents=True, exist_ok=True)
     have = sorted(folder.glob("*.png"))

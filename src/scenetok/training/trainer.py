@@ -30,6 +30,7 @@ from scenetok.tokens import Handles, add_handles, handle_token, token_positions,
 from scenetok.training import checkpoint as ckpt
 from scenetok.training import params as paramlib
 from scenetok.training.data import Source, collage_sources, scene_sources
+from scenetok.io import atomic_write_png, atomic_write_text
 
 TRAIN_DEFAULTS: dict = {
     "seed": 0,
@@ -217,7 +218,7 @@ def train(
         if out_dir.exists() and overwrite:
             _clear_dir(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        bundlelib.atomic_write_text(
+        atomic_write_text(
             out_dir / "run_config.json", json.dumps({"method": method.name, "config": cfg}, indent=2)
         )
     scenes = list(scene) if isinstance(scene, (list, tuple)) else [scene]
@@ -247,7 +248,7 @@ def train(
         if log_path.exists():  # keep only the rows up to the checkpoint
             rows = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()]
             run.log_rows = [r for r in rows if r.get("global_step", 0) <= start["global"]]
-            bundlelib.atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in run.log_rows))
+            atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in run.log_rows))
 
     method.prepare(run)
     bar = _progress_bar(total, start["global"], progress)
@@ -710,7 +711,6 @@ def _preview(run: Run, global_step: int, on_preview) -> None:
     from PIL import Image
 
     from scenetok import viz
-    from scenetok.bundle import atomic_write_bytes
 
     run.__dict__["_attention_memo"] = {}
     try:
@@ -727,11 +727,7 @@ def _preview(run: Run, global_step: int, on_preview) -> None:
     image = Image.fromarray(run.scene.image)
     tiles = [image] + [viz.overlay_heatmap(image, maps[t]) for t in run.handles.tokens if t in maps]
     labels = ["input"] + [f"{t} {c.name}" for t, c in zip(run.handles.tokens, run.concepts) if t in maps]
-    import io
-
-    buf = io.BytesIO()
-    viz.grid(tiles, labels=labels, cols=len(tiles)).save(buf, format="PNG")
-    atomic_write_bytes(folder / f"step_{global_step:05d}.png", buf.getvalue())
+    atomic_write_png(folder / f"step_{global_step:05d}.png", viz.grid(tiles, labels=labels, cols=len(tiles)))
     if on_preview is not None:
         on_preview(global_step, maps)
 

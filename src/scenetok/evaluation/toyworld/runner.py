@@ -29,6 +29,7 @@ import numpy as np
 
 from scenetok.errors import ConfigError
 from scenetok.evaluation.toyworld import suite as suitelib
+from scenetok.io import atomic_write_png, atomic_write_text, sha256_text
 
 #: CPU seconds (one thread) of the parts of a run, measured on the shipped toy-sd (DDIM 25 steps); used
 #: only for the time estimate printed before a benchmark starts.
@@ -54,7 +55,7 @@ def model_fingerprint(model: str) -> str:
 
 
 def _settings_key(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return sha256_text(json.dumps(settings, sort_keys=True), 16)
 
 
 def plan(variants, scenes, *, seeds: int, model: str, steps: int, guidance: float, overrides=(),
@@ -127,7 +128,6 @@ def _init_worker(threads: int) -> None:
 
 
 def _write_json(path: Path, data) -> None:
-    from scenetok.bundle import atomic_write_text
 
     atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
@@ -158,11 +158,8 @@ def run_job(job: dict) -> dict:
 
 
 def _train_and_score(job: dict, run_dir: Path) -> dict:
-    import io
 
-    from PIL import Image
 
-    from scenetok.bundle import atomic_write_bytes, atomic_write_text
     from scenetok.evaluation.toyworld.scoring import mask_ious, score_image
     from scenetok.generation import generate, load_pipeline
     from scenetok.methods import get_method
@@ -201,9 +198,7 @@ def _train_and_score(job: dict, run_dir: Path) -> dict:
         for g in gens:
             img = np.asarray(g.image.convert("RGB"))
             fname = f"p{p.index:02d}_s{g.seed}.png"
-            buf = io.BytesIO()
-            Image.fromarray(img).save(buf, format="PNG")
-            atomic_write_bytes(images_dir / fname, buf.getvalue())
+            atomic_write_png(images_dir / fname, img)
             ts = time.time()
             scores = score_image(img, concepts, p.handles, p.background, scene.spec.background)
             score_s += time.time() - ts
@@ -230,12 +225,10 @@ def _train_and_score(job: dict, run_dir: Path) -> dict:
 
 def _contact_sheet(run_dir: Path, rows: list[dict]) -> None:
     """``images.png``: every image of the run, labelled with its prompt index, seed and identity/fidelity."""
-    import io
 
     from PIL import Image
 
     from scenetok import viz
-    from scenetok.bundle import atomic_write_bytes
 
     if not rows:
         return
@@ -245,9 +238,7 @@ def _contact_sheet(run_dir: Path, rows: list[dict]) -> None:
             tiles.append(im.convert("RGB").resize((96, 96), Image.NEAREST))
         fid = "-" if r["fidelity"] is None else f"{r['fidelity']:.0f}"
         labels.append(f"p{r['prompt']} id {r['identity']:.2f} bg {fid}")
-    buf = io.BytesIO()
-    viz.grid(tiles, labels=labels, cols=min(8, len(tiles))).save(buf, format="PNG")
-    atomic_write_bytes(run_dir / "images.png", buf.getvalue())
+    atomic_write_png(run_dir / "images.png", viz.grid(tiles, labels=labels, cols=min(8, len(tiles))))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -413,12 +404,10 @@ def _execute(jobs: list[dict], workers: int, log, t0: float) -> list[dict]:
 
 def _write_suite(out_dir: Path, scenes, variants, seeds, model, steps, guidance, overrides, train_steps) -> None:
     """``suite.json`` (scenes, prompts, variants, settings), the scene folders and ``scenes.png``."""
-    import io
 
     from PIL import Image
 
     from scenetok import viz
-    from scenetok.bundle import atomic_write_bytes
     from scenetok.scene import save_scene
 
     desc = suitelib.suite_description(scenes, seeds)
@@ -434,6 +423,4 @@ def _write_suite(out_dir: Path, scenes, variants, seeds, model, steps, guidance,
         names = [c["name"] for c in sc.concepts()]
         tiles += [big, viz.mask_overlay(big, masks, [f"{i}" for i in range(len(names))])]
         labels += [sc.name, f"{len(names)} concepts"]
-    buf = io.BytesIO()
-    viz.grid(tiles, labels=labels, cols=4).save(buf, format="PNG")
-    atomic_write_bytes(out_dir / "scenes.png", buf.getvalue())
+    atomic_write_png(out_dir / "scenes.png", viz.grid(tiles, labels=labels, cols=4))
