@@ -18,7 +18,7 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory):
     """Path of a tiny random SD folder: 32 px images, 16×16 latents, cross-attention at 16 and 8."""
-    from scenetok.devtools import TinySDConfig, build_tiny_sd
+    from scenetok.testing import TinySDConfig, build_tiny_sd
 
     return build_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd", TinySDConfig(resolution=32))
 

@@ -1,7 +1,7 @@
 """scenetok.masks: hygiene on hand-made masks (exact results), user files, SAM from boxes and clicks,
 text → GroundingDINO → SAM, scene folders, and the `masks` / `extract --auto-masks` commands.
 
-SAM and GroundingDINO are tiny random models built by scenetok.devtools, saved to disk and loaded by
+SAM and GroundingDINO are tiny random models built by scenetok.testing, saved to disk and loaded by
 path through the real loaders. ``full_masks`` SAM answers every prompt with the whole image, so what
 the tests see is exactly scenetok's own post-processing (box clipping, hygiene)."""
 
@@ -30,7 +30,7 @@ OFF = Hygiene(max_hole=0, min_island=0, overlap="keep", min_fraction=0)
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from scenetok.devtools import build_tiny_grounding_dino, build_tiny_sam
+    from scenetok.testing import build_tiny_grounding_dino, build_tiny_sam
 
     root = tmp_path_factory.mktemp("seg-models")
     return {
