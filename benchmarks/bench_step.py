@@ -161,7 +161,7 @@ def setup(path: Path, mode: str, phase: int, precision: str, device: str, seed: 
         lr = 2e-6
     # ours: the trainer's optimizer (fused AdamW kernel); naive: the reference's plain torch.optim.AdamW
     if mode == "ours":
-        from scenetok.training.trainer import adamw
+        from scenetok.training.optim import adamw
 
         optimizer = adamw([{"params": trainable}], lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     else:

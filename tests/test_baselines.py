@@ -22,7 +22,7 @@ FAST = ["train.steps=2", "collage.num_images=4", "preview_every=100", "checkpoin
 @pytest.fixture
 def no_previews(monkeypatch):
     """Skip the attention previews (a third of a 3-step run's time) where a test does not look at them."""
-    monkeypatch.setattr(trainer_mod, "_preview", lambda *a, **k: None)
+    monkeypatch.setattr(trainer_mod, "write_preview", lambda *a, **k: None)
 
 
 def _steps(out):

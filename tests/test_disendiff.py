@@ -18,6 +18,7 @@ from scenetok.methods.disendiff import REFERENCE_SIGMA, DisenDiff, calibrate, ma
 from scenetok.scene import Scene
 from scenetok.training import method_config, train
 from scenetok.training import trainer as trainer_mod
+from scenetok.training.batch import class_positions_of
 
 FAST = ["train.steps=1", "preview_every=0", "prior.enabled=false", "batch_size=1", "grad_accum=1"]
 
@@ -154,7 +155,7 @@ def test_prompt_three_concepts_and_class_positions_of_a_multi_piece_noun(tiny_sd
     prompt = m.prompt(toks, [0, 1, 2], cfg, ["hedgehog", "dog", "dog"])
     ids = tok(prompt).input_ids
     pos = token_positions(tok, [prompt], tok.convert_tokens_to_ids(toks))
-    cp = trainer_mod._class_positions(tok, [prompt], pos, ["hedgehog", "dog", "dog"])[0]
+    cp = class_positions_of(tok, [prompt], pos, ["hedgehog", "dog", "dog"])[0]
     pieces = tok("hedgehog", add_special_tokens=False).input_ids
     assert len(pieces) > 2 and [ids[i] for i in cp[0]] == pieces and cp[0][0] == int(pos[0, 0]) + 1
     assert cp[1] == [int(pos[0, 1]) + 1] and cp[2] == [int(pos[0, 2]) + 1]  # each "dog" after its own handle

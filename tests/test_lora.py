@@ -159,7 +159,7 @@ def test_to_kohya_on_hand_made_state():
 
 def test_resume_with_lora_gives_same_weights(bas_lora, tiny_sd, two_square_scene, tmp_path, monkeypatch):
     _, ref = bas_lora  # the same run without interruption (checkpoints and previews do not change the weights)
-    monkeypatch.setattr(trainer_mod, "_preview", lambda *a, **k: None)
+    monkeypatch.setattr(trainer_mod, "write_preview", lambda *a, **k: None)
     common = BAS_LORA[:-1] + ["checkpoint_every=1"]
     real_step = trainer_mod._train_step
     calls = {"n": 0}
@@ -186,7 +186,7 @@ def test_resume_with_lora_gives_same_weights(bas_lora, tiny_sd, two_square_scene
 
 
 def test_lora_bf16_custom_diffusion_kv_only(tiny_sd, two_square_scene, tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer_mod, "_preview", lambda *a, **k: None)  # bf16 kernels are slow on CPU
+    monkeypatch.setattr(trainer_mod, "write_preview", lambda *a, **k: None)  # bf16 kernels are slow on CPU
     out = tmp_path / "bf16"
     bundle = train(two_square_scene, out, method="cd-m", model=str(tiny_sd), progress=False,
                    overrides=["train.steps=2", "collage.num_images=2", "prior.enabled=false", "mixed_precision=bf16",

@@ -155,7 +155,7 @@ def test_kv_training_changes_only_cross_attention_kv(tiny_sd, two_square_scene, 
 def test_detach_start_token_kv_blocks_only_position_zero(tiny_sd):
     from diffusers import UNet2DConditionModel
 
-    from scenetok.training.params import detach_start_token_kv
+    from scenetok.params import detach_start_token_kv
 
     unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
     torch.manual_seed(0)

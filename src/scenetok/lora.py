@@ -135,7 +135,7 @@ def _is_lora_param(name: str) -> bool:
 
 
 def _cross_attention_targets(unet, projections) -> list[str]:
-    from scenetok.training.params import cross_attention_modules
+    from scenetok.params import cross_attention_modules
 
     return [f"{name}.{proj}" for name in cross_attention_modules(unet) for proj in projections]
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from scenetok.errors import ConfigError
+from scenetok import model as modellib
 
 
 def handle_token(i: int) -> str:
@@ -151,7 +152,7 @@ def token_positions(tokenizer, prompts: list[str], token_ids: list[int]) -> torc
     Returns ``(B, K)`` long; -1 where the token is absent. Positions are found by tokenizing, never
     assumed.
     """
-    enc = tokenizer(prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length).input_ids
+    enc = modellib.token_ids(tokenizer, prompts, tensors=False)
     out = torch.full((len(prompts), len(token_ids)), -1, dtype=torch.long)
     for b, row in enumerate(enc):
         for k, tid in enumerate(token_ids):
@@ -172,7 +173,7 @@ def word_positions(tokenizer, prompts: list[str], word: str, after: list[int] | 
     pieces = tokenizer(word.strip(), add_special_tokens=False).input_ids
     if not pieces:
         raise ConfigError(f"the word {word!r} tokenizes to nothing", hint="use a plain word")
-    enc = tokenizer(prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length).input_ids
+    enc = modellib.token_ids(tokenizer, prompts, tensors=False)
     out = []
     n = len(pieces)
     for b, row in enumerate(enc):

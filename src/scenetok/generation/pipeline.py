@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scenetok.bundle import Bundle, _file_stem, read_bundle
+from scenetok.bundle import Bundle, file_stem, read_bundle
 from scenetok.errors import BundleError, ConfigError, PromptError
 from scenetok.io import atomic_write_bytes, atomic_write_text, png_bytes
+from scenetok.model import token_ids
 
 HANDLE_RE = re.compile(r"<[^<>\s|][^<>\s]*>")
 
@@ -116,7 +117,7 @@ def load_pipeline(bundle, base_model: str | None = None, device=None, dtype=None
     if SCHEDULERS[scheduler] is not None:
         pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
     for name, tensors in bundle.partial_weights().items():
-        from scenetok.training.params import load_partial_state
+        from scenetok.params import load_partial_state
 
         if name != "unet":
             raise BundleError(f"bundle {bundle.path}: partial weights for {name!r} are not supported",
@@ -186,7 +187,7 @@ def check_prompt(prompt: str, bundle) -> None:
 
 def handle_positions(tokenizer, prompt: str, tokens: list[str]) -> dict[str, list[int]]:
     """Positions of each handle token in ``prompt`` as the text encoder sees it (by tokenizing)."""
-    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+    ids = token_ids(tokenizer, prompt, tensors=False)[0]
     out = {}
     for tok in tokens:
         tid = tokenizer.convert_tokens_to_ids(tok)
@@ -363,7 +364,7 @@ def write_outputs(results: list[Generated], out_dir, *, bundle: Bundle | None = 
             row["attention"] = {}
             for tok, heat in r.attention.items():
                 overlay = viz.overlay_heatmap(r.image, heat)
-                oname = f"{i:02d}_seed{r.seed}_{_file_stem(tok)}.png"
+                oname = f"{i:02d}_seed{r.seed}_{file_stem(tok)}.png"
                 atomic_write_bytes(out / oname, png_bytes(overlay))
                 row["attention"][tok] = oname
                 tiles.append(overlay)

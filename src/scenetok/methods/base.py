@@ -7,7 +7,7 @@ uses, which attention-map sizes its losses read, and which loss terms to add. Tw
 method act on the run: :meth:`Method.prepare` (once, before the first step; e.g. estimate masks) and
 :meth:`Method.after_step` (after every optimizer step; e.g. re-estimate masks).
 
-Trainable groups a :class:`Phase` may name (see :mod:`scenetok.training.params`):
+Trainable groups a :class:`Phase` may name (see :mod:`scenetok.params`):
 
 ``handles``        the new token embeddings only
 ``unet``           every UNet weight (or LoRA adapters on its attention layers with ``adapter.type=lora``)
@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from scenetok.attention import nearest_size  # noqa: F401 (re-exported for the methods)
 
 if TYPE_CHECKING:  # pragma: no cover
     from scenetok.attention import AttentionStore
@@ -175,10 +177,3 @@ def cycled_init_words(words, concepts: list) -> list[str]:
     if not words:
         return [c.init_word for c in concepts]
     return [words[i % len(words)] for i in range(len(concepts))]
-
-
-def nearest_size(target: int, available: list[int]) -> int:
-    """The available map side closest to ``target`` (ties: the larger)."""
-    if not available:
-        raise ValueError("the model has no cross-attention layers")
-    return min(sorted(available, reverse=True), key=lambda s: abs(s - target))

@@ -136,14 +136,13 @@ class DisenDiff(Method):
         Measured on the full prompt and the scene at a few fixed timesteps, whatever the loss weights."""
         from scenetok.attention import available_sizes
         from scenetok.tokens import token_positions, word_positions
-        from scenetok.training.trainer import prompt_attention
 
         m = run.model
         sides = map_sides(run.cfg, run.latent_size, available_sizes(m.unet, run.latent_size))
         k = len(run.handles.tokens)
         class_words = [c.class_word for c in run.concepts]
         prompt = self.prompt(run.handles.tokens, list(range(k)), run.cfg, class_words)
-        maps = prompt_attention(run, prompt, max(sides), native=sides).float()  # (T, s, s)
+        maps = run.prompt_attention(prompt, max(sides), native=sides).float()  # (T, s, s)
         hpos = token_positions(m.tokenizer, [prompt], run.handles.ids)[0]
         mods, clss = [], []
         for i, word in enumerate(class_words):

@@ -163,8 +163,6 @@ class EMMasks(Method):
         # the same masks, and every estimate sees the same noise levels and noise, so the masks change only
         # because the handles did
         gen = torch.Generator("cpu").manual_seed(int(cfg["seed"]) * 1_000_003 + 17)
-        sf = m.vae.config.scaling_factor
-        shift = getattr(m.vae.config, "shift_factor", None) or 0.0
         class_words = [c.class_word for c in run.concepts]
         was = (m.unet.training, m.text_encoder.training)
         m.unet.eval()
@@ -174,12 +172,10 @@ class EMMasks(Method):
             for src in run.sources:
                 present = list(src.present)
                 prompt = self.prompt(run.handles.tokens, present, cfg, class_words)
-                ids = m.tokenizer([prompt], padding="max_length", truncation=True,
-                                  max_length=m.tokenizer.model_max_length, return_tensors="pt").input_ids
                 pos = token_positions(m.tokenizer, [prompt], [run.handles.ids[k] for k in present])[0]
                 with run.accelerator.autocast():
-                    enc = m.text_encoder(ids.to(run.device))[0]
-                lat = (src.latents[False][0] - shift) * sf
+                    enc = m.encode_prompt(prompt)
+                lat = m.scale_latents(src.latents[False][0])
                 maps = token_attention(m.unet, m.scheduler, lat, enc, [[int(p)] for p in pos], layers=layers,
                                        size=size, timesteps=mc.timesteps, t_range=mc.t_range,
                                        batch_size=mc.batch_size, generator=gen, autocast=run.accelerator.autocast)
