@@ -520,7 +520,9 @@ def test_eval_command_end_to_end(trained_bundle, tiny_models, tmp_path, capsys):
     page = (out / "index.html").read_text()
     assert page.count("data:image/png;base64,") >= 4 and "a photo of &lt;asset0&gt; and &lt;asset1&gt; in the snow" in page
     # the masked reference of a handle scores CLIP-I 1.0 against itself
-    from scenetok.evaluation.evaluate import _Plan, _reference_embeds, _references
+    from scenetok.evaluation.options import _Plan
+    from scenetok.evaluation.references import _references
+    from scenetok.evaluation.scoring import _reference_embeds
     from scenetok.bundle import read_bundle
 
     plan = _Plan(0, "b", read_bundle(trained_bundle), [])
@@ -600,7 +602,8 @@ def test_references_from_a_scene_replace_the_bundle_masks(trained_bundle):
     from conftest import two_squares
 
     from scenetok.bundle import read_bundle
-    from scenetok.evaluation.evaluate import _load_reference_scene, _Plan, _references
+    from scenetok.evaluation.options import _Plan
+    from scenetok.evaluation.references import _load_reference_scene, _references
     from scenetok.scene import Scene
 
     b = read_bundle(trained_bundle)

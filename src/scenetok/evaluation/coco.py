@@ -296,7 +296,8 @@ def run_coco_benchmark(annotations, images_dir, out_dir, *, max_scenes: int | No
     and ``results.md`` (one row per method: means over its scenes). In a ``torchrun`` / ``accelerate
     launch`` job the training runs and the evaluation are shared among the processes."""
     from scenetok.evaluation import distributed, tables
-    from scenetok.evaluation.evaluate import IMAGE_METRICS, evaluate_bundles
+    from scenetok.evaluation.evaluate import evaluate_bundles
+    from scenetok.evaluation.options import IMAGE_METRICS
     from scenetok.methods import available_methods, get_method
 
     out_dir = Path(out_dir)
