@@ -13,7 +13,7 @@ order: the method's paper defaults and the shared training defaults ← a config
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from scenetok import config as cfglib
 from scenetok.bundle import Bundle, check_output_dir, read_bundle
@@ -27,8 +27,9 @@ from scenetok.methods.switches import method_options, method_switches, switch_ov
 from scenetok.model import load_model
 from scenetok.scene import Scene, load_scene
 from scenetok.training import method_config, train
+from scenetok.training.settings import setting_helps
 
-__all__ = ["adapter_overrides", "default_model", "extract", "generate", "load_scenes", "make_masks", "method_options",
+__all__ = ["adapter_overrides", "default_model", "extract", "generate", "load_scenes", "make_masks", "method_options", "method_settings",
            "method_switches", "read_bundle", "run_settings", "switch_overrides"]
 
 
@@ -69,6 +70,13 @@ def adapter_overrides(adapter: str | None = None, rank: int | None = None) -> li
             raise ScenetokError(f"--rank must be a positive integer, got {rank}")
         out.append(f"adapter.rank={rank}")
     return out
+
+
+def method_settings(method: str | Method) -> list[tuple[str, Any, str]]:
+    """Every setting of a run of ``method``: ``(dotted key, default, help)``, shared settings first."""
+    method = get_method(method) if isinstance(method, str) else method
+    helps = setting_helps(method)
+    return [(k, v, helps.get(k, "")) for k, v in cfglib.flatten(method_config(method)).items()]
 
 
 def _split_concepts(text: str, n_scenes: int) -> list[list[str]]:

@@ -37,6 +37,24 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _settings_epilog() -> str:
+    """The settings ``--set KEY=VALUE`` may change, with their help: the shared ones, then each method's own."""
+    from scenetok import config as cfglib
+    from scenetok.methods import METHODS
+    from scenetok.training.settings import TrainSettings
+
+    def lines(helps: dict[str, str]) -> list[str]:
+        return [f"    {k:28s} {h}" for k, h in helps.items()]
+
+    out = ["settings (--set KEY=VALUE; `scenetok methods NAME` shows a method's defaults):",
+           "  every method:"] + lines(cfglib.helps(TrainSettings))
+    for name in sorted(METHODS):
+        own = METHODS[name].setting_helps()
+        if own:
+            out += [f"  {name}:"] + lines(own)
+    return "\n".join(out)
+
+
 def _add_switches(p: argparse.ArgumentParser) -> None:
     from scenetok.methods.switches import method_options, method_switches
 
@@ -86,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=_Formatter,
                        description="Learn handles for a scene folder (img.png|jpg + mask0.png … + optional "
                        "scene.json) and write a bundle to -o. Given an image file and --auto-masks, the masks are "
-                       "made first (GroundingDINO → SAM) into the scene folder OUT-scene beside the bundle.")
+                       "made first (GroundingDINO → SAM) into the scene folder OUT-scene beside the bundle.",
+                       epilog=_settings_epilog())
     p.add_argument("scene", nargs="+", help="scene folder: img.jpg|png, mask0.png … maskN.png, optional scene.json "
                    "(several folders: their concepts get handles in order, e.g. a subject from one photo and a "
                    "background from another); or one image file with --auto-masks")
@@ -358,15 +377,14 @@ def _cmd_masks(args) -> int:
 
 
 def _cmd_methods(args) -> int:
+    from scenetok import api
     from scenetok.methods import available_methods, get_method
-    from scenetok.training import method_config
-    from scenetok.config import flatten
 
     if args.name:
         m = get_method(args.name)
         print(f"{m.name}: {m.summary}")
-        for k, v in flatten(method_config(m)).items():
-            print(f"  {k} = {v}")
+        for key, value, text in api.method_settings(m):
+            print(f"  {key} = {value}".ljust(46) + (f" {text}" if text else ""))
         if m.switches or m.options:
             print("ablation switches (scenetok extract ...):")
             for flag, (text, overrides) in m.switches.items():

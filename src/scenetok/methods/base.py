@@ -18,12 +18,14 @@ Trainable groups a :class:`Phase` may name (see :mod:`scenetok.params`):
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 
+from scenetok import config as cfglib
 from scenetok.attention import nearest_size  # noqa: F401 (re-exported for the methods)
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -83,8 +85,25 @@ class Outputs:
     extras: dict = field(default_factory=dict)
 
 
+#: every method class by name; a subclass that sets its own ``name`` registers itself (like peft's tuners)
+METHODS: dict[str, type["Method"]] = {}
+
+
 class Method:
-    """Base class; subclasses set ``name``/``summary`` and override what differs."""
+    """Base class; subclasses set ``name``/``summary``, their typed settings (``config_class``: a dataclass
+    whose fields carry a help text, see :func:`scenetok.config.setting`) and override what differs.
+
+    Defining a subclass with its own ``name`` registers it: ``get_method(name)`` finds it. A subclass that
+    keeps its parent's name (a test's spy) does not replace the parent in the table.
+    """
+
+    #: the method's own settings (None: none); ``--set KEY=VALUE`` may change each of them
+    config_class: ClassVar[type | None] = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("name"):
+            METHODS[cls.name] = cls
 
     name: str = ""
     summary: str = ""
@@ -95,8 +114,19 @@ class Method:
     # ``key=VALUE`` (e.g. ``--attn-scales all`` -> ``attn.scales=all``)
     options: dict[str, tuple[str, str, tuple[str, ...]]] = {}
 
+    def training_defaults(self) -> dict:
+        """The method's values of shared training settings (``batch_size``, ``prior.*`` …), as a nested dict."""
+        return {}
+
     def defaults(self) -> dict:
-        raise NotImplementedError
+        """Paper defaults: the method's own settings, then its values of shared training settings."""
+        own = cfglib.to_dict(self.config_class()) if self.config_class is not None else {}
+        return cfglib.merge(own, copy.deepcopy(self.training_defaults()))
+
+    @classmethod
+    def setting_helps(cls) -> dict[str, str]:
+        """``{dotted key: help}`` of the method's own settings."""
+        return cfglib.helps(cls.config_class) if cls.config_class is not None else {}
 
     def phases(self, cfg: dict) -> list[Phase]:
         raise NotImplementedError

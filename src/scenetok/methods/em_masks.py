@@ -22,12 +22,14 @@ curve of the paper's Fig. 3.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from scenetok.config import group, setting
 from scenetok.losses import masked_diffusion_loss
 from scenetok.methods.base import Batch, Method, Outputs, Phase, nearest_size, union_sample
 from scenetok.methods.break_a_scene import attention_term
@@ -39,6 +41,74 @@ def is_background_concept(concept) -> bool:
     from scenetok.masks.attention import is_background_word
 
     return bool(getattr(concept, "is_background", False)) or is_background_word(concept.name)
+
+
+@dataclass
+class EMInit:
+    # Stage 1: CLIP-word init; init.steps > 0 adds the paper's alternative, unmasked inversion
+    steps: int = setting(0, "stage 1: steps of unmasked inversion of the handles before the first masks (0: none)")
+    lr: float = setting(5e-4, "stage 1: learning rate")
+
+
+@dataclass
+class EMStage:
+    steps: int = setting(400, "stage 2: steps training the handles while the masks are re-estimated")
+    lr: float = setting(5e-4, "stage 2: learning rate")
+    every: int = setting(50, "stage 2: re-estimate the masks every this many steps (0: never, the paper's baseline)")
+
+
+@dataclass
+class EMJoint:
+    steps: int = setting(400, "stage 3: steps training UNet, text encoder and handles, masks frozen")
+    lr: float = setting(2e-6, "stage 3: learning rate")
+
+
+@dataclass
+class EMAttn:
+    weight: float = setting(0.01, "weight of the cross-attention loss toward the estimated masks (0: off)")
+    downscale: int = setting(4, "the loss reads the maps at latent side / downscale")
+
+
+@dataclass
+class EMCRF:
+    enabled: bool = setting(True, "refine the thresholded maps with a dense CRF")
+    backend: str = setting("torch", "dense-CRF implementation: torch (built in) or pydensecrf")
+    max_side: int = setting(64, "the CRF runs at most at this side (larger images are downsampled)")
+    iterations: int = setting(10, "mean-field iterations of the CRF")
+    gaussian_sxy: float = setting(3.0, "CRF smoothness kernel: spatial sigma (pixels of a reference_side image)")
+    gaussian_weight: float = setting(7.0, "CRF smoothness kernel: weight")
+    bilateral_sxy: float = setting(50.0, "CRF appearance kernel: spatial sigma (pixels of a reference_side image)")
+    bilateral_srgb: float = setting(5.0, "CRF appearance kernel: colour sigma")
+    bilateral_weight: float = setting(10.0, "CRF appearance kernel: weight")
+    reference_side: int = setting(480, "image side the spatial sigmas are given for (0: as given, in pixels)")
+
+
+@dataclass
+class EMMaskSettings:
+    timesteps: int = setting(50, "noise levels the maps are averaged over")
+    t_range: list = setting([0.0, 1.0], "fractions of the training schedule the noise levels are drawn from")
+    layers: str | list = setting("all", "all cross-attention layers, or the latent/d side factors to read, e.g. [2, 4]")
+    threshold: float = setting(0.5, "threshold on the min-max normalised maps")
+    unary: str = setting("binary", "CRF unaries: binary (the paper: thresholded maps) or soft (the maps)")
+    unary_scale: float = setting(1.0, "multiplies the maps before the CRF's softmax")
+    batch_size: int = setting(10, "noise levels per UNet forward pass")
+    min_fraction: float = setting(0.01, "the smallest share of the image a concept is given (fallback)")
+    crf: EMCRF = group(EMCRF)
+
+
+@dataclass
+class EMMasksConfig:
+    init: EMInit = group(EMInit)
+    em: EMStage = group(EMStage)
+    joint: EMJoint = group(EMJoint)
+    union_sampling: bool = setting(True, "each step names a random subset of the concepts (false: all of them)")
+    masked_loss: bool = setting(True, "the diffusion loss sees only the union of the chosen (estimated) masks")
+    attn: EMAttn = group(EMAttn)
+    prompt_template: str = setting("a photo of {tokens}", "training prompt; {tokens} becomes '<asset0> and <asset1>'")
+    masks: EMMaskSettings = group(EMMaskSettings)
+    # masks inside the trained scene folders are used that way anyway
+    eval_masks_dir: list = setting([], "scene folders (one per input scene; '' for none) whose mask{i}.png only "
+                                   "score the estimated masks")
 
 
 class EMMasks(Method):
@@ -58,35 +128,7 @@ class EMMasks(Method):
     # ------------------------------------------------------------------------------------------------
     # recipe
 
-    def defaults(self) -> dict:
-        return {
-            # Stage 1: CLIP-word init; init.steps > 0 adds the paper's alternative, unmasked inversion
-            "init": {"steps": 0, "lr": 5e-4},
-            # Stage 2: tokens only, masks re-estimated every `every` steps (0: never, the paper's baseline)
-            "em": {"steps": 400, "lr": 5e-4, "every": 50},
-            # Stage 3: tokens + UNet + text encoder, masks frozen
-            "joint": {"steps": 400, "lr": 2e-6},
-            "union_sampling": True,
-            "masked_loss": True,
-            "attn": {"weight": 0.01, "downscale": 4},
-            "prompt_template": "a photo of {tokens}",
-            "masks": {
-                "timesteps": 50,
-                "t_range": [0.0, 1.0],
-                "layers": "all",
-                "threshold": 0.5,
-                "unary": "binary",
-                "unary_scale": 1.0,
-                "batch_size": 10,
-                "min_fraction": 0.01,
-                "crf": {"enabled": True, "backend": "torch", "max_side": 64, "iterations": 10,
-                        "gaussian_sxy": 3.0, "gaussian_weight": 7.0, "bilateral_sxy": 50.0,
-                        "bilateral_srgb": 5.0, "bilateral_weight": 10.0, "reference_side": 480},
-            },
-            # scene folders (one per input scene, in order; "" for none) whose mask{i}.png are used only to
-            # score the estimated masks; masks inside the trained scene folders are used that way anyway
-            "eval_masks_dir": [],
-        }
+    config_class = EMMasksConfig
 
     def phases(self, cfg: dict) -> list[Phase]:
         return [
