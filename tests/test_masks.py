@@ -431,3 +431,18 @@ def test_real_scene_masks_through_files_and_preview(tmp_path):
     scene = load_scene(out.path)
     assert [c.name for c in scene.concepts] == ["creature", "bowl", "stone"]
     assert Image.open(out.preview).size == (512, 512)
+
+
+def test_mask_sources_register_themselves():
+    from scenetok.masks import mask_sources
+    from scenetok.masks.hygiene import Hygiene
+
+    sources = mask_sources()
+    assert {s.name: s.option for s in sources.values()} == {"text": "text", "box": "boxes", "points": "points",
+                                                             "file": "files"}
+    img = np.zeros((20, 20, 3), np.uint8)
+    a = np.zeros((20, 20), bool)
+    a[2:9, 3:12] = True
+    concepts, info = sources["file"].make(img, [a], ["thing"], {"hygiene": Hygiene()})
+    assert info == {"source": "file"} and [c.name for c in concepts] == ["thing"]
+    assert int(concepts[0].mask.sum()) == 63

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
+from scenetok.masks.core import mask_source
 from scenetok.masks.core import ConceptMask, MaskError, as_rgb, resolve_names
 from scenetok.masks.hygiene import Hygiene, clean_masks
 
@@ -60,3 +61,8 @@ def from_files(masks: str | os.PathLike | Sequence[Any], names: Sequence[str] | 
                                                                       for c in out),
                         hint="draw every mask on the same image, or pass image= to fit them to the photo")
     return clean_masks(out, hygiene) if hygiene is not None else out
+
+
+@mask_source("file", "files", "mask files the user drew (PNG files or arrays)")
+def _file_source(image, files, names, o: dict):
+    return from_files(files, names, image=image, hygiene=o["hygiene"]), {"source": "file"}

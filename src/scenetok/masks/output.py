@@ -159,33 +159,22 @@ def make_masks(image: Any, out_dir: str | os.PathLike, *, text: str | Sequence[s
     a whole :class:`Hygiene`); the other arguments go to :func:`from_text`, :func:`from_boxes`,
     :func:`from_points` or :func:`from_files`.
     """
-    from scenetok.masks import from_boxes, from_files, from_points, from_text
-    from scenetok.masks.text import BOX_THRESHOLD, TEXT_THRESHOLD
+    from scenetok.masks import mask_sources
 
-    given = [k for k, v in (("text", text), ("boxes", boxes), ("points", points), ("files", files)) if v]
+    values = {"text": text, "boxes": boxes, "points": points, "files": files}
+    by_option = {src.option: src for src in mask_sources().values()}
+    given = [by_option[opt] for opt, value in values.items() if value]  # in the order of the keywords
     if len(given) != 1:
-        raise MaskError("give exactly one mask source" + (f" (got {', '.join(given)})" if given else ""),
+        raise MaskError("give exactly one mask source" + (f" (got {', '.join(s.option for s in given)})" if given else ""),
                         hint="use one of --text \"creature. bowl.\", --box x0,y0,x1,y1 …, --point x,y … or --mask FILE …")
     hyg = hygiene or Hygiene(dilate=dilate, overlap=overlap)
     rgb = as_rgb(image)
-    bt = BOX_THRESHOLD if box_threshold is None else box_threshold
-    tt = TEXT_THRESHOLD if text_threshold is None else text_threshold
     info: dict[str, Any] = {"image": str(image) if isinstance(image, (str, os.PathLike)) else "<array>",
                             "size": [int(rgb.shape[1]), int(rgb.shape[0])], "hygiene": asdict(hyg)}
-    if text:
-        concepts = from_text(rgb, text, detector=detector_model, segmenter=sam_model, box_threshold=bt,
-                             text_threshold=tt, device=device, names=names, hygiene=hyg)
-        info.update(source="text", detector=str(detector_model), segmenter=str(sam_model), box_threshold=bt,
-                    text_threshold=tt)
-    elif boxes:
-        concepts = from_boxes(rgb, boxes, names, model=sam_model, device=device, hygiene=hyg)
-        info.update(source="box", segmenter=str(sam_model))
-    elif points:
-        concepts = from_points(rgb, points, names, model=sam_model, device=device, hygiene=hyg)
-        info.update(source="points", segmenter=str(sam_model))
-    else:
-        concepts = from_files(files, names, image=rgb, hygiene=hyg)
-        info.update(source="file")
+    options = {"device": device, "sam_model": sam_model, "detector_model": detector_model,
+               "box_threshold": box_threshold, "text_threshold": text_threshold, "hygiene": hyg}
+    concepts, provenance = given[0].make(rgb, values[given[0].option], names, options)
+    info.update(provenance)
     return save_masks(rgb, concepts, out_dir, background=background, policy=policy, overwrite=overwrite, info=info)
 
 
