@@ -33,6 +33,7 @@ import torch
 from scenetok.config import setting, to_dict
 from scenetok.errors import ConfigError
 from scenetok.io import atomic_save_safetensors
+from scenetok.params import cross_attention_modules
 
 ADAPTER_NAME = "scenetok"
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA file name
@@ -140,8 +141,6 @@ def _is_lora_param(name: str) -> bool:
 
 
 def _cross_attention_targets(unet, projections) -> list[str]:
-    from scenetok.params import cross_attention_modules
-
     return [f"{name}.{proj}" for name in cross_attention_modules(unet) for proj in projections]
 
 
@@ -258,7 +257,6 @@ def write_lora_dir(folder: str | Path, states: dict[str, dict[str, torch.Tensor]
     peft state dict (see :meth:`LoraSet.peft_state`) and its ``LoraConfig``."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
-
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -68,6 +68,12 @@ class Family:
         """Keyword arguments the denoiser needs beyond latents, timesteps and text (none for SD 1/2)."""
         return {}
 
+    @classmethod
+    def load_pipeline(cls, model_id: str, **components) -> Any:  # pragma: no cover - overridden
+        """The family's diffusers text-to-image pipeline from ``model_id``, with ``components`` replacing the
+        base ones; no safety checker."""
+        raise NotImplementedError
+
     @staticmethod
     def pipeline(model: "Model", scheduler) -> Any:  # pragma: no cover - overridden
         """A diffusers text-to-image pipeline over the model's parts, sampling with ``scheduler``."""
@@ -108,6 +114,14 @@ class StableDiffusion(Family):
     @staticmethod
     def encode_prompt(model: "Model", ids: torch.Tensor) -> torch.Tensor:
         return model.text_encoder(ids)[0]
+
+    @classmethod
+    def load_pipeline(cls, model_id: str, **components) -> Any:
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline.from_pretrained(
+            model_id, safety_checker=None, feature_extractor=None, requires_safety_checker=False, **components
+        )
 
     @staticmethod
     def pipeline(model: "Model", scheduler) -> Any:
@@ -198,18 +212,22 @@ class Model:
         return self.unet(noisy, timesteps, text, **extra).sample
 
 
-def load_model(model_id: str | Path, family: str | None = None) -> Model:
-    """Load a base model with its family's ``from_pretrained`` loaders (``family``: a :data:`FAMILIES` key;
-    None: the first family that recognises ``model_id``)."""
-    model_id = str(model_id)
+def family_of(model_id: str | Path, family: str | None = None) -> type[Family]:
+    """The family of ``model_id`` (``family``: a :data:`FAMILIES` key; None: the first that recognises it)."""
     if family is not None:
         if family not in FAMILIES:
             raise ConfigError(f"unknown model family {family!r}", hint=f"one of: {', '.join(FAMILIES)}")
-        return FAMILIES[family].load(model_id)
+        return FAMILIES[family]
     for fam in FAMILIES.values():
-        if fam.matches(model_id):
-            return fam.load(model_id)
+        if fam.matches(str(model_id)):
+            return fam
     raise ConfigError(f"no model family recognises {model_id!r}")  # pragma: no cover - sd matches everything
+
+
+def load_model(model_id: str | Path, family: str | None = None) -> Model:
+    """Load a base model with its family's ``from_pretrained`` loaders (``family``: a :data:`FAMILIES` key;
+    None: the first family that recognises ``model_id``)."""
+    return family_of(model_id, family).load(str(model_id))
 
 
 def as_model(obj) -> Model:

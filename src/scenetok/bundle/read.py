@@ -10,14 +10,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scenetok import __version__
 from scenetok.bundle.content import (
-    MANIFEST_VERSION,
-    MANIFEST,
-    WEIGHTS_DIR,
     INPUT_IMAGE,
+    MANIFEST,
+    MANIFEST_VERSION,
+    WEIGHTS_DIR,
     HandleInfo,
 )
 from scenetok.errors import BundleError
+
 
 @dataclass
 class Bundle:
@@ -193,7 +195,6 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
     if not isinstance(version, int) or version < 1:
         raise BundleError(f"{mfile}: manifest_version {version!r} is not valid")
     if version > MANIFEST_VERSION:
-        from scenetok import __version__
 
         raise BundleError(
             f"bundle {path} was made by a newer scenetok ({manifest.get('scenetok_version', '?')}, manifest "

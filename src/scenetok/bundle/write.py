@@ -12,27 +12,37 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scenetok import __version__
+from scenetok import lora as loralib
 from scenetok.bundle.card import model_card
 from scenetok.bundle.content import (
-    BundleContent,
-    MANIFEST_VERSION,
-    MANIFEST,
-    EMBEDDINGS_DIR,
     A1111_DIR,
-    WEIGHTS_DIR,
-    MASKS_DIR,
+    EMBEDDINGS_DIR,
     INPUT_IMAGE,
     INPUTS_DIR,
-    PARTIAL_SUFFIX,
     LORA_DIR,
+    MANIFEST,
+    MANIFEST_VERSION,
+    MASKS_DIR,
     MODEL_CARD,
-    TRAINER_FILES,
+    PARTIAL_SUFFIX,
     TRAINER_DIRS,
-    file_stem,
+    TRAINER_FILES,
+    WEIGHTS_DIR,
+    BundleContent,
     _json_default,
+    file_stem,
 )
 from scenetok.bundle.read import Bundle, check_output_dir, read_bundle
-from scenetok.io import atomic_save_dir, atomic_save_safetensors, atomic_write_bytes, atomic_write_text, png_bytes, sha256_file
+from scenetok.io import (
+    atomic_save_dir,
+    atomic_save_safetensors,
+    atomic_write_bytes,
+    atomic_write_text,
+    png_bytes,
+    sha256_file,
+)
+
 
 def _to_uint8_image(image) -> np.ndarray:
     a = np.asarray(image)
@@ -115,7 +125,6 @@ def write_bundle(out_dir: str | os.PathLike, content: BundleContent, *, overwrit
     Files the trainer put in ``out_dir`` (previews, logs) are kept; the files this function owns are
     replaced, and the manifest is written last.
     """
-    from scenetok import __version__
 
     c = content
     method, base_model, handles, embeddings = c.method, c.base_model, c.handles, c.embeddings
@@ -184,7 +193,6 @@ def write_bundle(out_dir: str | os.PathLike, content: BundleContent, *, overwrit
 
     lora_entry = None
     if lora:
-        from scenetok import lora as loralib
 
         dst = out / WEIGHTS_DIR / LORA_DIR
         atomic_save_dir(dst, lambda tmp: loralib.write_lora_dir(

@@ -20,15 +20,15 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
-
+from scenetok.bundle import read_bundle
 from scenetok.errors import ConfigError
-from scenetok.evaluation.prompts import build_prompt_set
-from scenetok.evaluation.options import EvalOptions, PARTIAL_DIR, _Plan
+from scenetok.evaluation import distributed
+from scenetok.evaluation.options import PARTIAL_DIR, EvalOptions, _Plan
 from scenetok.evaluation.outputs import _merge
 from scenetok.evaluation.partial import _read_partial, _write_partial
+from scenetok.evaluation.prompts import build_prompt_set
 from scenetok.evaluation.references import _load_reference_scene
-from scenetok.evaluation.scoring import _Scorers, _run_items
-
+from scenetok.evaluation.scoring import _run_items, _Scorers
 
 # ----------------------------------------------------------------------------------------------------
 # entry points
@@ -52,8 +52,6 @@ def evaluate_bundles(bundles: Sequence, out_dir, *, scenes: Sequence | None = No
     name) and write the overall ``summary.csv`` / ``eval.json`` / ``index.html``. Work is spread over
     the processes of a ``torchrun`` / ``accelerate launch`` job. Returns the ``eval.json`` content on
     rank 0, None on the other ranks."""
-    from scenetok.bundle import read_bundle
-    from scenetok.evaluation import distributed
 
     opts = EvalOptions(**options)
     out_dir = Path(out_dir)

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
+from scenetok import __version__
 from scenetok.evaluation import tables
-from scenetok.evaluation.options import EvalOptions, IMAGE_METRICS, _Plan
+from scenetok.evaluation.metrics import input_views, kid
+from scenetok.evaluation.options import IMAGE_METRICS, EvalOptions, _Plan
 from scenetok.evaluation.pages import _write_bundle_html, _write_overview_html
 from scenetok.evaluation.references import _references
-from scenetok.evaluation.scoring import _Scorers, _feat_key
+from scenetok.evaluation.scoring import _feat_key, _Scorers
 from scenetok.io import atomic_write_text
-
 
 # ----------------------------------------------------------------------------------------------------
 # merge: KID, summaries, files
@@ -21,8 +22,6 @@ from scenetok.io import atomic_write_text
 
 def _merge(plans, rows, prompt_rows, feats, opts: EvalOptions, scorers: _Scorers, out_dir: Path, single: bool,
            work: dict) -> dict:
-    from scenetok import __version__
-    from scenetok.evaluation.metrics import input_views, kid
 
     order = {p.name: p.index for p in plans}
     rows.sort(key=lambda r: (order[r["bundle"]], r["prompt_index"], r["sample"]))
@@ -106,7 +105,6 @@ def _image_columns(rows) -> list[str]:
 
 
 def _write_bundle_outputs(plan: _Plan, entry: dict, opts: EvalOptions) -> None:
-
     out = plan.out_dir
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "eval.json", json.dumps(entry | {"options": opts.public()}, indent=2, default=str) + "\n")

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from scenetok.evaluation.options import EvalOptions, IMAGE_METRICS, _Plan
+from scenetok import viz
+from scenetok.evaluation.options import IMAGE_METRICS, EvalOptions, _Plan
 from scenetok.evaluation.references import _reference_image
 from scenetok.io import atomic_write_text, png_bytes
-
 
 # ----------------------------------------------------------------------------------------------------
 # HTML
@@ -42,8 +42,6 @@ def _table(rows: list[dict], cols: list[str]) -> str:
 
 def _write_bundle_html(plan: _Plan, entry: dict, opts: EvalOptions) -> None:
     from PIL import Image
-
-    from scenetok import viz
 
     e = html.escape
     out = plan.out_dir
@@ -95,7 +93,6 @@ def _write_bundle_html(plan: _Plan, entry: dict, opts: EvalOptions) -> None:
 
 
 def _write_overview_html(out_dir: Path, bundles: list[dict], opts: EvalOptions) -> None:
-
     e = html.escape
     rows = [b["summary"] | {"bundle": f"<a href='{e(b['name'])}/index.html'>{e(b['name'])}</a>"} for b in bundles]
     cols = ["bundle", "method", "images", *[m for m in IMAGE_METRICS if any(r.get(m) is not None for r in rows)],

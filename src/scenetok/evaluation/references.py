@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from scenetok.errors import ConfigError
+from scenetok.evaluation.metrics import masked_image
 from scenetok.evaluation.options import _Plan
-
+from scenetok.scene import Scene, load_scene
 
 # ----------------------------------------------------------------------------------------------------
 # references: the masked input concepts
@@ -16,7 +16,6 @@ from scenetok.evaluation.options import _Plan
 def _load_reference_scene(scene, bundle):
     if scene is None:
         return None
-    from scenetok.scene import Scene, load_scene
 
     sc = scene if isinstance(scene, Scene) else load_scene(scene)
     n = len(bundle.handles)
@@ -63,7 +62,6 @@ def _references(plan: _Plan, size: int) -> dict:
 
 def _reference_image(refs: dict, token: str, fill: int) -> np.ndarray | None:
     """The masked input concept of ``token`` (the whole input image when the bundle has no mask)."""
-    from scenetok.evaluation.metrics import masked_image
 
     image = refs.get("token_images", {}).get(token, refs["image"])
     if image is None:

@@ -8,11 +8,14 @@ from typing import Any
 import numpy as np
 
 from scenetok.errors import ConfigError
-from scenetok.evaluation.prompts import EvalPrompt
+from scenetok.evaluation.lpips import LPIPS
+from scenetok.evaluation.metrics import ClipScorer, DinoScorer, masked_image
 from scenetok.evaluation.options import EvalOptions, _Plan
+from scenetok.evaluation.prompts import EvalPrompt
 from scenetok.evaluation.references import _reference_image, _references
+from scenetok.evaluation.segment import choose_segment, make_segmenter
+from scenetok.generation import generate, load_pipeline
 from scenetok.io import atomic_write_bytes, png_bytes
-
 
 # ----------------------------------------------------------------------------------------------------
 # models, loaded once per process when first needed
@@ -27,7 +30,6 @@ class _Scorers:
     @property
     def clip(self):
         if self._clip is None:
-            from scenetok.evaluation.metrics import ClipScorer
 
             self._clip = ClipScorer(self.opts.clip_model, self.device, self.opts.score_batch_size)
         return self._clip
@@ -35,7 +37,6 @@ class _Scorers:
     @property
     def dino(self):
         if self._dino is None:
-            from scenetok.evaluation.metrics import DinoScorer
 
             self._dino = DinoScorer(self.opts.dino_model, self.device, self.opts.score_batch_size)
         return self._dino
@@ -43,7 +44,6 @@ class _Scorers:
     @property
     def segmenter(self):
         if self._seg is None:
-            from scenetok.evaluation.segment import make_segmenter
 
             self._seg = make_segmenter(self.opts.segmenter, maskformer_model=self.opts.maskformer_model,
                                        detector=self.opts.detector, sam=self.opts.sam_model, device=self.device,
@@ -53,7 +53,6 @@ class _Scorers:
     @property
     def lpips(self):
         if self._lpips is None:
-            from scenetok.evaluation.lpips import LPIPS
 
             self._lpips = LPIPS.from_file(self.opts.lpips_weights, device=self.device)
         return self._lpips
@@ -101,8 +100,6 @@ def _run_items(plans, items, opts: EvalOptions, scorers: _Scorers, device: str, 
     """Generate and score ``items`` (``(bundle index, prompt index)`` pairs, grouped by bundle)."""
     from tqdm.auto import tqdm
 
-    from scenetok.generation import generate, load_pipeline
-
     rows, prompt_rows, feats = [], [], {}
     current, pipe = None, None
     bar = tqdm(total=len(items), desc=f"eval (rank {ctx.rank})" if ctx.world_size > 1 else "eval",
@@ -140,9 +137,6 @@ def score_prompt(plan: _Plan, prompt: EvalPrompt, images: list[np.ndarray], seed
                  opts: EvalOptions, scorers: _Scorers, size: int):
     """Score the samples of one prompt. Returns (image rows, the prompt's row, KID features by key)."""
     import torch
-
-    from scenetok.evaluation.metrics import masked_image
-    from scenetok.evaluation.segment import choose_segment
 
     metrics = set(opts.metrics)
     refs = _references(plan, size)

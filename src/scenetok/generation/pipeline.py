@@ -17,10 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scenetok import viz
+from scenetok.attention import available_sizes, capture_attention, select_layers
 from scenetok.bundle import Bundle, file_stem, read_bundle
 from scenetok.errors import BundleError, ConfigError, PromptError
 from scenetok.io import atomic_write_bytes, atomic_write_text, png_bytes
-from scenetok.model import token_ids
+from scenetok.lora import ADAPTER_NAME
+from scenetok.model import default_device, family_of, token_ids
+from scenetok.params import load_partial_state
+from scenetok.viz import normalize_map
 
 HANDLE_RE = re.compile(r"<[^<>\s|][^<>\s]*>")
 
@@ -73,10 +78,6 @@ def _looks_like_local_path(model: str) -> bool:
     return not _HUB_ID.match(model) or model.startswith(".")
 
 
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def load_pipeline(bundle, base_model: str | None = None, device=None, dtype=None, scheduler: str = "ddim"):
     """Load the base Stable Diffusion pipeline with the bundle's changed components and handles.
 
@@ -88,8 +89,6 @@ def load_pipeline(bundle, base_model: str | None = None, device=None, dtype=None
     ``scheduler`` (default DDIM) built from the base model's scheduler config; no safety checker.
     Returns ``(pipe, bundle)``.
     """
-    from diffusers import StableDiffusionPipeline
-
     import diffusers
 
     bundle = read_bundle(bundle)
@@ -108,16 +107,13 @@ def load_pipeline(bundle, base_model: str | None = None, device=None, dtype=None
     for name, folder in bundle.component_dirs().items():
         overrides[name] = _component_class(folder).from_pretrained(str(folder))
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            base, safety_checker=None, feature_extractor=None, requires_safety_checker=False, **overrides
-        )
+        pipe = family_of(base).load_pipeline(base, **overrides)
     except (OSError, ValueError) as e:
         raise BundleError(f"could not load the base model {base}: {e}",
                           hint="check the path or Hub id, or pass another with --base-model") from None
     if SCHEDULERS[scheduler] is not None:
         pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
     for name, tensors in bundle.partial_weights().items():
-        from scenetok.params import load_partial_state
 
         if name != "unet":
             raise BundleError(f"bundle {bundle.path}: partial weights for {name!r} are not supported",
@@ -131,8 +127,6 @@ def load_pipeline(bundle, base_model: str | None = None, device=None, dtype=None
     lora = bundle.lora()
     if lora is not None:
         from diffusers.utils import logging as dlogging
-
-        from scenetok.lora import ADAPTER_NAME
 
         level = dlogging.get_verbosity()
         dlogging.set_verbosity_error()  # a UNet-only LoRA makes diffusers warn that the text encoder has none
@@ -159,7 +153,7 @@ def load_pipeline(bundle, base_model: str | None = None, device=None, dtype=None
                           hint="load the bundle on a fresh base pipeline")
     files = [str(bundle.embedding_file(t)) for t in embeddings]
     pipe.load_textual_inversion(files, token=list(embeddings))
-    pipe.to(device or _default_device())
+    pipe.to(device or default_device())
     if dtype is not None:
         pipe.to(dtype=dtype)
     return pipe, bundle
@@ -236,14 +230,10 @@ class _AttentionAccumulator:
         return {}
 
     def result(self, j: int) -> dict[str, np.ndarray]:
-        from scenetok.viz import normalize_map
-
         return {tok: normalize_map(s[j] / max(self.steps, 1)).astype(np.float32) for tok, s in self.sums.items()}
 
 
 def _attention_size(pipe, latent: int) -> tuple[int, list[str]]:
-    from scenetok.attention import available_sizes, select_layers
-
     sizes = sorted(available_sizes(pipe.unet, latent))
     if not sizes:
         raise ConfigError("this UNet has no cross-attention layers to read maps from")
@@ -320,7 +310,6 @@ def generate(
             output_type="pil",
         )
         if attention and positions:
-            from scenetok.attention import capture_attention
 
             with capture_attention(pipe.unet, layers) as store:
                 acc = _AttentionAccumulator(store, size, positions, count, cfg)
@@ -344,8 +333,6 @@ def write_outputs(results: list[Generated], out_dir, *, bundle: Bundle | None = 
                   steps=None, guidance=None, first_index: int = 0) -> Path:
     """Write generated images, their attention overlays, ``grid.png`` and ``prompts.jsonl`` to ``out_dir``."""
     from PIL import Image
-
-    from scenetok import viz
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

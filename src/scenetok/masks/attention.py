@@ -35,8 +35,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from scenetok.attention import available_sizes, average_attention, nearest_size, select_layers
+from scenetok.errors import ConfigError
 from scenetok.masks.core import ConceptMask, as_rgb
+from scenetok.masks.crf import CUTLER, CRFParams, dense_crf
 from scenetok.model import as_model, image_to_tensor
+from scenetok.tokens import word_positions
 
 __all__ = ["ConceptMask", "AttentionMaskConfig", "attention_masks", "token_attention", "maps_to_masks",
            "mask_layers", "is_background_word", "word_token_positions"]
@@ -74,7 +78,6 @@ class AttentionMaskConfig:
         known = {f for f in cls.__dataclass_fields__}
         unknown = sorted(set(d) - known)
         if unknown:
-            from scenetok.errors import ConfigError
 
             raise ConfigError(f"unknown mask option(s) {unknown}", hint=f"known options: {sorted(known)}")
         if "t_range" in d:
@@ -84,8 +87,6 @@ class AttentionMaskConfig:
         return cls(**d)
 
     def validate(self) -> "AttentionMaskConfig":
-        from scenetok.errors import ConfigError
-
         if len(self.t_range) != 2:
             raise ConfigError(f"masks.t_range must be two fractions [lo, hi], got {list(self.t_range)}")
         lo, hi = self.t_range
@@ -101,7 +102,6 @@ class AttentionMaskConfig:
             raise ConfigError(f"masks.crf_backend must be 'torch' or 'pydensecrf', got {self.crf_backend!r}")
         if isinstance(self.layers, str) and self.layers != "all":
             raise ConfigError(f"masks.layers must be 'all' or a list of latent/d factors, got {self.layers!r}")
-        from scenetok.masks.crf import CRFParams
 
         unknown = sorted(set(self.crf_params) - set(CRFParams.__dataclass_fields__))
         if unknown:
@@ -124,12 +124,9 @@ def mask_layers(unet, latent_size: int, layers: str | Sequence[int] = "all") -> 
     ``"all"``: every cross-attention layer (the paper averages "across all layers of the U-Net");
     a sequence of factors ``d``: the layers whose side is nearest to ``latent_size / d``.
     """
-    from scenetok.attention import available_sizes, select_layers
-    from scenetok.attention import nearest_size
 
     have = available_sizes(unet, latent_size)
     if not have:
-        from scenetok.errors import ConfigError
 
         raise ConfigError("this UNet has no cross-attention layers to read maps from")
     if isinstance(layers, str):
@@ -152,7 +149,6 @@ def token_attention(unet, scheduler, latents: torch.Tensor, text_embeddings: tor
     ``scheduler.config.num_train_timesteps``); noise and timesteps come from ``generator`` (CPU).
     ``autocast``: a context-manager factory (e.g. ``accelerator.autocast``) or None.
     """
-    from scenetok.attention import average_attention
 
     if any(len(p) == 0 for p in positions):
         raise ValueError("every concept needs at least one token position")
@@ -191,7 +187,6 @@ def maps_to_masks(image: np.ndarray, maps: torch.Tensor, background: Sequence[bo
     ``image``: ``uint8 (H, W, 3)`` (the masks' size; the maps are stretched to it). ``background[k]``:
     concept k is the background (it receives the CRF's background label instead of its own map).
     """
-    from scenetok.masks.crf import CUTLER, dense_crf
 
     cfg = (config or AttentionMaskConfig()).validate()
     K = maps.shape[0]
@@ -244,8 +239,6 @@ def maps_to_masks(image: np.ndarray, maps: torch.Tensor, background: Sequence[bo
 def word_token_positions(tokenizer, prompt: str, words: Sequence[str]) -> list[list[int]]:
     """Token positions of each word in ``prompt``, searched left to right (a repeated word gets its next
     occurrence); raises ``ConfigError`` for a word that is not in the prompt."""
-    from scenetok.errors import ConfigError
-    from scenetok.tokens import word_positions
 
     out, after = [], -1
     for w in words:
@@ -274,7 +267,6 @@ def attention_masks(model, image, words: Sequence[str], *, prompt: str | None = 
     Returns one :class:`ConceptMask` per word (``source="attention"``, ``score`` = mean normalised attention
     inside the mask), named by ``names`` (default: the words).
     """
-    from scenetok.errors import ConfigError
 
     words = [str(w).strip() for w in words]
     if not words or any(not w for w in words):

@@ -129,11 +129,9 @@ _CACHE_LOCK = threading.Lock()
 
 def resolve_device(device: str | None) -> str:
     """``device`` as given, or ``"cuda"`` when available, else ``"cpu"``."""
-    if device:
-        return str(device)
-    import torch
+    from scenetok.model import default_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device) if device else default_device().type
 
 
 def cached_model(kind: str, model_id: str | Path, device: str, loader: Callable[[str, str], Any]) -> Any:

@@ -7,9 +7,9 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from scenetok.masks.core import mask_source
-from scenetok.masks.core import ConceptMask, MaskError, as_rgb, resolve_names
+from scenetok.masks.core import ConceptMask, MaskError, as_rgb, mask_source, resolve_names
 from scenetok.masks.hygiene import Hygiene, clean_masks
+from scenetok.scene import read_mask
 
 __all__ = ["from_files"]
 
@@ -28,7 +28,6 @@ def from_files(masks: str | os.PathLike | Sequence[Any], names: Sequence[str] | 
     have one size. ``names``: one per mask (default ``concept0`` …). ``hygiene``: clean-up settings
     (:mod:`scenetok.masks.hygiene`); None returns the masks as read.
     """
-    from scenetok.scene import read_mask
 
     items: list[Any]
     if isinstance(masks, (str, os.PathLike)):

@@ -25,9 +25,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from scenetok.errors import SceneError
+from scenetok.io import atomic_save_dir, png_bytes
+from scenetok.masks import mask_sources
 from scenetok.masks.core import DEFAULT_DETECTOR, DEFAULT_SAM, ConceptMask, MaskError, as_rgb
 from scenetok.masks.hygiene import Hygiene
-from scenetok.io import atomic_save_dir, png_bytes
+from scenetok.scene import Scene
+from scenetok.viz import PALETTE, mask_overlay
 
 __all__ = ["to_scene", "save_masks", "make_masks", "preview_image", "auto_mask_scene", "MaskOutput",
            "class_word_for", "SCENE_SUFFIX"]
@@ -51,7 +54,6 @@ def to_scene(image: Any, concepts: Sequence[ConceptMask], *, background: bool = 
     Names come from the concepts; a phrase's class word is its last word (``"plush bear"`` → ``bear``).
     ``background`` adds the complement of all masks as a last concept.
     """
-    from scenetok.scene import Scene
 
     rgb = as_rgb(image)
     concepts = list(concepts)
@@ -75,8 +77,6 @@ def preview_image(image: Any, concepts: Sequence[ConceptMask], background: bool 
     """A PIL image: every mask coloured and labelled over ``image`` (``name score``), boxes outlined;
     with ``background`` the complement too."""
     from PIL import ImageDraw
-
-    from scenetok.viz import PALETTE, mask_overlay
 
     rgb = as_rgb(image)
     concepts = list(concepts)
@@ -159,7 +159,6 @@ def make_masks(image: Any, out_dir: str | os.PathLike, *, text: str | Sequence[s
     a whole :class:`Hygiene`); the other arguments go to :func:`from_text`, :func:`from_boxes`,
     :func:`from_points` or :func:`from_files`.
     """
-    from scenetok.masks import mask_sources
 
     values = {"text": text, "boxes": boxes, "points": points, "files": files}
     by_option = {src.option: src for src in mask_sources().values()}

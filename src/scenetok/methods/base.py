@@ -20,16 +20,16 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from scenetok import config as cfglib
-from scenetok.attention import nearest_size  # noqa: F401 (re-exported for the methods)
-
-if TYPE_CHECKING:  # pragma: no cover
-    from scenetok.attention import AttentionStore
+from scenetok.attention import (
+    AttentionStore,
+    nearest_size,  # noqa: F401 (re-exported for the methods)
+)
 
 TRAINABLE = ("handles", "unet", "text_encoder", "unet_kv", "unet_q")
 

@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from scenetok.errors import ConfigError
+from scenetok.attention import available_sizes
 from scenetok.config import group, setting
+from scenetok.errors import ConfigError
 from scenetok.losses import (
     bind_loss,
     gaussian_smooth,
@@ -40,6 +41,7 @@ from scenetok.losses import (
     suppress,
 )
 from scenetok.methods.base import Batch, Method, Outputs, Phase, cycled_init_words, nearest_size
+from scenetok.tokens import token_positions, word_positions
 
 SCALES = ("quarter", "all")
 # The reference smooths with Attend-and-Excite's GaussianSmoothing(kernel 3, sigma 0.5), whose kernel is
@@ -167,8 +169,6 @@ class DisenDiff(Method):
         """``class_iou``: mean soft IoU between every pair of calibrated class maps (what L_s&s lowers);
         ``bind_iou``: mean soft IoU between each calibrated class map and its modifier (what L_bind raises).
         Measured on the full prompt and the scene at a few fixed timesteps, whatever the loss weights."""
-        from scenetok.attention import available_sizes
-        from scenetok.tokens import token_positions, word_positions
 
         m = run.model
         sides = map_sides(run.cfg, run.latent_size, available_sizes(m.unet, run.latent_size))

@@ -29,16 +29,27 @@ from typing import Any
 import numpy as np
 import torch
 
+from scenetok import viz
 from scenetok.config import group, setting
+from scenetok.errors import ConfigError
+from scenetok.io import atomic_write_png
 from scenetok.losses import masked_diffusion_loss
+from scenetok.masks.attention import (
+    AttentionMaskConfig,
+    is_background_word,
+    maps_to_masks,
+    mask_layers,
+    token_attention,
+)
+from scenetok.masks.crf import iou
 from scenetok.methods.base import Batch, Method, Outputs, Phase, nearest_size, union_sample
 from scenetok.methods.break_a_scene import attention_term
-from scenetok.io import atomic_write_png
+from scenetok.scene import load_scene
+from scenetok.tokens import token_positions
 
 
 def is_background_concept(concept) -> bool:
     """The background concept: added with ``--background``, or a concept named "background"."""
-    from scenetok.masks.attention import is_background_word
 
     return bool(getattr(concept, "is_background", False)) or is_background_word(concept.name)
 
@@ -159,8 +170,6 @@ class EMMasks(Method):
     # hooks
 
     def prepare(self, run: Any) -> None:
-        from scenetok.masks.attention import AttentionMaskConfig
-
         AttentionMaskConfig.from_dict(run.cfg["masks"]).validate()  # fail before training, not at step 50
         self._eval = _evaluation_masks(run)
         if run.masks_estimated:  # resumed: the checkpoint's masks are in the sources
@@ -194,8 +203,6 @@ class EMMasks(Method):
     @torch.no_grad()
     def estimate(self, run: Any, global_step: int) -> dict[str, Any]:
         """Re-estimate every training image's masks from the current handles; returns the log row."""
-        from scenetok.masks.attention import AttentionMaskConfig, maps_to_masks, mask_layers, token_attention
-        from scenetok.tokens import token_positions
 
         cfg = run.cfg
         mc = AttentionMaskConfig.from_dict(cfg["masks"]).validate()
@@ -241,7 +248,6 @@ class EMMasks(Method):
                               for k, (t, n) in enumerate(zip(run.handles.tokens, names))},
         }
         if any(e is not None for e in self._eval):
-            from scenetok.masks.crf import iou
 
             ious = {f"{run.handles.tokens[k]} {names[k]}": round(iou(current[k], e), 4)
                     for k, e in enumerate(self._eval) if e is not None}
@@ -264,7 +270,6 @@ def _evaluation_masks(run: Any) -> list[np.ndarray | None]:
     against them), or the matching ``mask{i}.png`` of the scene's ``eval_masks_dir`` folder; a concept
     named "background" without a mask file there is the complement of that folder's masks.
     """
-    from scenetok.errors import ConfigError
 
     dirs = run.cfg.get("eval_masks_dir") or []
     if isinstance(dirs, str):
@@ -287,9 +292,6 @@ def _evaluation_masks(run: Any) -> list[np.ndarray | None]:
 
 
 def _load_eval_folder(folder: str, scene, resolution: int) -> list[np.ndarray]:
-    from scenetok.errors import ConfigError
-    from scenetok.scene import load_scene
-
     path = Path(folder)
     try:
         ref = load_scene(path, background=False, min_mask_fraction=0.0)
@@ -312,7 +314,6 @@ def _load_eval_folder(folder: str, scene, resolution: int) -> list[np.ndarray]:
 
 def _write_overlay(run: Any, estimated: list, global_step: int) -> None:
     """previews/masks/step_NNNNN.png: each training image with its current masks, labelled."""
-    from scenetok import viz
 
     from PIL import Image
 

@@ -27,9 +27,18 @@ from pathlib import Path
 
 import numpy as np
 
+from scenetok import viz
 from scenetok.errors import ConfigError
+from scenetok.evaluation import distributed
+from scenetok.evaluation.toyworld import report
 from scenetok.evaluation.toyworld import suite as suitelib
+from scenetok.evaluation.toyworld.scoring import mask_ious, score_image
+from scenetok.generation import generate, load_pipeline
 from scenetok.io import atomic_write_png, atomic_write_text, sha256_text
+from scenetok.methods import get_method
+from scenetok.scene import save_scene
+from scenetok.toyworld.model import toy_sd_path
+from scenetok.training import method_config, train
 
 #: CPU seconds (one thread) of the parts of a run, measured on the shipped toy-sd (DDIM 25 steps); used
 #: only for the time estimate printed before a benchmark starts.
@@ -87,8 +96,6 @@ def run_is_done(run_dir: Path, key: str) -> bool:
 
 def estimate_cpu_seconds(job: dict, seeds: int, steps: int) -> float:
     """Rough single-thread CPU seconds of one run (training steps, prior rows, images)."""
-    from scenetok.methods import get_method
-    from scenetok.training import method_config
 
     method = get_method(job["method"])
     try:
@@ -128,7 +135,6 @@ def _init_worker(threads: int) -> None:
 
 
 def _write_json(path: Path, data) -> None:
-
     atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
@@ -158,13 +164,6 @@ def run_job(job: dict) -> dict:
 
 
 def _train_and_score(job: dict, run_dir: Path) -> dict:
-
-
-    from scenetok.evaluation.toyworld.scoring import mask_ious, score_image
-    from scenetok.generation import generate, load_pipeline
-    from scenetok.methods import get_method
-    from scenetok.training import method_config, train
-
     scene = suitelib.get_scenes([job["scene"]])[0]
     method = get_method(job["method"])
     overrides = list(job["overrides"]) + list(job.get("runtime_overrides", []))
@@ -228,8 +227,6 @@ def _contact_sheet(run_dir: Path, rows: list[dict]) -> None:
 
     from PIL import Image
 
-    from scenetok import viz
-
     if not rows:
         return
     tiles, labels = [], []
@@ -288,9 +285,6 @@ def run_toyworld_benchmark(
 
     Returns ``{"table", "claims", "timing", "paths", ...}`` on rank 0 (None on other ranks and with
     ``estimate_only``)."""
-    from scenetok.evaluation import distributed
-    from scenetok.evaluation.toyworld import report
-    from scenetok.toyworld.model import toy_sd_path
 
     out_dir = Path(out_dir)
     model = str(model or toy_sd_path())
@@ -406,9 +400,6 @@ def _write_suite(out_dir: Path, scenes, variants, seeds, model, steps, guidance,
     """``suite.json`` (scenes, prompts, variants, settings), the scene folders and ``scenes.png``."""
 
     from PIL import Image
-
-    from scenetok import viz
-    from scenetok.scene import save_scene
 
     desc = suitelib.suite_description(scenes, seeds)
     desc["variants"] = [{"label": v.label, "method": v.method, "flag": v.flag,
