@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     from scenetok.masks.crf import iou
     from scenetok.toyworld import world
     from scenetok.toyworld.model import toy_sd_path
-    from scenetok.training.trainer import load_model
+    from scenetok.model import load_model
 
     m = load_model(str(args.model or toy_sd_path()))
     m.unet.eval()

@@ -49,7 +49,7 @@ ATTN_WEIGHT = 0.01
 def configs():
     from dataclasses import replace
 
-    from scenetok.devtools import SD_LIKE, TinySDConfig
+    from scenetok.testing import SD_LIKE, TinySDConfig
 
     return {
         # SD's block structure in miniature: VAE factor 8 (256 px -> 32² latents), cross-attention at
@@ -70,7 +70,7 @@ def configs():
 
 def model_path(model_dir: Path, name: str) -> Path:
     """Build (once) and return the diffusers folder of config ``name``."""
-    from scenetok.devtools import build_tiny_sd
+    from scenetok.testing import build_tiny_sd
 
     path = model_dir / name
     done = path / ".complete"
@@ -161,7 +161,7 @@ def setup(path: Path, mode: str, phase: int, precision: str, device: str, seed: 
         lr = 2e-6
     # ours: the trainer's optimizer (fused AdamW kernel); naive: the reference's plain torch.optim.AdamW
     if mode == "ours":
-        from scenetok.training.trainer import adamw
+        from scenetok.training.optim import adamw
 
         optimizer = adamw([{"params": trainable}], lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     else:

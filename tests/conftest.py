@@ -18,7 +18,7 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory):
     """Path of a tiny random SD folder: 32 px images, 16×16 latents, cross-attention at 16 and 8."""
-    from scenetok.devtools import TinySDConfig, build_tiny_sd
+    from scenetok.testing import TinySDConfig, build_tiny_sd
 
     return build_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd", TinySDConfig(resolution=32))
 
@@ -42,3 +42,34 @@ def two_square_scene():
 
     img, masks = two_squares()
     return Scene.from_arrays(img, masks, names=["red", "blue"], class_words=["square", "square"])
+
+
+@pytest.fixture
+def interrupted_train(monkeypatch):
+    """``interrupted_train(at, *args, **kwargs)``: :func:`scenetok.training.train` with Ctrl-C pressed during
+    the ``at``-th optimizer step (counted from 1 in this call); asserts that the run stops with
+    :class:`TrainingInterrupted` (its checkpoint saved) and returns that exception. Afterwards training
+    runs normally again, so the test resumes with a plain ``train(..., resume=True)``."""
+    from scenetok.training import TrainingInterrupted, train
+    from scenetok.training import trainer as trainer_mod
+
+    def run(at: int, *args, **kwargs):
+        real_step = trainer_mod._train_step
+        calls = {"n": 0}
+
+        def flaky(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == at:
+                raise KeyboardInterrupt
+            return real_step(*a, **k)
+
+        monkeypatch.setattr(trainer_mod, "_train_step", flaky)
+        try:
+            with pytest.raises(TrainingInterrupted) as info:
+                train(*args, **kwargs)
+        finally:
+            monkeypatch.setattr(trainer_mod, "_train_step", real_step)
+        assert calls["n"] == at  # the interrupt happened where asked, not after the run had ended
+        return info.value
+
+    return run

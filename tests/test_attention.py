@@ -26,7 +26,7 @@ T = 6  # text tokens
 @pytest.fixture(scope="session")
 def attn_sd_path(tmp_path_factory):
     """Tiny random SD folder: 32 px images, VAE factor 2 -> 16×16 latents, cross-attention at 16 and 8."""
-    from scenetok.devtools import TinySDConfig, build_tiny_sd
+    from scenetok.testing import TinySDConfig, build_tiny_sd
 
     return build_tiny_sd(tmp_path_factory.mktemp("attn") / "sd", TinySDConfig(resolution=32))
 

@@ -166,7 +166,7 @@ def test_mask_config_validation():
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_sd):
-    from scenetok.training.trainer import load_model
+    from scenetok.model import load_model
 
     return load_model(str(tiny_sd))
 

@@ -13,7 +13,7 @@ from scenetok.errors import ScenetokError
 from scenetok.methods import get_method
 from scenetok.methods.baselines import DreamBoothM, TextualInversionM, rare_token_ids
 from scenetok.scene import Scene
-from scenetok.training import TrainingInterrupted, load_model, method_config, train
+from scenetok.training import load_model, method_config, train
 from scenetok.training import trainer as trainer_mod
 
 FAST = ["train.steps=2", "collage.num_images=4", "preview_every=100", "checkpoint_every=0"]
@@ -22,7 +22,7 @@ FAST = ["train.steps=2", "collage.num_images=4", "preview_every=100", "checkpoin
 @pytest.fixture
 def no_previews(monkeypatch):
     """Skip the attention previews (a third of a 3-step run's time) where a test does not look at them."""
-    monkeypatch.setattr(trainer_mod, "_preview", lambda *a, **k: None)
+    monkeypatch.setattr(trainer_mod, "write_preview", lambda *a, **k: None)
 
 
 def _steps(out):
@@ -146,7 +146,7 @@ def test_cd_m_trains_only_kv_and_handles(tiny_sd, two_square_scene, tmp_path, no
     assert not torch.equal(model.text_encoder.get_input_embeddings().vectors.detach(), init)  # handles learned
 
 
-def test_rare_token_init_and_resume(tiny_sd, two_square_scene, tmp_path, monkeypatch, no_previews):
+def test_rare_token_init_and_resume(tiny_sd, two_square_scene, tmp_path, interrupted_train, no_previews):
     from transformers import CLIPTokenizer
 
     tok = CLIPTokenizer.from_pretrained(tiny_sd, subfolder="tokenizer")
@@ -171,21 +171,10 @@ def test_rare_token_init_and_resume(tiny_sd, two_square_scene, tmp_path, monkeyp
     assert [h.init_word for h in ref.handles] == words  # the manifest says where each handle started
     assert torch.equal(start["vectors"], emb[ids].detach())  # each handle starts as its rare token's row
 
-    real_step = trainer_mod._train_step
-    calls = {"n": 0}
-
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_step(*a, **k)
-
     out = tmp_path / "run"
-    monkeypatch.setattr(trainer_mod, "_train_step", flaky)
-    with pytest.raises(TrainingInterrupted):  # checkpoint after step 2 (and on the interrupt in step 3)
-        train(two_square_scene, out, method="db-m", model=str(tiny_sd), overrides=common + ["checkpoint_every=2"],
-              progress=False)
-    monkeypatch.setattr(trainer_mod, "_train_step", real_step)
+    # checkpoint after step 2 (and on the interrupt in step 3)
+    interrupted_train(3, two_square_scene, out, method="db-m", model=str(tiny_sd),
+                      overrides=common + ["checkpoint_every=2"], progress=False)
     train(two_square_scene, out, method="db-m", model=str(tiny_sd), resume=True, progress=False)
     for rel in ["embeddings/asset0.safetensors", "embeddings/asset1.safetensors"] + [
             p.relative_to(ref.path).as_posix() for p in (ref.path / "weights").rglob("*.safetensors")]:

@@ -16,16 +16,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from scenetok.bundle import (  # noqa: E402
     MANIFEST_VERSION,
+    BundleContent,
     HandleInfo,
-    atomic_save_safetensors,
-    atomic_write_bytes,
-    atomic_write_text,
     check_output_dir,
     is_bundle,
     read_bundle,
     write_bundle,
 )
 from scenetok.errors import BundleError  # noqa: E402
+from scenetok.io import atomic_save_safetensors, atomic_write_bytes, atomic_write_text  # noqa: E402
 
 HANDLES = [
     HandleInfo(token="<asset0>", name="creature", class_word="toy", init_word="bear"),
@@ -52,7 +51,8 @@ def _write(out, tiny_sd, **kw):
         input_hashes={"img.png": "0" * 64},
     )
     args.update(kw)
-    return write_bundle(out, **args)
+    overwrite = args.pop("overwrite", False)
+    return write_bundle(out, BundleContent(**args), overwrite=overwrite)
 
 
 def _norm(text_encoder):

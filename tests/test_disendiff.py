@@ -17,7 +17,7 @@ from scenetok.methods import Batch, Outputs, get_method
 from scenetok.methods.disendiff import REFERENCE_SIGMA, DisenDiff, calibrate, map_sides
 from scenetok.scene import Scene
 from scenetok.training import method_config, train
-from scenetok.training import trainer as trainer_mod
+from scenetok.training.batch import class_positions_of
 
 FAST = ["train.steps=1", "preview_every=0", "prior.enabled=false", "batch_size=1", "grad_accum=1"]
 
@@ -154,7 +154,7 @@ def test_prompt_three_concepts_and_class_positions_of_a_multi_piece_noun(tiny_sd
     prompt = m.prompt(toks, [0, 1, 2], cfg, ["hedgehog", "dog", "dog"])
     ids = tok(prompt).input_ids
     pos = token_positions(tok, [prompt], tok.convert_tokens_to_ids(toks))
-    cp = trainer_mod._class_positions(tok, [prompt], pos, ["hedgehog", "dog", "dog"])[0]
+    cp = class_positions_of(tok, [prompt], pos, ["hedgehog", "dog", "dog"])[0]
     pieces = tok("hedgehog", add_special_tokens=False).input_ids
     assert len(pieces) > 2 and [ids[i] for i in cp[0]] == pieces and cp[0][0] == int(pos[0, 0]) + 1
     assert cp[1] == [int(pos[0, 1]) + 1] and cp[2] == [int(pos[0, 2]) + 1]  # each "dog" after its own handle
@@ -281,25 +281,13 @@ def test_three_concepts_multi_piece_noun_every_handle_moves(tiny_sd, tmp_path):
         assert not torch.allclose(vec, init, atol=1e-4), word  # every handle learned
 
 
-def test_resume_gives_the_same_weights(tiny_sd, tmp_path, monkeypatch):
-    from scenetok.training import TrainingInterrupted
+def test_resume_gives_the_same_weights(tiny_sd, tmp_path, interrupted_train):
 
     common = ["train.steps=3", "checkpoint_every=1", "preview_every=0", "prior.enabled=false", "batch_size=1",
               "grad_accum=1", "train.lr=1e-3"]
     train(_scene(), tmp_path / "ref", method="disendiff", model=str(tiny_sd), progress=False, overrides=common)
-    real = trainer_mod._train_step
-    calls = {"n": 0}
-
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(trainer_mod, "_train_step", flaky)
-    with pytest.raises(TrainingInterrupted):
-        train(_scene(), tmp_path / "run", method="disendiff", model=str(tiny_sd), progress=False, overrides=common)
-    monkeypatch.setattr(trainer_mod, "_train_step", real)
+    interrupted_train(3, _scene(), tmp_path / "run", method="disendiff", model=str(tiny_sd), progress=False,
+                      overrides=common)
     train(_scene(), tmp_path / "run", method="disendiff", model=str(tiny_sd), progress=False, resume=True)
     for a, b in zip(_handles(tmp_path / "ref", 2), _handles(tmp_path / "run", 2)):
         assert torch.equal(a, b)

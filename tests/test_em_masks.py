@@ -13,8 +13,7 @@ from safetensors.torch import load_file
 from conftest import two_squares
 from scenetok.masks.crf import iou
 from scenetok.scene import Scene, save_scene
-from scenetok.training import TrainingInterrupted, train
-from scenetok.training import trainer as trainer_mod
+from scenetok.training import train
 
 # tiny runs: 2 noise levels per estimate, a few steps
 FAST = ["masks.timesteps=2", "masks.batch_size=2", "preview_every=100", "checkpoint_every=0"]
@@ -149,28 +148,17 @@ def test_concepts_from_two_images(tiny_sd, tmp_path):
     assert frac["<asset1> background"] == 1.0 and 0 < frac["<asset0> red"] < 1
 
 
-def test_resume_restores_masks_and_gives_the_same_result(tiny_sd, tmp_path, monkeypatch):
+def test_resume_restores_masks_and_gives_the_same_result(tiny_sd, tmp_path, interrupted_train):
     overrides = FAST[:2] + ["em.steps=3", "em.every=2", "joint.steps=1", "checkpoint_every=1", "preview_every=100"]
     scene = _named_scene(["red", "blue"])
     ref = tmp_path / "ref"
     train(scene, ref, method="em-masks", model=str(tiny_sd), overrides=overrides, progress=False)
 
-    real_step = trainer_mod._train_step
-    calls = {"n": 0}
-
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:  # interrupted during step 3: the checkpoint holds step 2 and its new masks
-            raise KeyboardInterrupt
-        return real_step(*a, **k)
-
     out = tmp_path / "run"
-    monkeypatch.setattr(trainer_mod, "_train_step", flaky)
-    with pytest.raises(TrainingInterrupted):
-        train(scene, out, method="em-masks", model=str(tiny_sd), overrides=overrides, progress=False)
+    # interrupted during step 3: the checkpoint holds step 2 and its new masks
+    interrupted_train(3, scene, out, method="em-masks", model=str(tiny_sd), overrides=overrides, progress=False)
     saved = load_file(str(out / "checkpoint" / "trainable.safetensors"))
     assert "masks.0" in saved
-    monkeypatch.setattr(trainer_mod, "_train_step", real_step)
     train(scene, out, method="em-masks", model=str(tiny_sd), resume=True, progress=False)
     np.testing.assert_array_equal(_bundle_masks(out), _bundle_masks(ref))
     for f in ("asset0.safetensors", "asset1.safetensors"):

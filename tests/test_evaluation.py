@@ -129,14 +129,14 @@ def test_masked_image_and_input_views():
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
-    from scenetok import devtools
+    from scenetok import testing
 
     root = tmp_path_factory.mktemp("eval-models")
     return {
-        "clip": devtools.build_tiny_clip(root / "clip"),
-        "dino": devtools.build_tiny_dino(root / "dino"),
-        "maskformer": devtools.build_tiny_maskformer(root / "maskformer"),
-        "lpips": devtools.build_tiny_lpips(root / "lpips_alex.safetensors"),
+        "clip": testing.build_tiny_clip(root / "clip"),
+        "dino": testing.build_tiny_dino(root / "dino"),
+        "maskformer": testing.build_tiny_maskformer(root / "maskformer"),
+        "lpips": testing.build_tiny_lpips(root / "lpips_alex.safetensors"),
     }
 
 
@@ -261,7 +261,7 @@ def test_text_sam_segmenter_with_a_fake_from_text(monkeypatch):
 
 def test_text_sam_segmenter_with_the_real_from_text(tmp_path):
     pytest.importorskip("scenetok.masks")
-    from scenetok.devtools import build_tiny_grounding_dino, build_tiny_sam
+    from scenetok.testing import build_tiny_grounding_dino, build_tiny_sam
     from scenetok.evaluation.segment import make_segmenter
 
     gd = build_tiny_grounding_dino(tmp_path / "gd", box_logit=1.5)
@@ -277,7 +277,7 @@ def test_text_sam_segmenter_with_the_real_from_text(tmp_path):
 def test_lpips(tiny_models, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from scenetok import devtools
+    from scenetok import testing
     from scenetok.evaluation.lpips import LPIPS
 
     lp = LPIPS.from_file(tiny_models["lpips"])
@@ -294,7 +294,7 @@ def test_lpips(tiny_models, tmp_path):
         plain[f"features.{parts[2]}.{parts[3]}" if k.startswith("net.") else f"{parts[0]}.weight"] = v
     save_file(plain, str(tmp_path / "plain.safetensors"))
     assert torch.allclose(LPIPS.from_file(tmp_path / "plain.safetensors").distance(imgs[:2], imgs[1:3]), ab)
-    vgg = LPIPS.from_file(devtools.build_tiny_lpips(tmp_path / "vgg.safetensors", net="vgg"))
+    vgg = LPIPS.from_file(testing.build_tiny_lpips(tmp_path / "vgg.safetensors", net="vgg"))
     assert vgg.net == "vgg" and float(vgg.distance(imgs[:1], imgs[:1])[0]) == 0.0
     save_file({"x": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ConfigError, match="does not hold LPIPS weights"):
@@ -520,7 +520,9 @@ def test_eval_command_end_to_end(trained_bundle, tiny_models, tmp_path, capsys):
     page = (out / "index.html").read_text()
     assert page.count("data:image/png;base64,") >= 4 and "a photo of &lt;asset0&gt; and &lt;asset1&gt; in the snow" in page
     # the masked reference of a handle scores CLIP-I 1.0 against itself
-    from scenetok.evaluation.evaluate import _Plan, _reference_embeds, _references
+    from scenetok.evaluation.options import _Plan
+    from scenetok.evaluation.references import _references
+    from scenetok.evaluation.scoring import _reference_embeds
     from scenetok.bundle import read_bundle
 
     plan = _Plan(0, "b", read_bundle(trained_bundle), [])
@@ -600,7 +602,8 @@ def test_references_from_a_scene_replace_the_bundle_masks(trained_bundle):
     from conftest import two_squares
 
     from scenetok.bundle import read_bundle
-    from scenetok.evaluation.evaluate import _load_reference_scene, _Plan, _references
+    from scenetok.evaluation.options import _Plan
+    from scenetok.evaluation.references import _load_reference_scene, _references
     from scenetok.scene import Scene
 
     b = read_bundle(trained_bundle)

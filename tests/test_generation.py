@@ -11,7 +11,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from scenetok.bundle import HandleInfo, write_bundle  # noqa: E402
+from scenetok.bundle import BundleContent, HandleInfo, write_bundle  # noqa: E402
 from scenetok.errors import BundleError, PromptError  # noqa: E402
 from scenetok.generation import Generated, check_prompt, generate, load_pipeline  # noqa: E402
 
@@ -30,11 +30,11 @@ def bundle(tmp_path_factory, tiny_sd):
         unet.conv_out.bias.add_(0.25)
     g = torch.Generator().manual_seed(1)
     handles = [HandleInfo("<asset0>", "creature", "toy", "bear"), HandleInfo("<asset1>", "bowl", "bowl", "bowl")]
-    return write_bundle(
-        root / "bundle", method="break-a-scene", base_model=str(sd), handles=handles,
+    return write_bundle(root / "bundle", BundleContent(
+        method="break-a-scene", base_model=str(sd), handles=handles,
         embeddings={h.token: torch.randn(32, generator=g) for h in handles}, components={"unet": unet},
         config={}, resolution=32, input_hashes={},
-    )
+    ))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from scenetok.errors import ConfigError
-from scenetok.training import TrainingInterrupted, load_model, train
+from scenetok.training import load_model, train
 from scenetok.training import trainer as trainer_mod
 
 # Break-A-Scene with LoRA: phase 1 (handles) then phase 2 (LoRA on UNet + text encoder); alpha != rank so
@@ -157,27 +157,17 @@ def test_to_kohya_on_hand_made_state():
         to_kohya({"unet": {"x.weight": a}}, alpha=1.0)
 
 
-def test_resume_with_lora_gives_same_weights(bas_lora, tiny_sd, two_square_scene, tmp_path, monkeypatch):
+def test_resume_with_lora_gives_same_weights(bas_lora, tiny_sd, two_square_scene, tmp_path, monkeypatch,
+                                             interrupted_train):
     _, ref = bas_lora  # the same run without interruption (checkpoints and previews do not change the weights)
-    monkeypatch.setattr(trainer_mod, "_preview", lambda *a, **k: None)
+    monkeypatch.setattr(trainer_mod, "write_preview", lambda *a, **k: None)
     common = BAS_LORA[:-1] + ["checkpoint_every=1"]
-    real_step = trainer_mod._train_step
-    calls = {"n": 0}
-
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:  # inside phase 2, after one LoRA step
-            raise KeyboardInterrupt
-        return real_step(*a, **k)
-
     out = tmp_path / "run"
-    monkeypatch.setattr(trainer_mod, "_train_step", flaky)
-    with pytest.raises(TrainingInterrupted):
-        train(two_square_scene, out, model=str(tiny_sd), overrides=common, progress=False)
+    # inside phase 2, after one LoRA step
+    interrupted_train(3, two_square_scene, out, model=str(tiny_sd), overrides=common, progress=False)
     saved = load_file(str(out / "checkpoint" / "trainable.safetensors"))
     assert any(k.startswith("lora.unet.") for k in saved) and any(k.startswith("lora.text_encoder.") for k in saved)
     assert not any(k.startswith(("unet.", "text_encoder.")) for k in saved)  # adapters only
-    monkeypatch.setattr(trainer_mod, "_train_step", real_step)
     train(two_square_scene, out, model=str(tiny_sd), resume=True, progress=False)
     for rel in ("weights/lora/pytorch_lora_weights.safetensors", "embeddings/asset0.safetensors",
                 "embeddings/asset1.safetensors"):
@@ -186,7 +176,7 @@ def test_resume_with_lora_gives_same_weights(bas_lora, tiny_sd, two_square_scene
 
 
 def test_lora_bf16_custom_diffusion_kv_only(tiny_sd, two_square_scene, tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer_mod, "_preview", lambda *a, **k: None)  # bf16 kernels are slow on CPU
+    monkeypatch.setattr(trainer_mod, "write_preview", lambda *a, **k: None)  # bf16 kernels are slow on CPU
     out = tmp_path / "bf16"
     bundle = train(two_square_scene, out, method="cd-m", model=str(tiny_sd), progress=False,
                    overrides=["train.steps=2", "collage.num_images=2", "prior.enabled=false", "mixed_precision=bf16",

@@ -1,7 +1,7 @@
 """scenetok.masks: hygiene on hand-made masks (exact results), user files, SAM from boxes and clicks,
 text → GroundingDINO → SAM, scene folders, and the `masks` / `extract --auto-masks` commands.
 
-SAM and GroundingDINO are tiny random models built by scenetok.devtools, saved to disk and loaded by
+SAM and GroundingDINO are tiny random models built by scenetok.testing, saved to disk and loaded by
 path through the real loaders. ``full_masks`` SAM answers every prompt with the whole image, so what
 the tests see is exactly scenetok's own post-processing (box clipping, hygiene)."""
 
@@ -30,7 +30,7 @@ OFF = Hygiene(max_hole=0, min_island=0, overlap="keep", min_fraction=0)
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from scenetok.devtools import build_tiny_grounding_dino, build_tiny_sam
+    from scenetok.testing import build_tiny_grounding_dino, build_tiny_sam
 
     root = tmp_path_factory.mktemp("seg-models")
     return {
@@ -431,3 +431,18 @@ def test_real_scene_masks_through_files_and_preview(tmp_path):
     scene = load_scene(out.path)
     assert [c.name for c in scene.concepts] == ["creature", "bowl", "stone"]
     assert Image.open(out.preview).size == (512, 512)
+
+
+def test_mask_sources_register_themselves():
+    from scenetok.masks import mask_sources
+    from scenetok.masks.hygiene import Hygiene
+
+    sources = mask_sources()
+    assert {s.name: s.option for s in sources.values()} == {"text": "text", "box": "boxes", "points": "points",
+                                                             "file": "files"}
+    img = np.zeros((20, 20, 3), np.uint8)
+    a = np.zeros((20, 20), bool)
+    a[2:9, 3:12] = True
+    concepts, info = sources["file"].make(img, [a], ["thing"], {"hygiene": Hygiene()})
+    assert info == {"source": "file"} and [c.name for c in concepts] == ["thing"]
+    assert int(concepts[0].mask.sum()) == 63

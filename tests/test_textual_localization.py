@@ -17,7 +17,6 @@ from scenetok.methods import Batch, Outputs, get_method
 from scenetok.methods.textual_localization import TextualLocalization, factor_sides, multiscale_maps
 from scenetok.scene import Scene
 from scenetok.training import method_config, train
-from scenetok.training import trainer as trainer_mod
 
 FAST = ["train.steps=1", "preview_every=0", "prior.enabled=false"]
 
@@ -186,26 +185,13 @@ def test_every_handle_learns(tiny_sd, tmp_path, n):
     assert not torch.allclose(vecs[0], vecs[-1], atol=1e-4)  # and they learn different things
 
 
-def test_resume_gives_the_same_weights(tiny_sd, tmp_path, monkeypatch):
-    from scenetok.training import TrainingInterrupted
+def test_resume_gives_the_same_weights(tiny_sd, tmp_path, interrupted_train):
 
     common = ["train.steps=3", "checkpoint_every=1", "preview_every=0", "prior.enabled=false", "train.lr=1e-3"]
     train(_scene(), tmp_path / "ref", method="textual-localization", model=str(tiny_sd), progress=False,
           overrides=common)
-    real = trainer_mod._train_step
-    calls = {"n": 0}
-
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(trainer_mod, "_train_step", flaky)
-    with pytest.raises(TrainingInterrupted):
-        train(_scene(), tmp_path / "run", method="textual-localization", model=str(tiny_sd), progress=False,
-              overrides=common)
-    monkeypatch.setattr(trainer_mod, "_train_step", real)
+    interrupted_train(2, _scene(), tmp_path / "run", method="textual-localization", model=str(tiny_sd),
+                      progress=False, overrides=common)
     train(_scene(), tmp_path / "run", method="textual-localization", model=str(tiny_sd), progress=False, resume=True)
     for a, b in zip(_handles(tmp_path / "ref", 2), _handles(tmp_path / "run", 2)):
         assert torch.equal(a, b)

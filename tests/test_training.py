@@ -9,8 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from scenetok.training import TrainingInterrupted, train
-from scenetok.training import trainer as trainer_mod
+from scenetok.training import train
 
 FAST = ["phase1.steps=3", "phase2.steps=2", "checkpoint_every=2", "preview_every=2"]
 
@@ -50,9 +49,25 @@ def test_two_phase_run_writes_complete_bundle(tiny_sd, two_square_scene, tmp_pat
 def test_phase1_changes_only_handles_and_phase2_changes_unet(tiny_sd, two_square_scene, tmp_path):
     from diffusers import UNet2DConditionModel
 
+    from scenetok.model import load_model
+
     out = tmp_path / "p1"
-    train(two_square_scene, out, model=str(tiny_sd), overrides=["phase1.steps=2", "phase2.steps=0"], progress=False)
+    model = load_model(tiny_sd)  # trained in place: its weights after the run are the run's weights
+    unet_before = {k: v.detach().clone() for k, v in model.unet.state_dict().items()}
+    te_before = {k: v.detach().clone() for k, v in model.text_encoder.state_dict().items()}
+    vocab = len(model.tokenizer)
+    train(two_square_scene, out, model=model, overrides=["phase1.steps=2", "phase2.steps=0"], progress=False)
     assert not (out / "weights").exists() or not any((out / "weights").iterdir())
+    unet_after = model.unet.state_dict()
+    assert unet_after.keys() == unet_before.keys()
+    assert all(torch.equal(unet_after[k], unet_before[k]) for k in unet_before)  # bit for bit
+    te_after = {k: v for k, v in model.text_encoder.state_dict().items() if "token_embedding" not in k}
+    assert te_after.keys() == {k for k in te_before if "token_embedding" not in k}
+    assert all(torch.equal(te_after[k], te_before[k]) for k in te_after)  # bit for bit
+    # the vocabulary rows of the token embedding too (the handles' rows are appended after them)
+    emb_before = next(v for k, v in te_before.items() if "token_embedding" in k)
+    emb_after = model.text_encoder.get_input_embeddings().weight
+    assert emb_after.shape[0] == vocab + 2 and torch.equal(emb_after[:vocab], emb_before[:vocab])
     base = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet").state_dict()
     out2 = tmp_path / "p2"
     train(two_square_scene, out2, model=str(tiny_sd), overrides=["phase1.steps=0", "phase2.steps=2",
@@ -76,26 +91,14 @@ def test_seeded_runs_reproducible(tiny_sd, two_square_scene, tmp_path):
 
 
 @pytest.mark.parametrize("stop_at", [3, 4])  # at the phase boundary and inside phase 2
-def test_resume_gives_same_weights(tiny_sd, two_square_scene, tmp_path, monkeypatch, stop_at):
+def test_resume_gives_same_weights(tiny_sd, two_square_scene, tmp_path, interrupted_train, stop_at):
     ref = train(two_square_scene, tmp_path / "ref", model=str(tiny_sd),
                 overrides=FAST[:2] + ["checkpoint_every=1", "preview_every=100"], progress=False)
-    real_step = trainer_mod._train_step
-    calls = {"n": 0}
-
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == stop_at + 1:
-            raise KeyboardInterrupt
-        return real_step(*a, **k)
-
     out = tmp_path / "run"
-    monkeypatch.setattr(trainer_mod, "_train_step", flaky)
-    with pytest.raises(TrainingInterrupted):
-        train(two_square_scene, out, model=str(tiny_sd),
-              overrides=FAST[:2] + ["checkpoint_every=1", "preview_every=100"], progress=False)
+    interrupted_train(stop_at + 1, two_square_scene, out, model=str(tiny_sd),
+                      overrides=FAST[:2] + ["checkpoint_every=1", "preview_every=100"], progress=False)
     assert (out / "checkpoint" / "state.json").is_file()
     assert json.loads((out / "checkpoint" / "state.json").read_text())["progress"]["global"] == stop_at
-    monkeypatch.setattr(trainer_mod, "_train_step", real_step)
     train(two_square_scene, out, model=str(tiny_sd), resume=True, progress=False)
     e1, u1 = _final_weights(ref.path)
     e2, u2 = _final_weights(out)

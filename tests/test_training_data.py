@@ -133,8 +133,11 @@ def test_kv_training_changes_only_cross_attention_kv(tiny_sd, two_square_scene, 
 
     from scenetok.generation import load_pipeline
 
+    from scenetok.model import load_model
+
     out = tmp_path / "kv"
-    bundle = train(two_square_scene, out, method=_KVMethod(), model=str(tiny_sd), progress=False,
+    model = load_model(tiny_sd)  # trained in place: after the run it holds every weight the run changed
+    bundle = train(two_square_scene, out, method=_KVMethod(), model=model, progress=False,
                    overrides=["phase1.steps=3", "phase1.lr=1e-2", "preview_every=100", "checkpoint_every=0"])
     assert bundle.manifest["components"] == []
     entry = bundle.manifest["partial_components"]["unet"]
@@ -143,19 +146,21 @@ def test_kv_training_changes_only_cross_attention_kv(tiny_sd, two_square_scene, 
     assert saved and all(".attn2.to_k." in k or ".attn2.to_v." in k for k in saved)
     base = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet").state_dict()
     assert all(not torch.equal(saved[k], base[k]) for k in saved)  # every K/V moved
+    trained = model.unet.state_dict()
+    assert sorted(k for k in base if not torch.equal(trained[k], base[k])) == sorted(saved)  # and nothing else
     pipe, _ = load_pipeline(bundle, device="cpu")
     loaded = pipe.unet.state_dict()
     for k, v in base.items():
         if k in saved:
             assert torch.equal(loaded[k], saved[k])
         else:
-            assert torch.equal(loaded[k], v), k  # everything else is the base model
+            assert torch.equal(loaded[k], v), k  # everything else is the base model (as the run left it)
 
 
 def test_detach_start_token_kv_blocks_only_position_zero(tiny_sd):
     from diffusers import UNet2DConditionModel
 
-    from scenetok.training.params import detach_start_token_kv
+    from scenetok.params import detach_start_token_kv
 
     unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
     torch.manual_seed(0)

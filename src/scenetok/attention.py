@@ -38,6 +38,8 @@ __all__ = [
     "capture_attention",
     "cross_attention_layers",
     "install_naive_capture",
+    "nearest_size",
+    "average_attention",
     "select_layers",
 ]
 
@@ -156,6 +158,13 @@ def cross_attention_layers(unet, latent_size: int) -> dict[str, int]:
 def available_sizes(unet, latent_size: int) -> list[int]:
     """Distinct sides of the cross-attention maps for this latent side, ascending."""
     return sorted(set(cross_attention_layers(unet, latent_size).values()))
+
+
+def nearest_size(target: int, available: list[int]) -> int:
+    """The available map side closest to ``target`` (ties: the larger)."""
+    if not available:
+        raise ValueError("the model has no cross-attention layers")
+    return min(sorted(available, reverse=True), key=lambda s: abs(s - target))
 
 
 def select_layers(unet, latent_size: int, sizes=None, blocks=("down", "mid", "up")) -> list[str]:
@@ -458,3 +467,38 @@ def install_naive_capture(unet) -> tuple[AttentionStore, Callable[[], None]]:
             m.set_processor(previous[name])
 
     return store, restore
+
+
+# ----------------------------------------------------------------------------------------------------
+# the one map-averaging routine (previews, attention masks, EM mask estimates)
+
+
+def average_attention(unet, scheduler, latents: torch.Tensor, text_embeddings: torch.Tensor,
+                      timesteps: torch.Tensor, noises: torch.Tensor, *, layers: list[str], size: int, native=None,
+                      batch_size: int = 1, autocast=None, extra_conditioning: dict | None = None) -> torch.Tensor:
+    """Cross-attention maps ``(T, size, size)`` of every token, averaged over noise levels.
+
+    The clean, scaled latent ``latents (1, C, h, w)`` is noised at each of ``timesteps (N,)`` with the
+    matching ``noises (N, C, h, w)``; the UNet runs on ``batch_size`` of them at a time with capture at
+    ``layers``; the maps (resized to ``size``; ``native``: only the layers working at these sides) are
+    summed over all N runs and divided by N. ``text_embeddings``: ``(1, T, D)``. ``autocast``: a
+    context-manager factory (e.g. ``accelerator.autocast``) or None. The caller draws ``timesteps`` and
+    ``noises`` (from its own generator), so this routine touches no random stream.
+    """
+    n = int(timesteps.numel())
+    dev = latents.device
+    ctx = autocast if autocast is not None else contextlib.nullcontext
+    extra = extra_conditioning or {}
+    acc = None
+    with capture_attention(unet, layers) as store:
+        for start in range(0, n, batch_size):
+            t = timesteps[start:start + batch_size].to(dev)
+            b = t.numel()
+            noise = noises[start:start + b].to(dev, latents.dtype)
+            noisy = scheduler.add_noise(latents.expand(b, -1, -1, -1), noise, t)
+            store.reset()
+            with ctx():
+                unet(noisy.to(unet.dtype), t, text_embeddings.expand(b, -1, -1).to(unet.dtype), **extra)
+            maps = store.maps(size, native=native).float().sum(0)  # (T, s, s), summed over this batch
+            acc = maps if acc is None else acc + maps
+    return acc / n

@@ -22,7 +22,8 @@ EXIT_INTERRUPTED = 130
 
 
 def default_model() -> str | None:
-    """The shipped toy model, if this installation has it."""
+    """The shipped toy model, if this installation has it (= :func:`scenetok.api.default_model`; not
+    imported from there: keeps --help fast)."""
     path = Path(__file__).parent / "assets" / "toy-sd"
     return str(path) if (path / "model_index.json").is_file() else None
 
@@ -36,64 +37,52 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _method_switches() -> dict[str, tuple[list[str], str, list[str]]]:
-    """Every method's ablation switches: flag -> (methods that have it, help, overrides per method)."""
-    from scenetok.methods import available_methods, get_method
+def _settings_epilog() -> str:
+    """The settings ``--set KEY=VALUE`` may change, with their help: the shared ones, then each method's own."""
+    from scenetok import config as cfglib
+    from scenetok.methods import METHODS
+    from scenetok.training.settings import TrainSettings
 
-    out: dict[str, tuple[list[str], str, dict[str, list[str]]]] = {}
-    for name in available_methods():
-        for flag, (text, overrides) in get_method(name).switches.items():
-            methods, _, per = out.setdefault(flag, ([], text, {}))
-            methods.append(name)
-            per[name] = list(overrides)
-    return out
+    def lines(helps: dict[str, str]) -> list[str]:
+        return [f"    {k:28s} {h}" for k, h in helps.items()]
 
-
-def _method_options() -> dict[str, tuple[list[str], str, dict[str, tuple[str, tuple[str, ...]]]]]:
-    """Every method's switches with a value: flag -> (methods that have it, help, {method: (key, choices)})."""
-    from scenetok.methods import available_methods, get_method
-
-    out: dict[str, tuple[list[str], str, dict[str, tuple[str, tuple[str, ...]]]]] = {}
-    for name in available_methods():
-        for flag, (text, key, choices) in get_method(name).options.items():
-            methods, _, per = out.setdefault(flag, ([], text, {}))
-            methods.append(name)
-            per[name] = (key, tuple(choices))
-    return out
+    out = ["settings (--set KEY=VALUE; `scenetok methods NAME` shows a method's defaults):",
+           "  every method:"] + lines(cfglib.helps(TrainSettings))
+    for name in sorted(METHODS):
+        own = METHODS[name].setting_helps()
+        if own:
+            out += [f"  {name}:"] + lines(own)
+    return "\n".join(out)
 
 
 def _add_switches(p: argparse.ArgumentParser) -> None:
+    from scenetok.methods.switches import method_options, method_switches
+
     group = p.add_argument_group("ablation switches (each names the methods that have it)")
-    for flag, (methods, text, _) in sorted(_method_switches().items()):
+    for flag, sw in sorted(method_switches().items()):
         group.add_argument(f"--{flag}", dest=f"switch_{flag.replace('-', '_')}", action="store_true",
-                           help=f"{text} [{', '.join(methods)}]")
-    for flag, (methods, text, per) in sorted(_method_options().items()):
-        choices = list(dict.fromkeys(c for _, cs in per.values() for c in cs))
+                           help=f"{sw.help} [{', '.join(sw.overrides)}]")
+    for flag, op in sorted(method_options().items()):
+        choices = list(dict.fromkeys(c for _, cs in op.keys.values() for c in cs))
         group.add_argument(f"--{flag}", dest=f"option_{flag.replace('-', '_')}", default=None, choices=choices,
-                           help=f"{text} [{', '.join(methods)}]")
+                           help=f"{op.help} [{', '.join(op.keys)}]")
+
+
+def _given_switches(args) -> tuple[list[str], dict[str, str]]:
+    """The ablation switches (flags) and options (flag -> value) given on the command line."""
+    from scenetok.methods.switches import method_options, method_switches
+
+    flags = [f for f in method_switches() if getattr(args, f"switch_{f.replace('-', '_')}", False)]
+    options = {f: v for f in method_options() if (v := getattr(args, f"option_{f.replace('-', '_')}", None)) is not None}
+    return flags, options
 
 
 def switch_overrides(method_name: str, args) -> list[str]:
     """The overrides of the ablation switches given on the command line, for ``method_name``."""
-    out = []
-    for flag, (methods, _, per) in _method_switches().items():
-        if getattr(args, f"switch_{flag.replace('-', '_')}", False):
-            if method_name not in per:
-                raise ScenetokError(f"--{flag} is not a switch of {method_name}",
-                                    hint=f"it belongs to: {', '.join(methods)}")
-            out += per[method_name]
-    for flag, (methods, _, per) in _method_options().items():
-        value = getattr(args, f"option_{flag.replace('-', '_')}", None)
-        if value is None:
-            continue
-        if method_name not in per:
-            raise ScenetokError(f"--{flag} is not an option of {method_name}", hint=f"it belongs to: {', '.join(methods)}")
-        key, choices = per[method_name]
-        if value not in choices:
-            raise ScenetokError(f"--{flag} {value} is not a choice of {method_name}",
-                                hint=f"choose one of: {', '.join(choices)}")
-        out.append(f"{key}={value}")
-    return out
+    from scenetok.methods.switches import switch_overrides as overrides_of
+
+    flags, options = _given_switches(args)
+    return overrides_of(method_name, flags, options)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=_Formatter,
                        description="Learn handles for a scene folder (img.png|jpg + mask0.png … + optional "
                        "scene.json) and write a bundle to -o. Given an image file and --auto-masks, the masks are "
-                       "made first (GroundingDINO → SAM) into the scene folder OUT-scene beside the bundle.")
+                       "made first (GroundingDINO → SAM) into the scene folder OUT-scene beside the bundle.",
+                       epilog=_settings_epilog())
     p.add_argument("scene", nargs="+", help="scene folder: img.jpg|png, mask0.png … maskN.png, optional scene.json "
                    "(several folders: their concepts get handles in order, e.g. a subject from one photo and a "
                    "background from another); or one image file with --auto-masks")
@@ -308,97 +298,36 @@ def _comma_list(text: str) -> list[str]:
     return [w.strip() for w in text.split(",") if w.strip()]
 
 
-def _split_concepts(text: str, n_scenes: int) -> list[list[str]]:
-    groups = [g for g in text.split(";")]
-    if len(groups) != n_scenes:
-        raise ScenetokError(f"--concepts names {len(groups)} group(s) for {n_scenes} scene folder(s)",
-                            hint='separate the concepts of each scene with ";", e.g. --concepts "dog; background"')
-    return [_comma_list(g) for g in groups]
-
-
 def adapter_overrides(args) -> list[str]:
-    """``--adapter`` / ``--rank`` as ``--set`` overrides (applied after ``--set``, like ``--mixed-precision``)."""
-    out = []
-    if args.adapter:
-        out.append(f"adapter.type={args.adapter}")
-    if args.rank is not None:
-        if args.rank < 1:
-            raise ScenetokError(f"--rank must be a positive integer, got {args.rank}")
-        out.append(f"adapter.rank={args.rank}")
-    return out
+    """``--adapter`` / ``--rank`` as ``--set`` overrides (= :func:`scenetok.api.adapter_overrides`)."""
+    from scenetok.api import adapter_overrides as overrides_of
+
+    return overrides_of(args.adapter, args.rank)
 
 
 def _cmd_extract(args) -> int:
-    from scenetok.methods import get_method
-    from scenetok.scene import load_scene
-    from scenetok.training import load_model, method_config, train
-    from scenetok import config as cfglib
+    from scenetok import api
 
-    method = get_method(args.method)
-    overrides = switch_overrides(method.name, args) + list(args.overrides)
-    if args.mixed_precision:
-        overrides.append(f"mixed_precision={args.mixed_precision}")
-    overrides += adapter_overrides(args)
-    file_cfg = cfglib.load_config_file(args.config) if args.config else None
-    cfg = method_config(method, file_cfg, overrides)
-    scene_paths = list(args.scene)
-    if args.auto_masks is not None or any(Path(p).is_file() for p in scene_paths):
-        if len(scene_paths) != 1:
-            raise ScenetokError("automatic masks (--auto-masks, or an image file instead of a scene folder) work on "
-                                "one image at a time", hint="make each image's masks with `scenetok masks` first")
-        from scenetok.bundle import check_output_dir as _check_out
-        from scenetok.masks import auto_mask_scene
-
-        if not args.resume:
-            _check_out(Path(args.output), overwrite=args.overwrite)
-        scene_paths = [auto_mask_scene(scene_paths[0], args.auto_masks, args.output, resume=args.resume,
-                                       overwrite=args.overwrite, device=args.device, sam_model=args.sam_model,
-                                       detector_model=args.detector_model)]
-        if not args.quiet:
-            print(f"automatic masks written to {scene_paths[0]} (preview: {Path(scene_paths[0]) / 'preview.png'})")
-    words = _split_concepts(args.concepts, len(scene_paths)) if args.concepts else None
-    scenes = []
-    for i, folder in enumerate(scene_paths):
-        sc = load_scene(folder, background=args.background, policy=args.policy,
-                        require_masks=method.needs_masks and words is None)
-        if words is not None:
-            if sc.concepts and method.needs_masks:
-                raise ScenetokError(f"--concepts and the masks of {folder} both name concepts",
-                                    hint="give masks or --concepts, not both")
-            sc = sc.with_named_concepts(words[i]) if words[i] else sc
-        scenes.append(sc)
-    out = Path(args.output)
-    if not args.quiet:
-        first = 0
-        for folder, sc in zip(scene_paths, scenes):
-            names = ", ".join(f"<asset{first + i}>={c.name}" for i, c in enumerate(sc.concepts))
-            print(f"scene {folder}: {len(sc.concepts)} concepts ({names})")
-            first += len(sc.concepts)
-    from scenetok.bundle import check_output_dir
-
-    if not args.resume:
-        check_output_dir(out, overwrite=args.overwrite)
-    model = load_model(args.model)
-    bundle = train(scenes if len(scenes) > 1 else scenes[0], out, method=method, model=model, cfg=cfg,
-                   resume=args.resume, overwrite=args.overwrite, device=args.device, progress=not args.quiet)
+    switches, options = _given_switches(args)
+    bundle = api.extract(
+        args.scene, args.output, method=args.method, model=args.model, config=args.config, overrides=args.overrides,
+        switches=switches, options=options, mixed_precision=args.mixed_precision, adapter=args.adapter,
+        rank=args.rank, concepts=args.concepts, background=args.background, policy=args.policy,
+        auto_masks=args.auto_masks, sam_model=args.sam_model, detector_model=args.detector_model, resume=args.resume,
+        overwrite=args.overwrite, device=args.device, progress=not args.quiet, log=None if args.quiet else print,
+    )
     print(f"bundle written to {bundle.path}")
     print(f'next: scenetok generate {bundle.path} "a photo of {" and ".join(h.token for h in bundle.handles)}"')
     return 0
 
 
 def _cmd_generate(args) -> int:
-    from scenetok.generation import generate, load_pipeline, check_prompt
-    from scenetok.bundle import read_bundle
+    from scenetok import api
 
-    if args.num_images < 1:
-        raise ScenetokError("-n must be at least 1")
-    bundle = read_bundle(args.bundle)
-    check_prompt(args.prompt, bundle)
-    pipe, bundle = load_pipeline(bundle, base_model=args.base_model, device=args.device)
-    results = generate(
-        (pipe, bundle), args.prompt, n=args.num_images, seed=args.seed, steps=args.steps, guidance=args.guidance,
-        negative_prompt=args.negative, height=args.size, width=args.size, batch_size=args.batch_size,
-        attention=args.attention, out_dir=args.output, progress=not args.quiet,
+    results = api.generate(
+        args.bundle, args.prompt, n=args.num_images, seed=args.seed, steps=args.steps, guidance=args.guidance,
+        negative_prompt=args.negative, size=args.size, batch_size=args.batch_size, attention=args.attention,
+        base_model=args.base_model, device=args.device, out_dir=args.output, progress=not args.quiet,
     )
     print(f"{len(results)} image(s) written to {args.output}")
     return 0
@@ -431,10 +360,10 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_masks(args) -> int:
-    from scenetok.masks import make_masks
+    from scenetok import api
     from scenetok.masks.core import parse_box, parse_clicks, parse_names
 
-    result = make_masks(
+    result = api.make_masks(
         args.image, args.output, text=args.text, boxes=[parse_box(b) for b in args.box or []],
         points=[parse_clicks(p) for p in args.point or []], files=args.mask, names=parse_names(args.names),
         background=args.background, dilate=args.dilate, overlap=args.overlap, device=args.device,
@@ -450,15 +379,14 @@ def _cmd_masks(args) -> int:
 
 
 def _cmd_methods(args) -> int:
+    from scenetok import api
     from scenetok.methods import available_methods, get_method
-    from scenetok.training import method_config
-    from scenetok.config import flatten
 
     if args.name:
         m = get_method(args.name)
         print(f"{m.name}: {m.summary}")
-        for k, v in flatten(method_config(m)).items():
-            print(f"  {k} = {v}")
+        for key, value, text in api.method_settings(m):
+            print(f"  {key} = {value}".ljust(46) + (f" {text}" if text else ""))
         if m.switches or m.options:
             print("ablation switches (scenetok extract ...):")
             for flag, (text, overrides) in m.switches.items():

@@ -9,7 +9,10 @@ the default's type (an int where a float is expected is fine).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import typing
+from dataclasses import field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -126,3 +129,38 @@ def resolve(defaults: dict, file_cfg: dict | None = None, overrides: Iterable[st
         key, value = parse_assignment(text)
         set_key(cfg, key, value)
     return cfg
+
+
+# ----------------------------------------------------------------------------------------------------
+# typed settings: dataclasses whose fields carry a help text
+
+
+def setting(default: Any, help: str) -> Any:
+    """A dataclass field with a default and a one-line ``help`` (shown by ``scenetok methods NAME`` and
+    ``scenetok extract --help``). Lists and dicts are copied for every instance."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def group(cls: type, help: str = "") -> Any:
+    """A dataclass field holding a nested settings dataclass (a dotted group such as ``phase1.*``)."""
+    return field(default_factory=cls, metadata={"help": help})
+
+
+def to_dict(settings: Any) -> dict:
+    """A settings dataclass instance as the nested dict the trainer reads (field order kept)."""
+    return dataclasses.asdict(settings)
+
+
+def helps(cls: type, prefix: str = "") -> dict[str, str]:
+    """``{dotted key: help}`` of every setting of the dataclass ``cls`` (nested groups flattened)."""
+    out: dict[str, str] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints.get(f.name)
+        if dataclasses.is_dataclass(kind):
+            out.update(helps(kind, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = f.metadata.get("help", "")
+    return out

@@ -30,7 +30,10 @@ from pathlib import Path
 
 import torch
 
+from scenetok.config import setting, to_dict
 from scenetok.errors import ConfigError
+from scenetok.io import atomic_save_safetensors
+from scenetok.params import cross_attention_modules
 
 ADAPTER_NAME = "scenetok"
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA file name
@@ -38,15 +41,19 @@ KOHYA_FILE = "lora_kohya.safetensors"
 LORA_GROUPS = ("unet", "unet_kv", "unet_q", "text_encoder")
 UNET_GROUPS = ("unet", "unet_kv", "unet_q")
 
-ADAPTER_DEFAULTS: dict = {
-    "type": "none",  # none | lora
-    "rank": 4,
-    "alpha": 0.0,  # 0: equal to the rank (scale 1)
-    "lr": 1e-4,  # learning rate of the adapter weights (the phase's lr still applies to the handles)
-    "dropout": 0.0,
-    "targets": ["to_q", "to_k", "to_v", "to_out.0"],
-    "text_encoder_targets": ["q_proj", "k_proj", "v_proj", "out_proj"],
-}
+@dataclass
+class AdapterSettings:
+    type: str = setting("none", "none, or lora: LoRA adapters instead of the UNet / text-encoder weights")
+    rank: int = setting(4, "LoRA rank (size of the low-rank update)")
+    alpha: float = setting(0.0, "LoRA alpha (0: equal to the rank, scale 1)")
+    lr: float = setting(1e-4, "learning rate of the adapter weights (the phase's lr still applies to the handles)")
+    dropout: float = setting(0.0, "LoRA dropout")
+    targets: list = setting(["to_q", "to_k", "to_v", "to_out.0"], "UNet attention projections that get adapters")
+    text_encoder_targets: list = setting(["q_proj", "k_proj", "v_proj", "out_proj"],
+                                         "text-encoder attention projections that get adapters")
+
+
+ADAPTER_DEFAULTS: dict = to_dict(AdapterSettings())
 
 
 def enabled(cfg: dict) -> bool:
@@ -134,8 +141,6 @@ def _is_lora_param(name: str) -> bool:
 
 
 def _cross_attention_targets(unet, projections) -> list[str]:
-    from scenetok.training.params import cross_attention_modules
-
     return [f"{name}.{proj}" for name in cross_attention_modules(unet) for proj in projections]
 
 
@@ -252,8 +257,6 @@ def write_lora_dir(folder: str | Path, states: dict[str, dict[str, torch.Tensor]
     peft state dict (see :meth:`LoraSet.peft_state`) and its ``LoraConfig``."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
-
-    from scenetok.bundle import atomic_save_safetensors
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -53,7 +53,6 @@ says how to fix it.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import io
 import json
 import os
@@ -66,6 +65,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from scenetok.errors import SceneError
+from scenetok.io import atomic_write_bytes, png_bytes, sha256_bytes
 
 __all__ = ["Concept", "Scene", "load_scene", "save_scene", "read_image", "read_mask", "MAX_CONCEPTS"]
 
@@ -262,7 +262,7 @@ def load_scene(path: str | os.PathLike, *, background: bool | None = None, polic
     json_background: bool | None = None
     if json_path.is_file():
         data = _read_bytes(json_path)
-        hashes[json_path.name] = hashlib.sha256(data).hexdigest()
+        hashes[json_path.name] = sha256_bytes(data)
         specs, json_background = _parse_scene_json(json_path, data)
 
     # the image
@@ -281,14 +281,14 @@ def load_scene(path: str | os.PathLike, *, background: bool | None = None, polic
     _check_count(n, want_background, max_concepts, str(folder))
 
     data = _read_bytes(image_path)
-    hashes[image_path.name] = hashlib.sha256(data).hexdigest()
+    hashes[image_path.name] = sha256_bytes(data)
     rgb = _image_to_rgb(_open_image(data, image_path, "image"))
     h, w = rgb.shape[:2]
 
     square_masks = []
     for p in mask_paths:
         data = _read_bytes(p)
-        hashes[p.name] = hashlib.sha256(data).hexdigest()
+        hashes[p.name] = sha256_bytes(data)
         unit = _mask_image_to_unit(_open_image(data, p, "mask"))
         square_masks.append(_prepare_mask(unit, str(p), (h, w), policy, min_mask_fraction))
 
@@ -316,12 +316,12 @@ def save_scene(scene: Scene, path: str | os.PathLike) -> Path:
         raise SceneError(f"{folder}: only a single background concept, placed last, can be saved",
                          hint="keep one background concept at the end of scene.concepts")
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / "img.png", _png_bytes(Image.fromarray(scene.image)))
+    atomic_write_bytes(folder / "img.png", png_bytes(Image.fromarray(scene.image)))
     for i, c in enumerate(objects):
-        _atomic_write(folder / f"mask{i}.png", _png_bytes(Image.fromarray(c.mask.astype(np.uint8) * 255)))
+        atomic_write_bytes(folder / f"mask{i}.png", png_bytes(Image.fromarray(c.mask.astype(np.uint8) * 255)))
     meta = {"concepts": [{"name": c.name, "class_word": c.class_word, "init_word": c.init_word} for c in objects],
             "background": bool(backgrounds)}
-    _atomic_write(folder / "scene.json", (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+    atomic_write_bytes(folder / "scene.json", (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
     for p in folder.iterdir():
         if not p.is_file():
             continue
@@ -742,15 +742,3 @@ def _resize_mask_area(mask: np.ndarray, r: int) -> np.ndarray:
     if not out.any() and cover.max() > 0:
         out = cover >= cover.max() - 1e-6
     return out
-
-
-def _png_bytes(im: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    from scenetok.bundle import atomic_write_bytes  # one atomic writer for the whole package
-
-    atomic_write_bytes(path, data)

@@ -203,7 +203,7 @@ def loss_plot(log_rows: list[dict], path: str | os.PathLike, title: str | None =
         return None
     import io
 
-    from scenetok.bundle import atomic_write_bytes
+    from scenetok.io import atomic_write_bytes
 
     fig = Figure(figsize=(7, 4), dpi=100)
     ax = fig.add_subplot(1, 1, 1)

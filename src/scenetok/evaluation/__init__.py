@@ -25,8 +25,8 @@ import importlib
 _EXPORTS = {
     "evaluate_bundle": "scenetok.evaluation.evaluate",
     "evaluate_bundles": "scenetok.evaluation.evaluate",
-    "EvalOptions": "scenetok.evaluation.evaluate",
-    "METRICS": "scenetok.evaluation.evaluate",
+    "EvalOptions": "scenetok.evaluation.options",
+    "METRICS": "scenetok.evaluation.options",
     "BAS_TEMPLATES": "scenetok.evaluation.prompts",
     "EvalPrompt": "scenetok.evaluation.prompts",
     "build_prompt_set": "scenetok.evaluation.prompts",

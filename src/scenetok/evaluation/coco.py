@@ -34,7 +34,15 @@ from typing import Sequence
 
 import numpy as np
 
+from scenetok.bundle import MANIFEST
 from scenetok.errors import ConfigError
+from scenetok.evaluation import distributed, tables
+from scenetok.evaluation.evaluate import evaluate_bundles
+from scenetok.evaluation.options import IMAGE_METRICS
+from scenetok.io import atomic_write_text
+from scenetok.methods import available_methods, get_method
+from scenetok.scene import MAX_CONCEPTS, Scene, load_scene, save_scene
+from scenetok.training import train
 
 EXCLUDED_CLASSES = ("orange", "banana", "broccoli", "carrot", "zebra", "giraffe")
 MIN_FRACTION = 0.15
@@ -196,9 +204,6 @@ def build_coco_scenes(annotations: str | Path | dict, images_dir: str | Path, ou
     """
     from PIL import Image, ImageOps
 
-    from scenetok.bundle import atomic_write_text
-    from scenetok.scene import MAX_CONCEPTS, Scene, save_scene
-
     data = annotations if isinstance(annotations, dict) else load_annotations(annotations)
     images_dir = Path(images_dir)
     out_dir = Path(out_dir)
@@ -295,9 +300,6 @@ def run_coco_benchmark(annotations, images_dir, out_dir, *, max_scenes: int | No
     (:func:`scenetok.evaluation.evaluate_bundles` into ``out_dir/eval``) and write ``out_dir/results.csv``
     and ``results.md`` (one row per method: means over its scenes). In a ``torchrun`` / ``accelerate
     launch`` job the training runs and the evaluation are shared among the processes."""
-    from scenetok.evaluation import distributed, tables
-    from scenetok.evaluation.evaluate import IMAGE_METRICS, evaluate_bundles
-    from scenetok.methods import available_methods, get_method
 
     out_dir = Path(out_dir)
     methods = [m.strip() for m in methods if m.strip()]
@@ -336,7 +338,6 @@ def run_coco_benchmark(annotations, images_dir, out_dir, *, max_scenes: int | No
     table = tables.group_mean(summary, ["method"], metrics, count="scenes")
     tables.write_csv(out_dir / "results.csv", table)
     tables.write_csv(out_dir / "results_per_scene.csv", summary)
-    from scenetok.bundle import atomic_write_text
 
     atomic_write_text(out_dir / "results.md", "# COCO benchmark (Break-A-Scene protocol)\n\n"
                       f"{len(report['scenes'])} scenes; per method, the mean over scenes of each bundle's mean.\n\n"
@@ -346,11 +347,6 @@ def run_coco_benchmark(annotations, images_dir, out_dir, *, max_scenes: int | No
 
 
 def _train_share(jobs, scenes_dir: Path, runs_dir: Path, model, overrides, device, progress, ctx) -> None:
-    from scenetok.bundle import MANIFEST
-    from scenetok.evaluation import distributed
-    from scenetok.scene import load_scene
-    from scenetok.training import train
-
     for i in distributed.share(len(jobs), ctx.rank, ctx.world_size):
         method, folder = jobs[i]
         out = runs_dir / method / folder

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from scenetok.errors import ConfigError
+from scenetok.evaluation.metrics import to_rgb_array
 
 SHIFT = (-0.030, -0.088, -0.188)
 SCALE = (0.458, 0.448, 0.450)
@@ -106,8 +107,6 @@ class LPIPS(nn.Module):
     def to_input(images) -> torch.Tensor:
         """Images (PIL or uint8 arrays, same size) as a ``(B, 3, H, W)`` batch in [-1, 1]."""
         import numpy as np
-
-        from scenetok.evaluation.metrics import to_rgb_array
 
         arr = np.stack([to_rgb_array(im) for im in images]).astype(np.float32) / 127.5 - 1.0
         return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()

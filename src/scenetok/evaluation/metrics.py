@@ -29,6 +29,7 @@ import numpy as np
 
 from scenetok.errors import ConfigError
 from scenetok.evaluation.defaults import DEFAULT_CLIP, DEFAULT_DINO  # noqa: F401  (re-exported)
+from scenetok.model import default_device
 
 DEFAULT_FILL = (128, 128, 128)
 
@@ -89,11 +90,8 @@ def _load_failed(what: str, model: str, exc: Exception, flag: str) -> ConfigErro
 
 
 def _device(device) -> "torch.device":  # noqa: F821
-    import torch
 
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return default_device(device)
 
 
 def _processor(model: str):

@@ -30,9 +30,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from scenetok.errors import ConfigError, ModelLoadError
-
+from scenetok.errors import ConfigError, ModelLoadError, ScenetokError
 from scenetok.evaluation.defaults import DEFAULT_MASKFORMER
+from scenetok.evaluation.metrics import _device, _load_failed, _processor, to_rgb_array
 
 SEGMENTERS = ("maskformer", "text-sam")
 
@@ -81,8 +81,6 @@ class MaskFormerSegmenter:
     def __init__(self, model: str = DEFAULT_MASKFORMER, device=None, threshold: float = 0.5, batch_size: int = 8):
         from transformers import MaskFormerForInstanceSegmentation
 
-        from scenetok.evaluation.metrics import _device, _load_failed, _processor
-
         self.model_name = str(model)
         self.device = _device(device)
         self.threshold = float(threshold)
@@ -96,8 +94,6 @@ class MaskFormerSegmenter:
 
     def candidates(self, images: Sequence, queries: Sequence[Sequence[str]] | None = None) -> list[list[Segment]]:
         import torch
-
-        from scenetok.evaluation.metrics import to_rgb_array
 
         out: list[list[Segment]] = []
         for start in range(0, len(images), self.batch_size):
@@ -149,9 +145,6 @@ class TextSamSegmenter:
                 for q, cm in zip(queries, found)]
 
     def candidates(self, images: Sequence, queries: Sequence[Sequence[str]] | None = None) -> list[list[Segment]]:
-        from scenetok.errors import ScenetokError
-        from scenetok.evaluation.metrics import to_rgb_array
-
         out = []
         for k, image in enumerate(images):
             qs = list(dict.fromkeys(queries[k])) if queries is not None else []

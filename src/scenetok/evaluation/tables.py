@@ -12,6 +12,7 @@ import json
 import math
 from pathlib import Path
 from typing import Iterable, Sequence
+from scenetok.io import atomic_write_text
 
 
 def _is_number(v) -> bool:
@@ -80,7 +81,6 @@ def to_csv(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
 
 def write_csv(path: str | Path, rows: Sequence[dict], columns: Sequence[str] | None = None) -> Path:
     """Write ``rows`` as CSV (atomically)."""
-    from scenetok.bundle import atomic_write_text
 
     return atomic_write_text(path, to_csv(rows, columns))
 

@@ -17,8 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scenetok.bundle import Bundle, _file_stem, atomic_write_bytes, atomic_write_text, read_bundle
+from scenetok import viz
+from scenetok.attention import available_sizes, capture_attention, select_layers
+from scenetok.bundle import Bundle, file_stem, read_bundle
 from scenetok.errors import BundleError, ConfigError, PromptError
+from scenetok.io import atomic_write_bytes, atomic_write_text, png_bytes
+from scenetok.lora import ADAPTER_NAME
+from scenetok.model import default_device, family_of, token_ids
+from scenetok.params import load_partial_state
+from scenetok.viz import normalize_map
 
 HANDLE_RE = re.compile(r"<[^<>\s|][^<>\s]*>")
 
@@ -71,10 +78,6 @@ def _looks_like_local_path(model: str) -> bool:
     return not _HUB_ID.match(model) or model.startswith(".")
 
 
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def load_pipeline(bundle, base_model: str | None = None, device=None, dtype=None, scheduler: str = "ddim"):
     """Load the base Stable Diffusion pipeline with the bundle's changed components and handles.
 
@@ -86,8 +89,6 @@ def load_pipeline(bundle, base_model: str | None = None, device=None, dtype=None
     ``scheduler`` (default DDIM) built from the base model's scheduler config; no safety checker.
     Returns ``(pipe, bundle)``.
     """
-    from diffusers import StableDiffusionPipeline
-
     import diffusers
 
     bundle = read_bundle(bundle)
@@ -106,16 +107,13 @@ def load_pipeline(bundle, base_model: str | None = None, device=None, dtype=None
     for name, folder in bundle.component_dirs().items():
         overrides[name] = _component_class(folder).from_pretrained(str(folder))
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            base, safety_checker=None, feature_extractor=None, requires_safety_checker=False, **overrides
-        )
+        pipe = family_of(base).load_pipeline(base, **overrides)
     except (OSError, ValueError) as e:
         raise BundleError(f"could not load the base model {base}: {e}",
                           hint="check the path or Hub id, or pass another with --base-model") from None
     if SCHEDULERS[scheduler] is not None:
         pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
     for name, tensors in bundle.partial_weights().items():
-        from scenetok.training.params import load_partial_state
 
         if name != "unet":
             raise BundleError(f"bundle {bundle.path}: partial weights for {name!r} are not supported",
@@ -129,8 +127,6 @@ def load_pipeline(bundle, base_model: str | None = None, device=None, dtype=None
     lora = bundle.lora()
     if lora is not None:
         from diffusers.utils import logging as dlogging
-
-        from scenetok.lora import ADAPTER_NAME
 
         level = dlogging.get_verbosity()
         dlogging.set_verbosity_error()  # a UNet-only LoRA makes diffusers warn that the text encoder has none
@@ -157,7 +153,7 @@ def load_pipeline(bundle, base_model: str | None = None, device=None, dtype=None
                           hint="load the bundle on a fresh base pipeline")
     files = [str(bundle.embedding_file(t)) for t in embeddings]
     pipe.load_textual_inversion(files, token=list(embeddings))
-    pipe.to(device or _default_device())
+    pipe.to(device or default_device())
     if dtype is not None:
         pipe.to(dtype=dtype)
     return pipe, bundle
@@ -185,7 +181,7 @@ def check_prompt(prompt: str, bundle) -> None:
 
 def handle_positions(tokenizer, prompt: str, tokens: list[str]) -> dict[str, list[int]]:
     """Positions of each handle token in ``prompt`` as the text encoder sees it (by tokenizing)."""
-    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+    ids = token_ids(tokenizer, prompt, tensors=False)[0]
     out = {}
     for tok in tokens:
         tid = tokenizer.convert_tokens_to_ids(tok)
@@ -234,14 +230,10 @@ class _AttentionAccumulator:
         return {}
 
     def result(self, j: int) -> dict[str, np.ndarray]:
-        from scenetok.viz import normalize_map
-
         return {tok: normalize_map(s[j] / max(self.steps, 1)).astype(np.float32) for tok, s in self.sums.items()}
 
 
 def _attention_size(pipe, latent: int) -> tuple[int, list[str]]:
-    from scenetok.attention import available_sizes, select_layers
-
     sizes = sorted(available_sizes(pipe.unet, latent))
     if not sizes:
         raise ConfigError("this UNet has no cross-attention layers to read maps from")
@@ -318,7 +310,6 @@ def generate(
             output_type="pil",
         )
         if attention and positions:
-            from scenetok.attention import capture_attention
 
             with capture_attention(pipe.unet, layers) as store:
                 acc = _AttentionAccumulator(store, size, positions, count, cfg)
@@ -338,20 +329,10 @@ def generate(
     return results
 
 
-def _png(image) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def write_outputs(results: list[Generated], out_dir, *, bundle: Bundle | None = None, negative_prompt=None,
                   steps=None, guidance=None, first_index: int = 0) -> Path:
     """Write generated images, their attention overlays, ``grid.png`` and ``prompts.jsonl`` to ``out_dir``."""
     from PIL import Image
-
-    from scenetok import viz
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -360,7 +341,7 @@ def write_outputs(results: list[Generated], out_dir, *, bundle: Bundle | None = 
     per_row = 1 + max((len(r.attention or {}) for r in results), default=0)
     for i, r in enumerate(results, start=first_index):
         fname = f"{i:02d}_seed{r.seed}.png"
-        atomic_write_bytes(out / fname, _png(r.image))
+        atomic_write_bytes(out / fname, png_bytes(r.image))
         row = {"file": fname, "prompt": r.prompt, "negative_prompt": negative_prompt, "seed": r.seed,
                "steps": steps, "guidance": guidance, "width": r.image.width, "height": r.image.height,
                "bundle": str(bundle.path) if bundle is not None else None}
@@ -370,8 +351,8 @@ def write_outputs(results: list[Generated], out_dir, *, bundle: Bundle | None = 
             row["attention"] = {}
             for tok, heat in r.attention.items():
                 overlay = viz.overlay_heatmap(r.image, heat)
-                oname = f"{i:02d}_seed{r.seed}_{_file_stem(tok)}.png"
-                atomic_write_bytes(out / oname, _png(overlay))
+                oname = f"{i:02d}_seed{r.seed}_{file_stem(tok)}.png"
+                atomic_write_bytes(out / oname, png_bytes(overlay))
                 row["attention"][tok] = oname
                 tiles.append(overlay)
                 labels.append(f"{tok} {names.get(tok, '')}".strip())
@@ -380,7 +361,7 @@ def write_outputs(results: list[Generated], out_dir, *, bundle: Bundle | None = 
                 labels.append("")
         rows.append(row)
     cols = per_row if per_row > 1 else None
-    atomic_write_bytes(out / "grid.png", _png(viz.grid(tiles, labels=labels, cols=cols)))
+    atomic_write_bytes(out / "grid.png", png_bytes(viz.grid(tiles, labels=labels, cols=cols)))
     log = out / "prompts.jsonl"
     old = log.read_text(encoding="utf-8") if log.is_file() else ""
     if old and not old.endswith("\n"):

@@ -52,9 +52,23 @@ _EXPORTS = {
     "attention_masks": "scenetok.masks.attention",
     "dense_crf": "scenetok.masks.crf",
     "refine_masks": "scenetok.masks.crf",
+    "MaskSource": "scenetok.masks.core",
+    "MASK_SOURCES": "scenetok.masks.core",
+    "mask_source": "scenetok.masks.core",
 }
+_SOURCE_MODULES = ("scenetok.masks.text", "scenetok.masks.sam", "scenetok.masks.files")
 
-__all__ = sorted(_EXPORTS)
+
+def mask_sources() -> dict:
+    """Every mask source by name (:class:`MaskSource`); importing a source module registers its sources."""
+    for module in _SOURCE_MODULES:
+        importlib.import_module(module)
+    from scenetok.masks.core import MASK_SOURCES
+
+    return dict(MASK_SOURCES)
+
+
+__all__ = sorted(_EXPORTS) + ["mask_sources"]
 
 
 def __getattr__(name: str):

@@ -29,14 +29,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from scenetok.attention import available_sizes, average_attention, nearest_size, select_layers
+from scenetok.errors import ConfigError
 from scenetok.masks.core import ConceptMask, as_rgb
+from scenetok.masks.crf import CUTLER, CRFParams, dense_crf
+from scenetok.model import as_model, image_to_tensor
+from scenetok.tokens import word_positions
 
 __all__ = ["ConceptMask", "AttentionMaskConfig", "attention_masks", "token_attention", "maps_to_masks",
            "mask_layers", "is_background_word", "word_token_positions"]
@@ -74,7 +78,6 @@ class AttentionMaskConfig:
         known = {f for f in cls.__dataclass_fields__}
         unknown = sorted(set(d) - known)
         if unknown:
-            from scenetok.errors import ConfigError
 
             raise ConfigError(f"unknown mask option(s) {unknown}", hint=f"known options: {sorted(known)}")
         if "t_range" in d:
@@ -84,8 +87,6 @@ class AttentionMaskConfig:
         return cls(**d)
 
     def validate(self) -> "AttentionMaskConfig":
-        from scenetok.errors import ConfigError
-
         if len(self.t_range) != 2:
             raise ConfigError(f"masks.t_range must be two fractions [lo, hi], got {list(self.t_range)}")
         lo, hi = self.t_range
@@ -101,7 +102,6 @@ class AttentionMaskConfig:
             raise ConfigError(f"masks.crf_backend must be 'torch' or 'pydensecrf', got {self.crf_backend!r}")
         if isinstance(self.layers, str) and self.layers != "all":
             raise ConfigError(f"masks.layers must be 'all' or a list of latent/d factors, got {self.layers!r}")
-        from scenetok.masks.crf import CRFParams
 
         unknown = sorted(set(self.crf_params) - set(CRFParams.__dataclass_fields__))
         if unknown:
@@ -124,12 +124,9 @@ def mask_layers(unet, latent_size: int, layers: str | Sequence[int] = "all") -> 
     ``"all"``: every cross-attention layer (the paper averages "across all layers of the U-Net");
     a sequence of factors ``d``: the layers whose side is nearest to ``latent_size / d``.
     """
-    from scenetok.attention import available_sizes, select_layers
-    from scenetok.methods.base import nearest_size
 
     have = available_sizes(unet, latent_size)
     if not have:
-        from scenetok.errors import ConfigError
 
         raise ConfigError("this UNet has no cross-attention layers to read maps from")
     if isinstance(layers, str):
@@ -152,9 +149,6 @@ def token_attention(unet, scheduler, latents: torch.Tensor, text_embeddings: tor
     ``scheduler.config.num_train_timesteps``); noise and timesteps come from ``generator`` (CPU).
     ``autocast``: a context-manager factory (e.g. ``accelerator.autocast``) or None.
     """
-    import contextlib
-
-    from scenetok.attention import capture_attention
 
     if any(len(p) == 0 for p in positions):
         raise ValueError("every concept needs at least one token position")
@@ -165,21 +159,8 @@ def token_attention(unet, scheduler, latents: torch.Tensor, text_embeddings: tor
     u = torch.rand(timesteps, generator=gen)
     ts = (edges[:-1] + u * (edges[1:] - edges[:-1])).round().long().clamp(0, total - 1)
     noises = torch.randn((timesteps,) + tuple(latents.shape[1:]), generator=gen)  # drawn at once: the batch
-    dev = latents.device                                                           # size changes nothing
-    acc = None
-    ctx = autocast if autocast is not None else contextlib.nullcontext
-    with capture_attention(unet, layers) as store:
-        for start in range(0, timesteps, batch_size):
-            t = ts[start:start + batch_size]
-            b = t.numel()
-            noise = noises[start:start + b].to(dev, latents.dtype)
-            noisy = scheduler.add_noise(latents.expand(b, -1, -1, -1), noise, t.to(dev))
-            store.reset()
-            with ctx():
-                unet(noisy.to(unet.dtype), t.to(dev), text_embeddings.expand(b, -1, -1).to(unet.dtype))
-            maps = store.maps(size).float().sum(0)  # (T, s, s), summed over this batch
-            acc = maps if acc is None else acc + maps
-    acc = acc / timesteps
+    acc = average_attention(unet, scheduler, latents, text_embeddings, ts, noises, layers=layers, size=size,
+                            batch_size=batch_size, autocast=autocast)  # size changes nothing
     return torch.stack([acc[list(p)].mean(0) for p in positions])
 
 
@@ -206,7 +187,6 @@ def maps_to_masks(image: np.ndarray, maps: torch.Tensor, background: Sequence[bo
     ``image``: ``uint8 (H, W, 3)`` (the masks' size; the maps are stretched to it). ``background[k]``:
     concept k is the background (it receives the CRF's background label instead of its own map).
     """
-    from scenetok.masks.crf import CUTLER, dense_crf
 
     cfg = (config or AttentionMaskConfig()).validate()
     K = maps.shape[0]
@@ -256,23 +236,9 @@ def maps_to_masks(image: np.ndarray, maps: torch.Tensor, background: Sequence[bo
 # the public source
 
 
-def _parts(model) -> Any:
-    """Tokenizer, text encoder, VAE, UNet and scheduler of a pipeline, a trainer Model, or a path/Hub id."""
-    if isinstance(model, (str, Path)):
-        from scenetok.training.trainer import load_model
-
-        return load_model(str(model))
-    missing = [a for a in ("tokenizer", "text_encoder", "vae", "unet", "scheduler") if getattr(model, a, None) is None]
-    if missing:
-        raise TypeError(f"expected a Stable Diffusion pipeline or model parts, missing {missing}")
-    return model
-
-
 def word_token_positions(tokenizer, prompt: str, words: Sequence[str]) -> list[list[int]]:
     """Token positions of each word in ``prompt``, searched left to right (a repeated word gets its next
     occurrence); raises ``ConfigError`` for a word that is not in the prompt."""
-    from scenetok.errors import ConfigError
-    from scenetok.tokens import word_positions
 
     out, after = [], -1
     for w in words:
@@ -301,7 +267,6 @@ def attention_masks(model, image, words: Sequence[str], *, prompt: str | None = 
     Returns one :class:`ConceptMask` per word (``source="attention"``, ``score`` = mean normalised attention
     inside the mask), named by ``names`` (default: the words).
     """
-    from scenetok.errors import ConfigError
 
     words = [str(w).strip() for w in words]
     if not words or any(not w for w in words):
@@ -314,29 +279,24 @@ def attention_masks(model, image, words: Sequence[str], *, prompt: str | None = 
     if options:
         cfg = AttentionMaskConfig.from_dict({**cfg.__dict__, **options})
     cfg.validate()
-    parts = _parts(model)
+    parts = as_model(model)
     img = as_rgb(image)
     H, W = img.shape[:2]
     vae, unet = parts.vae, parts.unet
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    res = int(resolution or int(unet.config.sample_size) * factor)
+    factor = parts.vae_factor
+    res = int(resolution or parts.native_resolution)
     if res % factor:
         raise ConfigError(f"resolution {res} is not a multiple of the VAE factor {factor}")
     dev = torch.device(device) if device is not None else unet.device
     from PIL import Image
 
     square = np.asarray(Image.fromarray(img).resize((res, res), Image.Resampling.LANCZOS))
-    x = torch.from_numpy(square.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)[None]
     for m in (vae, unet, parts.text_encoder):
         m.to(dev)
-    lat = vae.encode(x.to(dev, vae.dtype)).latent_dist.mean.float()
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    lat = (lat - shift) * vae.config.scaling_factor
+    lat = parts.scale_latents(parts.encode_images(image_to_tensor(square))[0])
     text = prompt if prompt is not None else "a photo of " + " and ".join(words)
     tok = parts.tokenizer
-    ids = tok([text], padding="max_length", truncation=True, max_length=tok.model_max_length,
-              return_tensors="pt").input_ids.to(dev)
-    enc = parts.text_encoder(ids)[0]
+    enc = parts.encode_prompt(text)
     positions = word_token_positions(tok, text, words)
     layers, size = mask_layers(unet, lat.shape[-1], cfg.layers)
     gen = torch.Generator("cpu").manual_seed(int(seed))

@@ -94,6 +94,33 @@ def as_rgb(image: Any) -> np.ndarray:
     return read_image(image)
 
 
+# --------------------------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class MaskSource:
+    """One way to get masks. ``make(image, value, names, options)`` returns the concept masks and the
+    provenance entries of masks.json; ``option`` is the :func:`make_masks` keyword (and CLI switch) that
+    selects it. Sources register themselves with :func:`mask_source`."""
+
+    name: str
+    option: str
+    help: str
+    make: Callable[..., tuple[list["ConceptMask"], dict[str, Any]]]
+
+
+#: every mask source by name, filled as the source modules are imported (``scenetok.masks.mask_sources()``)
+MASK_SOURCES: dict[str, MaskSource] = {}
+
+
+def mask_source(name: str, option: str, help: str):
+    """Decorator: register ``make`` as the mask source ``name`` selected by the keyword ``option``."""
+    def register(make):
+        MASK_SOURCES[name] = MaskSource(name, option, help, make)
+        return make
+    return register
+
+
 # --------------------------------------------------------------------------------------------- models
 
 _CACHE: dict[tuple[str, str, str], Any] = {}
@@ -102,11 +129,9 @@ _CACHE_LOCK = threading.Lock()
 
 def resolve_device(device: str | None) -> str:
     """``device`` as given, or ``"cuda"`` when available, else ``"cpu"``."""
-    if device:
-        return str(device)
-    import torch
+    from scenetok.model import default_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device) if device else default_device().type
 
 
 def cached_model(kind: str, model_id: str | Path, device: str, loader: Callable[[str, str], Any]) -> Any:

@@ -40,6 +40,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from scenetok.errors import ConfigError
+
 __all__ = ["CRFParams", "CUTLER", "BACKENDS", "dense_crf", "unary_from_masks", "refine_masks", "have_pydensecrf", "iou"]
 
 BACKENDS = ("torch", "pydensecrf")
@@ -256,7 +258,6 @@ def _pydensecrf(image: np.ndarray, probs: np.ndarray, p: CRFParams) -> np.ndarra
     try:
         import pydensecrf.densecrf as dcrf
     except ImportError:
-        from scenetok.errors import ConfigError
 
         raise ConfigError("the dense-CRF backend 'pydensecrf' needs the pydensecrf2 package",
                           hint="pip install 'scenetok[crf]' (pydensecrf2 compiles in about a minute), or use "

@@ -7,8 +7,9 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from scenetok.masks.core import ConceptMask, MaskError, as_rgb, resolve_names
+from scenetok.masks.core import ConceptMask, MaskError, as_rgb, mask_source, resolve_names
 from scenetok.masks.hygiene import Hygiene, clean_masks
+from scenetok.scene import read_mask
 
 __all__ = ["from_files"]
 
@@ -27,7 +28,6 @@ def from_files(masks: str | os.PathLike | Sequence[Any], names: Sequence[str] | 
     have one size. ``names``: one per mask (default ``concept0`` …). ``hygiene``: clean-up settings
     (:mod:`scenetok.masks.hygiene`); None returns the masks as read.
     """
-    from scenetok.scene import read_mask
 
     items: list[Any]
     if isinstance(masks, (str, os.PathLike)):
@@ -60,3 +60,8 @@ def from_files(masks: str | os.PathLike | Sequence[Any], names: Sequence[str] | 
                                                                       for c in out),
                         hint="draw every mask on the same image, or pass image= to fit them to the photo")
     return clean_masks(out, hygiene) if hygiene is not None else out
+
+
+@mask_source("file", "files", "mask files the user drew (PNG files or arrays)")
+def _file_source(image, files, names, o: dict):
+    return from_files(files, names, image=image, hygiene=o["hygiene"]), {"source": "file"}

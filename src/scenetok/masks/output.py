@@ -15,7 +15,6 @@ preview.png and masks.json).
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -26,8 +25,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from scenetok.errors import SceneError
+from scenetok.io import atomic_save_dir, png_bytes
+from scenetok.masks import mask_sources
 from scenetok.masks.core import DEFAULT_DETECTOR, DEFAULT_SAM, ConceptMask, MaskError, as_rgb
 from scenetok.masks.hygiene import Hygiene
+from scenetok.scene import Scene
+from scenetok.viz import PALETTE, mask_overlay
 
 __all__ = ["to_scene", "save_masks", "make_masks", "preview_image", "auto_mask_scene", "MaskOutput",
            "class_word_for", "SCENE_SUFFIX"]
@@ -51,7 +54,6 @@ def to_scene(image: Any, concepts: Sequence[ConceptMask], *, background: bool = 
     Names come from the concepts; a phrase's class word is its last word (``"plush bear"`` → ``bear``).
     ``background`` adds the complement of all masks as a last concept.
     """
-    from scenetok.scene import Scene
 
     rgb = as_rgb(image)
     concepts = list(concepts)
@@ -75,8 +77,6 @@ def preview_image(image: Any, concepts: Sequence[ConceptMask], background: bool 
     """A PIL image: every mask coloured and labelled over ``image`` (``name score``), boxes outlined;
     with ``background`` the complement too."""
     from PIL import ImageDraw
-
-    from scenetok.viz import PALETTE, mask_overlay
 
     rgb = as_rgb(image)
     concepts = list(concepts)
@@ -105,15 +105,6 @@ class MaskOutput:
     concepts: list[ConceptMask]
 
 
-def _png(array_or_image) -> bytes:
-    from PIL import Image
-
-    im = array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(array_or_image)
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def save_masks(image: Any, concepts: Sequence[ConceptMask], out_dir: str | os.PathLike, *, background: bool = False,
                policy: str = "crop", overwrite: bool = False, info: dict | None = None) -> MaskOutput:
     """Write ``image`` and ``concepts`` as a scene folder at ``out_dir`` (module docstring) plus preview.png.
@@ -123,7 +114,6 @@ def save_masks(image: Any, concepts: Sequence[ConceptMask], out_dir: str | os.Pa
     temporary sibling folder renamed into place). An existing non-empty ``out_dir`` is replaced only
     with ``overwrite``. ``info``: extra provenance for masks.json.
     """
-    from scenetok.bundle import atomic_save_dir
 
     rgb = as_rgb(image)
     concepts = list(concepts)
@@ -146,12 +136,12 @@ def save_masks(image: Any, concepts: Sequence[ConceptMask], out_dir: str | os.Pa
     preview = preview_image(rgb, concepts, background=background)
 
     def fill(tmp: Path) -> None:
-        (tmp / "img.png").write_bytes(_png(rgb))
+        (tmp / "img.png").write_bytes(png_bytes(rgb))
         for i, c in enumerate(concepts):
-            (tmp / f"mask{i}.png").write_bytes(_png(c.mask.astype(np.uint8) * 255))
+            (tmp / f"mask{i}.png").write_bytes(png_bytes(c.mask.astype(np.uint8) * 255))
         (tmp / "scene.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         (tmp / "masks.json").write_text(json.dumps(provenance, indent=2, default=str) + "\n", encoding="utf-8")
-        (tmp / "preview.png").write_bytes(_png(preview))
+        (tmp / "preview.png").write_bytes(png_bytes(preview))
 
     atomic_save_dir(out, fill)
     return MaskOutput(path=out, preview=out / "preview.png", concepts=concepts)
@@ -169,33 +159,21 @@ def make_masks(image: Any, out_dir: str | os.PathLike, *, text: str | Sequence[s
     a whole :class:`Hygiene`); the other arguments go to :func:`from_text`, :func:`from_boxes`,
     :func:`from_points` or :func:`from_files`.
     """
-    from scenetok.masks import from_boxes, from_files, from_points, from_text
-    from scenetok.masks.text import BOX_THRESHOLD, TEXT_THRESHOLD
 
-    given = [k for k, v in (("text", text), ("boxes", boxes), ("points", points), ("files", files)) if v]
+    values = {"text": text, "boxes": boxes, "points": points, "files": files}
+    by_option = {src.option: src for src in mask_sources().values()}
+    given = [by_option[opt] for opt, value in values.items() if value]  # in the order of the keywords
     if len(given) != 1:
-        raise MaskError("give exactly one mask source" + (f" (got {', '.join(given)})" if given else ""),
+        raise MaskError("give exactly one mask source" + (f" (got {', '.join(s.option for s in given)})" if given else ""),
                         hint="use one of --text \"creature. bowl.\", --box x0,y0,x1,y1 …, --point x,y … or --mask FILE …")
     hyg = hygiene or Hygiene(dilate=dilate, overlap=overlap)
     rgb = as_rgb(image)
-    bt = BOX_THRESHOLD if box_threshold is None else box_threshold
-    tt = TEXT_THRESHOLD if text_threshold is None else text_threshold
     info: dict[str, Any] = {"image": str(image) if isinstance(image, (str, os.PathLike)) else "<array>",
                             "size": [int(rgb.shape[1]), int(rgb.shape[0])], "hygiene": asdict(hyg)}
-    if text:
-        concepts = from_text(rgb, text, detector=detector_model, segmenter=sam_model, box_threshold=bt,
-                             text_threshold=tt, device=device, names=names, hygiene=hyg)
-        info.update(source="text", detector=str(detector_model), segmenter=str(sam_model), box_threshold=bt,
-                    text_threshold=tt)
-    elif boxes:
-        concepts = from_boxes(rgb, boxes, names, model=sam_model, device=device, hygiene=hyg)
-        info.update(source="box", segmenter=str(sam_model))
-    elif points:
-        concepts = from_points(rgb, points, names, model=sam_model, device=device, hygiene=hyg)
-        info.update(source="points", segmenter=str(sam_model))
-    else:
-        concepts = from_files(files, names, image=rgb, hygiene=hyg)
-        info.update(source="file")
+    options = {"device": device, "sam_model": sam_model, "detector_model": detector_model,
+               "box_threshold": box_threshold, "text_threshold": text_threshold, "hygiene": hyg}
+    concepts, provenance = given[0].make(rgb, values[given[0].option], names, options)
+    info.update(provenance)
     return save_masks(rgb, concepts, out_dir, background=background, policy=policy, overwrite=overwrite, info=info)
 
 

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from scenetok.masks.core import mask_source
 from scenetok.masks.core import (DEFAULT_SAM, ConceptMask, MaskError, as_rgb, cached_model, load_failed,
                                  resolve_device, resolve_names)
 from scenetok.masks.hygiene import Hygiene, clean_masks
@@ -226,3 +227,15 @@ def from_points(image: Any, points: Sequence[Any], names: Sequence[str] | None =
         k = int(np.argmax(ious[0])) if multimask else 0
         out.append(ConceptMask(name=name, mask=masks[0, k], score=float(ious[0, k]), source="points"))
     return clean_masks(out, hygiene) if hygiene is not None else out
+
+
+@mask_source("box", "boxes", "SAM prompted with one box per object")
+def _box_source(image, boxes, names, o: dict):
+    concepts = from_boxes(image, boxes, names, model=o["sam_model"], device=o["device"], hygiene=o["hygiene"])
+    return concepts, {"source": "box", "segmenter": str(o["sam_model"])}
+
+
+@mask_source("points", "points", "SAM prompted with clicks (one click, or a group of clicks, per object)")
+def _points_source(image, points, names, o: dict):
+    concepts = from_points(image, points, names, model=o["sam_model"], device=o["device"], hygiene=o["hygiene"])
+    return concepts, {"source": "points", "segmenter": str(o["sam_model"])}

@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from scenetok.masks.core import mask_source
 from scenetok.masks.core import (DEFAULT_DETECTOR, DEFAULT_SAM, ConceptMask, MaskError, as_rgb, cached_model,
                                  load_failed, resolve_device, resolve_names)
 from scenetok.masks.hygiene import Hygiene, clean_masks
@@ -194,3 +195,13 @@ def from_text(image: Any, queries: str | Sequence[str], *, detector: str = DEFAU
     hint = ("GroundingDINO's box for it, or SAM's mask inside that box, is (nearly) empty: try other words for it, "
             "draw the box yourself with --box, or loosen the masks with --dilate PX")
     return clean_masks(out, hygiene, hints={"text": hint})
+
+
+@mask_source("text", "text", "GroundingDINO finds each named object, SAM segments it")
+def _text_source(image, queries, names, o: dict):
+    bt = BOX_THRESHOLD if o.get("box_threshold") is None else o["box_threshold"]
+    tt = TEXT_THRESHOLD if o.get("text_threshold") is None else o["text_threshold"]
+    concepts = from_text(image, queries, detector=o["detector_model"], segmenter=o["sam_model"], box_threshold=bt,
+                         text_threshold=tt, device=o["device"], names=names, hygiene=o["hygiene"])
+    return concepts, {"source": "text", "detector": str(o["detector_model"]), "segmenter": str(o["sam_model"]),
+                      "box_threshold": bt, "text_threshold": tt}

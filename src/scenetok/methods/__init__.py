@@ -1,42 +1,43 @@
-"""The method registry: ``get_method(name)`` returns a method with paper defaults."""
+"""The method registry: ``get_method(name)`` returns a method with paper defaults.
+
+Every :class:`Method` subclass that sets its own ``name`` registers itself when its module is imported
+(like peft's tuners); this package imports each of its modules, so adding a method is adding one file here.
+A method defined elsewhere registers the same way as soon as its module is imported.
+"""
 
 from __future__ import annotations
 
-from scenetok.errors import ConfigError
-from scenetok.methods.base import Batch, Method, Outputs, Phase, union_sample
-from scenetok.methods.baselines import CustomDiffusionM, DreamBoothM, TextualInversionM
-from scenetok.methods.break_a_scene import BreakAScene
-from scenetok.methods.disendiff import DisenDiff
-from scenetok.methods.em_masks import EMMasks
-from scenetok.methods.textual_localization import TextualLocalization
+import importlib
+import pkgutil
 
-_REGISTRY: dict[str, type[Method]] = {}
+from scenetok.errors import ConfigError
+from scenetok.methods.base import METHODS, Batch, Method, Outputs, Phase, union_sample
+
+_NOT_METHODS = {"base", "switches"}
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if _info.name not in _NOT_METHODS:
+        importlib.import_module(f"{__name__}.{_info.name}")
 
 
 def register(cls: type[Method]) -> type[Method]:
-    _REGISTRY[cls.name] = cls
+    """Register ``cls`` under ``cls.name`` (for a class that does not register itself, e.g. one that reuses
+    a parent's name on purpose); returns ``cls``, so it works as a decorator."""
+    METHODS[cls.name] = cls
     return cls
 
 
-register(BreakAScene)
-register(DisenDiff)
-register(TextualLocalization)
-register(EMMasks)
-for _baseline in (TextualInversionM, DreamBoothM, CustomDiffusionM):
-    register(_baseline)
-
-
 def available_methods() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(METHODS)
 
 
 def get_method(name: str) -> Method:
     try:
-        return _REGISTRY[name]()
+        return METHODS[name]()
     except KeyError:
         raise ConfigError(
             f"unknown method {name!r}", hint=f"available methods: {', '.join(available_methods())}"
         ) from None
 
 
-__all__ = ["Batch", "Method", "Outputs", "Phase", "union_sample", "get_method", "available_methods", "register"]
+__all__ = ["Batch", "Method", "Outputs", "Phase", "union_sample", "get_method", "available_methods", "register",
+           "METHODS"]

@@ -7,7 +7,7 @@ uses, which attention-map sizes its losses read, and which loss terms to add. Tw
 method act on the run: :meth:`Method.prepare` (once, before the first step; e.g. estimate masks) and
 :meth:`Method.after_step` (after every optimizer step; e.g. re-estimate masks).
 
-Trainable groups a :class:`Phase` may name (see :mod:`scenetok.training.params`):
+Trainable groups a :class:`Phase` may name (see :mod:`scenetok.params`):
 
 ``handles``        the new token embeddings only
 ``unet``           every UNet weight (or LoRA adapters on its attention layers with ``adapter.type=lora``)
@@ -18,14 +18,18 @@ Trainable groups a :class:`Phase` may name (see :mod:`scenetok.training.params`)
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:  # pragma: no cover
-    from scenetok.attention import AttentionStore
+from scenetok import config as cfglib
+from scenetok.attention import (
+    AttentionStore,
+    nearest_size,  # noqa: F401 (re-exported for the methods)
+)
 
 TRAINABLE = ("handles", "unet", "text_encoder", "unet_kv", "unet_q")
 
@@ -81,8 +85,25 @@ class Outputs:
     extras: dict = field(default_factory=dict)
 
 
+#: every method class by name; a subclass that sets its own ``name`` registers itself (like peft's tuners)
+METHODS: dict[str, type["Method"]] = {}
+
+
 class Method:
-    """Base class; subclasses set ``name``/``summary`` and override what differs."""
+    """Base class; subclasses set ``name``/``summary``, their typed settings (``config_class``: a dataclass
+    whose fields carry a help text, see :func:`scenetok.config.setting`) and override what differs.
+
+    Defining a subclass with its own ``name`` registers it: ``get_method(name)`` finds it. A subclass that
+    keeps its parent's name (a test's spy) does not replace the parent in the table.
+    """
+
+    #: the method's own settings (None: none); ``--set KEY=VALUE`` may change each of them
+    config_class: ClassVar[type | None] = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("name"):
+            METHODS[cls.name] = cls
 
     name: str = ""
     summary: str = ""
@@ -93,8 +114,19 @@ class Method:
     # ``key=VALUE`` (e.g. ``--attn-scales all`` -> ``attn.scales=all``)
     options: dict[str, tuple[str, str, tuple[str, ...]]] = {}
 
+    def training_defaults(self) -> dict:
+        """The method's values of shared training settings (``batch_size``, ``prior.*`` …), as a nested dict."""
+        return {}
+
     def defaults(self) -> dict:
-        raise NotImplementedError
+        """Paper defaults: the method's own settings, then its values of shared training settings."""
+        own = cfglib.to_dict(self.config_class()) if self.config_class is not None else {}
+        return cfglib.merge(own, copy.deepcopy(self.training_defaults()))
+
+    @classmethod
+    def setting_helps(cls) -> dict[str, str]:
+        """``{dotted key: help}`` of the method's own settings."""
+        return cfglib.helps(cls.config_class) if cls.config_class is not None else {}
 
     def phases(self, cfg: dict) -> list[Phase]:
         raise NotImplementedError
@@ -175,10 +207,3 @@ def cycled_init_words(words, concepts: list) -> list[str]:
     if not words:
         return [c.init_word for c in concepts]
     return [words[i % len(words)] for i in range(len(concepts))]
-
-
-def nearest_size(target: int, available: list[int]) -> int:
-    """The available map side closest to ``target`` (ties: the larger)."""
-    if not available:
-        raise ValueError("the model has no cross-attention layers")
-    return min(sorted(available, reverse=True), key=lambda s: abs(s - target))

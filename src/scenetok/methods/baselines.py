@@ -35,12 +35,57 @@ and the collection is made from one scene.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 
 import torch
 
+from scenetok.config import group, setting
 from scenetok.errors import ConfigError, ScenetokError
 from scenetok.losses import masked_diffusion_loss
 from scenetok.methods.base import Batch, Method, Outputs, Phase
+
+
+@dataclass
+class CollageTrain:
+    steps: int = setting(400, "optimizer steps on the collage collection")
+    lr: float = setting(5e-4, "learning rate (times batch x grad-accum, x 2 with prior, when scale_lr)")
+    scale_lr: bool = setting(False, "scale the learning rate with the batch as Custom Diffusion does")
+
+
+@dataclass
+class DBTrain(CollageTrain):
+    lr: float = setting(2e-6, "learning rate (times batch x grad-accum, x 2 with prior, when scale_lr)")
+
+
+@dataclass
+class CDTrain(CollageTrain):
+    steps: int = setting(500, "optimizer steps on the collage collection")
+    lr: float = setting(1e-5, "learning rate (times batch x grad-accum, x 2 with prior, when scale_lr)")
+    scale_lr: bool = setting(True, "scale the learning rate with the batch as Custom Diffusion does")
+
+
+@dataclass
+class TIConfig:
+    train: CollageTrain = group(CollageTrain)
+    handles_init: str = setting("word", "what the handles start from: word (each concept's init word) or rare "
+                                "(distinct rare tokens)")
+    masked_loss: bool = setting(False, "the diffusion loss sees only the masked concepts of each collage")
+    prompt_template: str = setting("a photo of {tokens}", "training prompt; {tokens} becomes '<asset0> and <asset1>'")
+
+
+@dataclass
+class DBConfig(TIConfig):
+    train: DBTrain = group(DBTrain)
+    handles_init: str = setting("rare", "what the handles start from: word (each concept's init word) or rare "
+                                "(distinct rare tokens)")
+    train_text_encoder: bool = setting(True, "also fine-tune the text encoder (DreamBooth's text-encoder training)")
+
+
+@dataclass
+class CDConfig(TIConfig):
+    train: CDTrain = group(CDTrain)
+    handles_init: str = setting("rare", "what the handles start from: word (each concept's init word) or rare "
+                                "(distinct rare tokens)")
 
 
 class CollageBaseline(Method):
@@ -48,18 +93,6 @@ class CollageBaseline(Method):
 
     needs_masks = True
     phase_name = "train"
-    handles_init = "word"
-
-    def train_config(self) -> dict:
-        raise NotImplementedError
-
-    def defaults(self) -> dict:
-        return {
-            "train": self.train_config(),
-            "handles_init": self.handles_init,  # word: the concept's init word; rare: distinct rare tokens
-            "masked_loss": False,
-            "prompt_template": "a photo of {tokens}",
-        }
 
     def trainable(self, cfg: dict) -> tuple[str, ...]:
         raise NotImplementedError
@@ -121,10 +154,7 @@ class TextualInversionM(CollageBaseline):
     name = "ti-m"
     summary = "baseline: Textual Inversion on masked collages; handles only (lr 5e-4, 400 steps)"
     phase_name = "ti"
-    handles_init = "word"
-
-    def train_config(self) -> dict:
-        return {"steps": 400, "lr": 5e-4, "scale_lr": False}
+    config_class = TIConfig
 
     def trainable(self, cfg):
         return ("handles",)
@@ -134,16 +164,10 @@ class DreamBoothM(CollageBaseline):
     name = "db-m"
     summary = "baseline: DreamBooth on masked collages; UNet + text encoder + handles (lr 2e-6, 400 steps)"
     phase_name = "db"
-    handles_init = "rare"
+    config_class = DBConfig
 
-    def train_config(self) -> dict:
-        return {"steps": 400, "lr": 2e-6, "scale_lr": False}
-
-    def defaults(self) -> dict:
-        d = super().defaults()
-        d["train_text_encoder"] = True
-        d["prior"] = {"mode": "per_class"}
-        return d
+    def training_defaults(self) -> dict:
+        return {"prior": {"mode": "per_class"}}
 
     def trainable(self, cfg):
         return ("handles", "unet") + (("text_encoder",) if cfg["train_text_encoder"] else ())
@@ -154,16 +178,11 @@ class CustomDiffusionM(CollageBaseline):
     summary = ("baseline: Custom Diffusion on masked collages; cross-attention K/V + handles "
                "(lr 1e-5 x batch, 500 steps, prior preservation)")
     phase_name = "cd"
-    handles_init = "rare"
+    config_class = CDConfig
 
-    def train_config(self) -> dict:
-        return {"steps": 500, "lr": 1e-5, "scale_lr": True}
-
-    def defaults(self) -> dict:
-        d = super().defaults()
-        d["detach_start_token_kv"] = True
-        d["prior"] = {"enabled": True, "num_images": 50, "mode": "per_class", "weight": 1.0}
-        return d
+    def training_defaults(self) -> dict:
+        return {"detach_start_token_kv": True,
+                "prior": {"enabled": True, "num_images": 50, "mode": "per_class", "weight": 1.0}}
 
     def trainable(self, cfg):
         return ("handles", "unet_kv")

@@ -8,11 +8,42 @@ of the latent side, SD's 16×16 layers at 512 px) is pushed towards its mask.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
+from scenetok.config import group, setting
 from scenetok.losses import bas_attention_loss, masked_diffusion_loss, resize_masks
 from scenetok.methods.base import Batch, Method, Outputs, Phase, nearest_size, union_sample
+
+
+@dataclass
+class Phase1:
+    steps: int = setting(400, "phase 1: optimizer steps training the handles alone")
+    lr: float = setting(5e-4, "phase 1: learning rate of the handles")
+
+
+@dataclass
+class Phase2:
+    steps: int = setting(400, "phase 2: optimizer steps training UNet, text encoder and handles")
+    lr: float = setting(2e-6, "phase 2: learning rate")
+
+
+@dataclass
+class AttnLoss:
+    weight: float = setting(0.01, "weight of the cross-attention loss (0: off)")
+    downscale: int = setting(4, "the loss reads the maps at latent side / downscale (SD: 16x16 at 512 px)")
+
+
+@dataclass
+class BreakASceneConfig:
+    phase1: Phase1 = group(Phase1)
+    phase2: Phase2 = group(Phase2)
+    union_sampling: bool = setting(True, "each step names a random subset of the concepts (false: all of them)")
+    masked_loss: bool = setting(True, "the diffusion loss sees only the union of the chosen masks")
+    attn: AttnLoss = group(AttnLoss)
+    prompt_template: str = setting("a photo of {tokens}", "training prompt; {tokens} becomes '<asset0> and <asset1>'")
 
 
 class BreakAScene(Method):
@@ -26,15 +57,7 @@ class BreakAScene(Method):
         "no-union-sampling": ("Break-A-Scene ablation: every prompt names all concepts", ["union_sampling=false"]),
     }
 
-    def defaults(self) -> dict:
-        return {
-            "phase1": {"steps": 400, "lr": 5e-4},
-            "phase2": {"steps": 400, "lr": 2e-6},
-            "union_sampling": True,
-            "masked_loss": True,
-            "attn": {"weight": 0.01, "downscale": 4},
-            "prompt_template": "a photo of {tokens}",
-        }
+    config_class = BreakASceneConfig
 
     def phases(self, cfg: dict) -> list[Phase]:
         return [

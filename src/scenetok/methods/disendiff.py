@@ -22,11 +22,14 @@ maps (the same as their sum once min–max normalised).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from scenetok.attention import available_sizes
+from scenetok.config import group, setting
 from scenetok.errors import ConfigError
 from scenetok.losses import (
     bind_loss,
@@ -38,11 +41,50 @@ from scenetok.losses import (
     suppress,
 )
 from scenetok.methods.base import Batch, Method, Outputs, Phase, cycled_init_words, nearest_size
+from scenetok.tokens import token_positions, word_positions
 
 SCALES = ("quarter", "all")
 # The reference smooths with Attend-and-Excite's GaussianSmoothing(kernel 3, sigma 0.5), whose kernel is
 # exp(-(x/(2σ))²) = a true Gaussian of σ·√2: the effective σ is 0.5·√2 ≈ 0.707.
 REFERENCE_SIGMA = 0.5 * math.sqrt(2.0)
+
+
+@dataclass
+class TrainPhase:
+    steps: int = setting(250, "optimizer steps (cross-attention K/V + handles)")
+    lr: float = setting(8e-5, "learning rate (the paper's 1e-5 x batch 2 x accumulation 4)")
+
+
+@dataclass
+class BindWeight:
+    weight: float = setting(0.01, "weight of L_bind, which pulls each modifier map onto its class map (0: off)")
+
+
+@dataclass
+class SSWeight:
+    weight: float = setting(0.01, "weight of L_s&s, which separates the class maps and strengthens each (0: off)")
+
+
+@dataclass
+class DisenDiffAttn:
+    scales: str = setting("quarter", "which layers' maps the losses read: quarter (1/4 of the latent side) or all")
+    downscale: int = setting(4, "with scales=quarter: the maps at latent side / downscale")
+    gaussian: bool = setting(True, "smooth the maps with a Gaussian kernel first")
+    kernel_size: int = setting(3, "side of the Gaussian kernel")
+    sigma: float = setting(round(REFERENCE_SIGMA, 4), "sigma of the Gaussian kernel (the reference's effective 0.707)")
+    suppression: int = setting(1, "1: square the class maps before the losses (the paper's f_m); 0: off")
+
+
+@dataclass
+class DisenDiffConfig:
+    train: TrainPhase = group(TrainPhase)
+    prompt_template: str = setting("photo of a {tokens}", "training prompt; each handle is followed by its class word")
+    # Custom Diffusion's rare-token initialisers for the modifiers (cycled for more concepts)
+    init_words: list = setting(["ktn", "pll", "ucd"], "words the handles start from, cycled ([]: each concept's "
+                               "init word from the scene)")
+    bind: BindWeight = group(BindWeight)
+    ss: SSWeight = group(SSWeight)
+    attn: DisenDiffAttn = group(DisenDiffAttn)
 
 
 class DisenDiff(Method):
@@ -62,24 +104,17 @@ class DisenDiff(Method):
                         "attn.scales", SCALES),
     }
 
-    def defaults(self) -> dict:
+    config_class = DisenDiffConfig
+
+    def training_defaults(self) -> dict:
         return {
             # the paper: 250 steps at 8e-5 = 1e-5 (base lr) x 2 (batch) x 4 (gradient accumulation), i.e.
             # Custom Diffusion's learning-rate scaling for its effective batch of 8 scene images
-            "train": {"steps": 250, "lr": 8e-5},
             "batch_size": 2,
             "grad_accum": 4,
             # Lightning's AdamW with torch defaults (wd 1e-2) and no gradient clipping in the reference
             "optim": {"grad_clip": 0.0},
             "detach_start_token_kv": True,
-            "prompt_template": "photo of a {tokens}",
-            # Custom Diffusion's rare-token initialisers for the modifiers (cycled for more concepts);
-            # [] starts every handle from its scene init word (the class word unless scene.json says otherwise)
-            "init_words": ["ktn", "pll", "ucd"],
-            "bind": {"weight": 0.01},
-            "ss": {"weight": 0.01},
-            "attn": {"scales": "quarter", "downscale": 4, "gaussian": True, "kernel_size": 3,
-                     "sigma": round(REFERENCE_SIGMA, 4), "suppression": 1},
             # "a photo of a cat and a dog": 200 images, one regularisation image per scene image per step
             "prior": {"enabled": True, "num_images": 200, "mode": "joint", "batch_size": 2},
         }
@@ -134,16 +169,13 @@ class DisenDiff(Method):
         """``class_iou``: mean soft IoU between every pair of calibrated class maps (what L_s&s lowers);
         ``bind_iou``: mean soft IoU between each calibrated class map and its modifier (what L_bind raises).
         Measured on the full prompt and the scene at a few fixed timesteps, whatever the loss weights."""
-        from scenetok.attention import available_sizes
-        from scenetok.tokens import token_positions, word_positions
-        from scenetok.training.trainer import prompt_attention
 
         m = run.model
         sides = map_sides(run.cfg, run.latent_size, available_sizes(m.unet, run.latent_size))
         k = len(run.handles.tokens)
         class_words = [c.class_word for c in run.concepts]
         prompt = self.prompt(run.handles.tokens, list(range(k)), run.cfg, class_words)
-        maps = prompt_attention(run, prompt, max(sides), native=sides).float()  # (T, s, s)
+        maps = run.prompt_attention(prompt, max(sides), native=sides).float()  # (T, s, s)
         hpos = token_positions(m.tokenizer, [prompt], run.handles.ids)[0]
         mods, clss = [], []
         for i, word in enumerate(class_words):

@@ -22,23 +22,104 @@ curve of the paper's Fig. 3.
 
 from __future__ import annotations
 
-import io
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from scenetok import viz
+from scenetok.config import group, setting
+from scenetok.errors import ConfigError
+from scenetok.io import atomic_write_png
 from scenetok.losses import masked_diffusion_loss
+from scenetok.masks.attention import (
+    AttentionMaskConfig,
+    is_background_word,
+    maps_to_masks,
+    mask_layers,
+    token_attention,
+)
+from scenetok.masks.crf import iou
 from scenetok.methods.base import Batch, Method, Outputs, Phase, nearest_size, union_sample
 from scenetok.methods.break_a_scene import attention_term
+from scenetok.scene import load_scene
+from scenetok.tokens import token_positions
 
 
 def is_background_concept(concept) -> bool:
     """The background concept: added with ``--background``, or a concept named "background"."""
-    from scenetok.masks.attention import is_background_word
 
     return bool(getattr(concept, "is_background", False)) or is_background_word(concept.name)
+
+
+@dataclass
+class EMInit:
+    # Stage 1: CLIP-word init; init.steps > 0 adds the paper's alternative, unmasked inversion
+    steps: int = setting(0, "stage 1: steps of unmasked inversion of the handles before the first masks (0: none)")
+    lr: float = setting(5e-4, "stage 1: learning rate")
+
+
+@dataclass
+class EMStage:
+    steps: int = setting(400, "stage 2: steps training the handles while the masks are re-estimated")
+    lr: float = setting(5e-4, "stage 2: learning rate")
+    every: int = setting(50, "stage 2: re-estimate the masks every this many steps (0: never, the paper's baseline)")
+
+
+@dataclass
+class EMJoint:
+    steps: int = setting(400, "stage 3: steps training UNet, text encoder and handles, masks frozen")
+    lr: float = setting(2e-6, "stage 3: learning rate")
+
+
+@dataclass
+class EMAttn:
+    weight: float = setting(0.01, "weight of the cross-attention loss toward the estimated masks (0: off)")
+    downscale: int = setting(4, "the loss reads the maps at latent side / downscale")
+
+
+@dataclass
+class EMCRF:
+    enabled: bool = setting(True, "refine the thresholded maps with a dense CRF")
+    backend: str = setting("torch", "dense-CRF implementation: torch (built in) or pydensecrf")
+    max_side: int = setting(64, "the CRF runs at most at this side (larger images are downsampled)")
+    iterations: int = setting(10, "mean-field iterations of the CRF")
+    gaussian_sxy: float = setting(3.0, "CRF smoothness kernel: spatial sigma (pixels of a reference_side image)")
+    gaussian_weight: float = setting(7.0, "CRF smoothness kernel: weight")
+    bilateral_sxy: float = setting(50.0, "CRF appearance kernel: spatial sigma (pixels of a reference_side image)")
+    bilateral_srgb: float = setting(5.0, "CRF appearance kernel: colour sigma")
+    bilateral_weight: float = setting(10.0, "CRF appearance kernel: weight")
+    reference_side: int = setting(480, "image side the spatial sigmas are given for (0: as given, in pixels)")
+
+
+@dataclass
+class EMMaskSettings:
+    timesteps: int = setting(50, "noise levels the maps are averaged over")
+    t_range: list = setting([0.0, 1.0], "fractions of the training schedule the noise levels are drawn from")
+    layers: str | list = setting("all", "all cross-attention layers, or the latent/d side factors to read, e.g. [2, 4]")
+    threshold: float = setting(0.5, "threshold on the min-max normalised maps")
+    unary: str = setting("binary", "CRF unaries: binary (the paper: thresholded maps) or soft (the maps)")
+    unary_scale: float = setting(1.0, "multiplies the maps before the CRF's softmax")
+    batch_size: int = setting(10, "noise levels per UNet forward pass")
+    min_fraction: float = setting(0.01, "the smallest share of the image a concept is given (fallback)")
+    crf: EMCRF = group(EMCRF)
+
+
+@dataclass
+class EMMasksConfig:
+    init: EMInit = group(EMInit)
+    em: EMStage = group(EMStage)
+    joint: EMJoint = group(EMJoint)
+    union_sampling: bool = setting(True, "each step names a random subset of the concepts (false: all of them)")
+    masked_loss: bool = setting(True, "the diffusion loss sees only the union of the chosen (estimated) masks")
+    attn: EMAttn = group(EMAttn)
+    prompt_template: str = setting("a photo of {tokens}", "training prompt; {tokens} becomes '<asset0> and <asset1>'")
+    masks: EMMaskSettings = group(EMMaskSettings)
+    # masks inside the trained scene folders are used that way anyway
+    eval_masks_dir: list = setting([], "scene folders (one per input scene; '' for none) whose mask{i}.png only "
+                                   "score the estimated masks")
 
 
 class EMMasks(Method):
@@ -58,35 +139,7 @@ class EMMasks(Method):
     # ------------------------------------------------------------------------------------------------
     # recipe
 
-    def defaults(self) -> dict:
-        return {
-            # Stage 1: CLIP-word init; init.steps > 0 adds the paper's alternative, unmasked inversion
-            "init": {"steps": 0, "lr": 5e-4},
-            # Stage 2: tokens only, masks re-estimated every `every` steps (0: never, the paper's baseline)
-            "em": {"steps": 400, "lr": 5e-4, "every": 50},
-            # Stage 3: tokens + UNet + text encoder, masks frozen
-            "joint": {"steps": 400, "lr": 2e-6},
-            "union_sampling": True,
-            "masked_loss": True,
-            "attn": {"weight": 0.01, "downscale": 4},
-            "prompt_template": "a photo of {tokens}",
-            "masks": {
-                "timesteps": 50,
-                "t_range": [0.0, 1.0],
-                "layers": "all",
-                "threshold": 0.5,
-                "unary": "binary",
-                "unary_scale": 1.0,
-                "batch_size": 10,
-                "min_fraction": 0.01,
-                "crf": {"enabled": True, "backend": "torch", "max_side": 64, "iterations": 10,
-                        "gaussian_sxy": 3.0, "gaussian_weight": 7.0, "bilateral_sxy": 50.0,
-                        "bilateral_srgb": 5.0, "bilateral_weight": 10.0, "reference_side": 480},
-            },
-            # scene folders (one per input scene, in order; "" for none) whose mask{i}.png are used only to
-            # score the estimated masks; masks inside the trained scene folders are used that way anyway
-            "eval_masks_dir": [],
-        }
+    config_class = EMMasksConfig
 
     def phases(self, cfg: dict) -> list[Phase]:
         return [
@@ -117,8 +170,6 @@ class EMMasks(Method):
     # hooks
 
     def prepare(self, run: Any) -> None:
-        from scenetok.masks.attention import AttentionMaskConfig
-
         AttentionMaskConfig.from_dict(run.cfg["masks"]).validate()  # fail before training, not at step 50
         self._eval = _evaluation_masks(run)
         if run.masks_estimated:  # resumed: the checkpoint's masks are in the sources
@@ -152,8 +203,6 @@ class EMMasks(Method):
     @torch.no_grad()
     def estimate(self, run: Any, global_step: int) -> dict[str, Any]:
         """Re-estimate every training image's masks from the current handles; returns the log row."""
-        from scenetok.masks.attention import AttentionMaskConfig, maps_to_masks, mask_layers, token_attention
-        from scenetok.tokens import token_positions
 
         cfg = run.cfg
         mc = AttentionMaskConfig.from_dict(cfg["masks"]).validate()
@@ -163,8 +212,6 @@ class EMMasks(Method):
         # the same masks, and every estimate sees the same noise levels and noise, so the masks change only
         # because the handles did
         gen = torch.Generator("cpu").manual_seed(int(cfg["seed"]) * 1_000_003 + 17)
-        sf = m.vae.config.scaling_factor
-        shift = getattr(m.vae.config, "shift_factor", None) or 0.0
         class_words = [c.class_word for c in run.concepts]
         was = (m.unet.training, m.text_encoder.training)
         m.unet.eval()
@@ -174,12 +221,10 @@ class EMMasks(Method):
             for src in run.sources:
                 present = list(src.present)
                 prompt = self.prompt(run.handles.tokens, present, cfg, class_words)
-                ids = m.tokenizer([prompt], padding="max_length", truncation=True,
-                                  max_length=m.tokenizer.model_max_length, return_tensors="pt").input_ids
                 pos = token_positions(m.tokenizer, [prompt], [run.handles.ids[k] for k in present])[0]
                 with run.accelerator.autocast():
-                    enc = m.text_encoder(ids.to(run.device))[0]
-                lat = (src.latents[False][0] - shift) * sf
+                    enc = m.encode_prompt(prompt)
+                lat = m.scale_latents(src.latents[False][0])
                 maps = token_attention(m.unet, m.scheduler, lat, enc, [[int(p)] for p in pos], layers=layers,
                                        size=size, timesteps=mc.timesteps, t_range=mc.t_range,
                                        batch_size=mc.batch_size, generator=gen, autocast=run.accelerator.autocast)
@@ -203,7 +248,6 @@ class EMMasks(Method):
                               for k, (t, n) in enumerate(zip(run.handles.tokens, names))},
         }
         if any(e is not None for e in self._eval):
-            from scenetok.masks.crf import iou
 
             ious = {f"{run.handles.tokens[k]} {names[k]}": round(iou(current[k], e), 4)
                     for k, e in enumerate(self._eval) if e is not None}
@@ -226,7 +270,6 @@ def _evaluation_masks(run: Any) -> list[np.ndarray | None]:
     against them), or the matching ``mask{i}.png`` of the scene's ``eval_masks_dir`` folder; a concept
     named "background" without a mask file there is the complement of that folder's masks.
     """
-    from scenetok.errors import ConfigError
 
     dirs = run.cfg.get("eval_masks_dir") or []
     if isinstance(dirs, str):
@@ -249,9 +292,6 @@ def _evaluation_masks(run: Any) -> list[np.ndarray | None]:
 
 
 def _load_eval_folder(folder: str, scene, resolution: int) -> list[np.ndarray]:
-    from scenetok.errors import ConfigError
-    from scenetok.scene import load_scene
-
     path = Path(folder)
     try:
         ref = load_scene(path, background=False, min_mask_fraction=0.0)
@@ -272,16 +312,8 @@ def _load_eval_folder(folder: str, scene, resolution: int) -> list[np.ndarray]:
                            "may be left out)")
 
 
-def _png(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _write_overlay(run: Any, estimated: list, global_step: int) -> None:
     """previews/masks/step_NNNNN.png: each training image with its current masks, labelled."""
-    from scenetok import viz
-    from scenetok.bundle import atomic_write_bytes
 
     from PIL import Image
 
@@ -295,7 +327,7 @@ def _write_overlay(run: Any, estimated: list, global_step: int) -> None:
         labels.append(f"{src.name} step {global_step}")
     folder = run.out_dir / "previews" / "masks"
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(folder / f"step_{global_step:05d}.png", _png(viz.grid(tiles, labels=labels)))
+    atomic_write_png(folder / f"step_{global_step:05d}.png", viz.grid(tiles, labels=labels))
 
 
 def _write_iou_plot(run: Any, global_step: int, row: dict) -> None:
@@ -305,7 +337,6 @@ def _write_iou_plot(run: Any, global_step: int, row: dict) -> None:
         from matplotlib.figure import Figure
     except ImportError:
         return
-    from scenetok.bundle import atomic_write_bytes
 
     points = [(r["global_step"], r["mask_iou"]) for r in run.log_rows
               if r.get("event") and "mask_iou" in r and r["global_step"] < global_step]
@@ -328,6 +359,4 @@ def _write_iou_plot(run: Any, global_step: int, row: dict) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(run.out_dir / "previews" / "mask_iou.png", buf.getvalue())
+    atomic_write_png(run.out_dir / "previews" / "mask_iou.png", fig)

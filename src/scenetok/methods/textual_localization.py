@@ -16,16 +16,44 @@ min–max normalised, and averaged over the sides. *Hard* guidance: mean over pi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import math
 
 import torch
 import torch.nn.functional as F
 
+from scenetok.config import group, setting
 from scenetok.errors import ConfigError
 from scenetok.losses import localization_loss, masked_diffusion_loss, minmax_normalize, resize_masks
 from scenetok.methods.base import Batch, Method, Outputs, Phase, cycled_init_words, nearest_size
 
 GUIDANCE = ("hard", "soft")
+
+
+@dataclass
+class TLTrain:
+    # the reference multi-concept script: 800 steps, --scale_lr with 3 rows per step (1 scene image + one prior
+    # image per class) and prior preservation: 1e-5 x 3 x 2 = 6e-5 (METHODS.md: lr 1e-5 x batch, x 2 with prior)
+    steps: int = setting(800, "optimizer steps (cross-attention K/V + handles)")
+    lr: float = setting(6e-5, "learning rate (the reference's 1e-5 x 3 rows x 2 with prior)")
+
+
+@dataclass
+class TLAttn:
+    weight: float = setting(1.0, "weight of the localization loss (the paper's delta; 0: off)")
+    factors: list = setting([2, 4, 8], "maps of the layers at latent side / factor, for each factor")
+    size: int = setting(256, "side the maps are upsampled to before the loss (256 in the paper)")
+
+
+@dataclass
+class TextualLocalizationConfig:
+    train: TLTrain = group(TLTrain)
+    guidance: str = setting("hard", "hard: each identifier's map matches its mask; soft: only attention "
+                            "outside the mask is suppressed")
+    attn: TLAttn = group(TLAttn)
+    prompt_template: str = setting("photo of {tokens}", "training prompt; each handle is followed by its class word")
+    # the paper initialises every identifier from CLIP token 48136 ("sks")
+    init_words: list = setting(["sks"], "words the handles start from, cycled ([]: each concept's init word)")
 
 
 class TextualLocalization(Method):
@@ -38,21 +66,13 @@ class TextualLocalization(Method):
                      "the mask is suppressed)", "guidance", GUIDANCE),
     }
 
-    def defaults(self) -> dict:
+    config_class = TextualLocalizationConfig
+
+    def training_defaults(self) -> dict:
         return {
-            # the reference multi-concept script: 800 steps, --scale_lr with 3 rows per step (1 scene image +
-            # one prior image per class) and prior preservation: 1e-5 x 3 x 2 = 6e-5 (METHODS.md: lr 1e-5 x
-            # batch, x 2 with prior)
-            "train": {"steps": 800, "lr": 6e-5},
             "batch_size": 1,
             "flip_p": 0.0,  # the reference scripts train without --hflip
             "detach_start_token_kv": True,
-            "guidance": "hard",
-            # δ = 1; maps of the layers at latent/2, /4, /8, each upsampled to size x size (256 in the paper)
-            "attn": {"weight": 1.0, "factors": [2, 4, 8], "size": 256},
-            "prompt_template": "photo of {tokens}",
-            # the paper initialises every identifier from CLIP token 48136 ("sks"); [] = the scene's init words
-            "init_words": ["sks"],
             # class-specific prior preservation, λ = 1, as in the paper (200 images per class there; 50 here
             # so that the one-off generation stays cheap: --set prior.num_images=200 for the paper's count)
             "prior": {"enabled": True, "mode": "per_class", "num_images": 50, "batch_size": 2, "weight": 1.0},

@@ -172,7 +172,7 @@ def _summary(rows: list[dict]) -> dict:
 
 def _write_report(out_dir, sc, spec, bundle, maps_over_time, results, rows, summary, seconds) -> Path:
     from scenetok import viz
-    from scenetok.bundle import atomic_write_text
+    from scenetok.io import atomic_write_text
 
     e = html.escape
     tokens = [h.token for h in bundle.handles]

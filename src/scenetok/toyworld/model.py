@@ -78,7 +78,7 @@ def toy_vocabulary() -> list[str]:
 def _build_tokenizer(words: list[str]):
     from transformers import CLIPTokenizer
 
-    from scenetok.devtools import write_clip_tokenizer
+    from scenetok.tokens import write_clip_tokenizer
 
     with tempfile.TemporaryDirectory(prefix="toysd-tok-") as tmp:
         write_clip_tokenizer(tmp, words, model_max_length=77)

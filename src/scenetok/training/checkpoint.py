@@ -17,7 +17,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from scenetok.errors import BundleError
+from scenetok import params as paramlib
+from scenetok.errors import BundleError, ScenetokError
+from scenetok.training.run import Run
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -117,3 +119,75 @@ def remove_checkpoint(out_dir: Path) -> None:
     folder = Path(out_dir) / CHECKPOINT_DIR
     if folder.exists():
         shutil.rmtree(folder)
+
+
+# ----------------------------------------------------------------------------------------------------
+# what a run's checkpoint holds
+
+
+def trained_parts(run: Run, upto: int | None = None) -> set[str]:
+    """What the phases ``[0, upto]`` (all when None) train; phases with 0 steps are skipped."""
+    phases = [p for p in run.method.phases(run.cfg) if p.steps > 0]
+    trained: set[str] = set()
+    for phase in phases if upto is None else phases[: upto + 1]:
+        trained.update(phase.train)
+    return trained
+
+
+def trainable_state(run: Run, phase_idx: int) -> dict[str, torch.Tensor]:
+    """What a checkpoint must hold: handles, the weights the phases so far have changed, and the masks
+    when a method has estimated them."""
+    m = run.model
+    state = {"handles": run.handles.vectors(m.text_encoder).detach().clone()}
+    trained = trained_parts(run, phase_idx)
+    if run.lora is not None:  # adapters only (the base weights never change)
+        state.update({f"lora.{k}": v for k, v in run.lora.state().items()})
+        trained = trained & {"handles"}
+    if "unet" in trained:
+        state.update({f"unet.{k}": v for k, v in m.unet.state_dict().items()})
+    else:
+        state.update({f"unet_partial.{k}": v for k, v in paramlib.partial_state(m.unet, trained).items()})
+    if "text_encoder" in trained:
+        state.update({f"text_encoder.{k}": v for k, v in m.text_encoder.state_dict().items()
+                      if "token_embedding" not in k})
+    if run.masks_estimated:
+        state.update({f"masks.{i}": src.masks[False].detach().cpu() for i, src in enumerate(run.sources)})
+    return state
+
+
+def load_trainable(run: Run, state: dict[str, torch.Tensor]) -> None:
+    m = run.model
+    with torch.no_grad():
+        run.handles.vectors(m.text_encoder).copy_(state["handles"])
+    unet_sd = {k[5:]: v for k, v in state.items() if k.startswith("unet.")}
+    if unet_sd:
+        m.unet.load_state_dict(unet_sd, strict=True)
+    partial = {k[len("unet_partial."):]: v for k, v in state.items() if k.startswith("unet_partial.")}
+    if partial:
+        paramlib.load_partial_state(m.unet, partial)
+    te_sd = {k[13:]: v for k, v in state.items() if k.startswith("text_encoder.")}
+    if te_sd:
+        missing, unexpected = m.text_encoder.load_state_dict(te_sd, strict=False)
+        if unexpected or any("token_embedding" not in k for k in missing):
+            raise ScenetokError("the checkpoint's text encoder does not match the base model")
+    adapter_state = {k[5:]: v for k, v in state.items() if k.startswith("lora.")}
+    if run.lora is not None:
+        run.lora.load_state(adapter_state)
+    elif adapter_state:
+        raise ScenetokError("the checkpoint holds LoRA adapters but the run has none")
+    masks = {int(k[6:]): v for k, v in state.items() if k.startswith("masks.")}
+    for i, mk in masks.items():
+        run.sources[i].set_masks(mk)
+    run.masks_estimated = run.masks_estimated or bool(masks)
+
+
+def save_run(run: Run, optimizer, phase_idx: int, step: int, global_step: int) -> None:
+    save_checkpoint(
+        run.out_dir,
+        trainable=trainable_state(run, phase_idx),
+        optimizer=optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+        torch_gen=run.torch_gen,
+        np_rng=run.np_rng,
+        progress={"phase": phase_idx, "step": step, "global": global_step},
+        run_state=run.state,
+    )

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from scenetok.model import Model, image_to_tensor
 from scenetok.scene import Scene
 
 
@@ -94,34 +95,30 @@ def collage_items(scene: Scene, n: int, rng: np.random.Generator) -> list[Item]:
     return items
 
 
-def _to_model_input(image: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float().div(127.5).sub(1.0)[None]
-
-
 @torch.no_grad()
-def encode_items(vae, items: list[Item], device, flips: bool = True, batch_size: int = 8) -> list[Source]:
+def encode_items(model: Model, items: list[Item], device, flips: bool = True, batch_size: int = 8) -> list[Source]:
     """VAE-encode every item once per flip state (both states when ``flips``). Latents are fp32."""
     states = (False, True) if flips else (False,)
     sources = [Source(name=it.name, present=list(it.present), image=it.image) for it in items]
     for flip in states:
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
-            x = torch.cat([_to_model_input(it.image) for it in chunk])
+            x = torch.cat([image_to_tensor(it.image) for it in chunk])
             if flip:
                 x = x.flip(-1)
-            dist = vae.encode(x.to(device, vae.dtype)).latent_dist
+            mean, std = model.encode_images(x.to(device))
             for j, it in enumerate(chunk):
                 src = sources[start + j]
-                src.latents[flip] = (dist.mean[j:j + 1].float(), dist.std[j:j + 1].float())
+                src.latents[flip] = (mean[j:j + 1], std[j:j + 1])
                 m = torch.from_numpy(it.masks).float()
                 src.masks[flip] = (m.flip(-1) if flip else m).to(device)
     return sources
 
 
-def scene_sources(vae, scenes: list[Scene], device, flips: bool = True) -> list[Source]:
-    return encode_items(vae, scene_items(scenes), device, flips=flips)
+def scene_sources(model: Model, scenes: list[Scene], device, flips: bool = True) -> list[Source]:
+    return encode_items(model, scene_items(scenes), device, flips=flips)
 
 
-def collage_sources(vae, scene: Scene, n: int, seed: int, device, flips: bool = True) -> list[Source]:
+def collage_sources(model: Model, scene: Scene, n: int, seed: int, device, flips: bool = True) -> list[Source]:
     rng = np.random.default_rng([int(seed), 7])
-    return encode_items(vae, collage_items(scene, n, rng), device, flips=flips)
+    return encode_items(model, collage_items(scene, n, rng), device, flips=flips)

@@ -6,14 +6,16 @@ settings reuses the images. A user folder of images is used as it is (center-cro
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from scenetok.errors import ConfigError
+from scenetok.io import sha256_text
+from scenetok.model import Model, image_to_tensor
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 
@@ -52,9 +54,8 @@ def generate_prior_images(
     guidance: float = 7.5, cache_root: str | Path | None = None, batch_size: int = 4, progress: bool = True,
 ) -> list[np.ndarray]:
     """Generate (or reuse cached) ``n`` images of ``prompt`` with the base pipeline."""
-    import torch
 
-    key = hashlib.sha256(f"{model_id}|{prompt}|{n}|{resolution}|{seed}|{steps}|{guidance}".encode()).hexdigest()[:16]
+    key = sha256_text(f"{model_id}|{prompt}|{n}|{resolution}|{seed}|{steps}|{guidance}", 16)
     folder = Path(cache_root or default_cache_root()) / key
     folder.mkdir(parents=True, exist_ok=True)
     have = sorted(folder.glob("*.png"))
@@ -82,3 +83,25 @@ def generate_prior_images(
         bar.update(b)
     bar.close()
     return images
+
+
+@torch.no_grad()
+def prior_latents(m: Model, prompts: list[str], cfg: dict, resolution: int,
+                  progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents (scaled) and prompt ids of the prior-preservation images: a given folder (one prompt, the
+    first), or ``prior.num_images`` images per prompt generated once by the base model (cached on disk)."""
+    pc = cfg["prior"]
+    if pc["images_dir"]:
+        per_prompt = [(prompts[0], load_image_folder(pc["images_dir"], resolution))]
+    else:
+        pipe = m.pipeline("ddim")
+        per_prompt = [(p, generate_prior_images(
+            pipe, p, pc["num_images"], resolution, model_id=m.model_id, seed=cfg["seed"], steps=pc["steps"],
+            guidance=pc["guidance"], cache_root=pc["cache_dir"] or None, progress=progress)) for p in prompts]
+    lat, ids = [], []
+    for prompt, images in per_prompt:
+        pid = m.token_ids(prompt)
+        for img in images:
+            lat.append(m.scale_latents(m.encode_images(image_to_tensor(img))[0]))
+            ids.append(pid)
+    return torch.cat(lat), torch.cat(ids)

@@ -18,6 +18,7 @@ from pathlib import Path
 from scenetok.errors import ConfigError
 from scenetok.evaluation import tables
 from scenetok.evaluation.toyworld.scoring import IMAGE_METRICS
+from scenetok.io import atomic_write_png, atomic_write_text
 
 METRIC_NAMES = {
     "identity": "identity",
@@ -257,11 +258,9 @@ def pareto_plot(table: list[dict], path: str | Path, title: str) -> Path | None:
     """Identity (y) against prompt fidelity (x), one point per variant with its 95 % intervals; colour
     per method, the paper recipe as a large circle, ablations as smaller markers labelled by their flag;
     the Pareto front dashed (like Break-A-Scene's Fig. 5)."""
-    import io
 
     from matplotlib.figure import Figure
 
-    from scenetok.bundle import atomic_write_bytes
 
     pts = [r for r in table if r.get("identity") is not None and r.get("fidelity") is not None]
     fig = Figure(figsize=(8.5, 6.5), dpi=110)
@@ -296,16 +295,13 @@ def pareto_plot(table: list[dict], path: str | Path, title: str) -> Path | None:
     ax.grid(True, alpha=0.3)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return atomic_write_bytes(path, buf.getvalue())
+    return atomic_write_png(path, fig)
 
 
 def write_report(out_dir: Path, job_list, variants, scenes, *, model: str, seeds: int, steps: int, guidance: float,
                  timing: dict) -> dict:
     """Read every run and write ``results.md``, ``results.csv``, ``results_by_kind.csv``,
     ``results_per_scene.csv``, ``images.csv``, ``claims.csv``, ``pareto.png`` and ``timing.json``."""
-    from scenetok.bundle import atomic_write_text
 
     out_dir = Path(out_dir)
     runs, image_rows, mask_rows = read_runs(job_list)
@@ -375,7 +371,6 @@ def _timing_line(t: dict) -> str:
 
 
 def _write_timing(out_dir: Path, runs: list[dict], timing: dict) -> None:
-    from scenetok.bundle import atomic_write_text
 
     ok = [r for r in runs if r.get("status") == "ok"]
     per_method: dict[str, list[dict]] = {}

@@ -27,8 +27,18 @@ from pathlib import Path
 
 import numpy as np
 
+from scenetok import viz
 from scenetok.errors import ConfigError
+from scenetok.evaluation import distributed
+from scenetok.evaluation.toyworld import report
 from scenetok.evaluation.toyworld import suite as suitelib
+from scenetok.evaluation.toyworld.scoring import mask_ious, score_image
+from scenetok.generation import generate, load_pipeline
+from scenetok.io import atomic_write_png, atomic_write_text, sha256_text
+from scenetok.methods import get_method
+from scenetok.scene import save_scene
+from scenetok.toyworld.model import toy_sd_path
+from scenetok.training import method_config, train
 
 #: CPU seconds (one thread) of the parts of a run, measured on the shipped toy-sd (DDIM 25 steps); used
 #: only for the time estimate printed before a benchmark starts.
@@ -54,7 +64,7 @@ def model_fingerprint(model: str) -> str:
 
 
 def _settings_key(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return sha256_text(json.dumps(settings, sort_keys=True), 16)
 
 
 def plan(variants, scenes, *, seeds: int, model: str, steps: int, guidance: float, overrides=(),
@@ -86,8 +96,6 @@ def run_is_done(run_dir: Path, key: str) -> bool:
 
 def estimate_cpu_seconds(job: dict, seeds: int, steps: int) -> float:
     """Rough single-thread CPU seconds of one run (training steps, prior rows, images)."""
-    from scenetok.methods import get_method
-    from scenetok.training import method_config
 
     method = get_method(job["method"])
     try:
@@ -127,8 +135,6 @@ def _init_worker(threads: int) -> None:
 
 
 def _write_json(path: Path, data) -> None:
-    from scenetok.bundle import atomic_write_text
-
     atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
@@ -158,16 +164,6 @@ def run_job(job: dict) -> dict:
 
 
 def _train_and_score(job: dict, run_dir: Path) -> dict:
-    import io
-
-    from PIL import Image
-
-    from scenetok.bundle import atomic_write_bytes, atomic_write_text
-    from scenetok.evaluation.toyworld.scoring import mask_ious, score_image
-    from scenetok.generation import generate, load_pipeline
-    from scenetok.methods import get_method
-    from scenetok.training import method_config, train
-
     scene = suitelib.find_scene(job["scene"])
     method = get_method(job["method"])
     overrides = list(job["overrides"]) + list(job.get("runtime_overrides", []))
@@ -201,9 +197,7 @@ def _train_and_score(job: dict, run_dir: Path) -> dict:
         for g in gens:
             img = np.asarray(g.image.convert("RGB"))
             fname = f"p{p.index:02d}_s{g.seed}.png"
-            buf = io.BytesIO()
-            Image.fromarray(img).save(buf, format="PNG")
-            atomic_write_bytes(images_dir / fname, buf.getvalue())
+            atomic_write_png(images_dir / fname, img)
             ts = time.time()
             scores = score_image(img, concepts, p.handles, p.background, scene.spec.background)
             score_s += time.time() - ts
@@ -230,12 +224,8 @@ def _train_and_score(job: dict, run_dir: Path) -> dict:
 
 def _contact_sheet(run_dir: Path, rows: list[dict]) -> None:
     """``images.png``: every image of the run, labelled with its prompt index, seed and identity/fidelity."""
-    import io
 
     from PIL import Image
-
-    from scenetok import viz
-    from scenetok.bundle import atomic_write_bytes
 
     if not rows:
         return
@@ -245,9 +235,7 @@ def _contact_sheet(run_dir: Path, rows: list[dict]) -> None:
             tiles.append(im.convert("RGB").resize((96, 96), Image.NEAREST))
         fid = "-" if r["fidelity"] is None else f"{r['fidelity']:.0f}"
         labels.append(f"p{r['prompt']} id {r['identity']:.2f} bg {fid}")
-    buf = io.BytesIO()
-    viz.grid(tiles, labels=labels, cols=min(8, len(tiles))).save(buf, format="PNG")
-    atomic_write_bytes(run_dir / "images.png", buf.getvalue())
+    atomic_write_png(run_dir / "images.png", viz.grid(tiles, labels=labels, cols=min(8, len(tiles))))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -299,9 +287,6 @@ def run_toyworld_benchmark(
 
     Returns ``{"table", "claims", "timing", "paths", ...}`` on rank 0 (None on other ranks and with
     ``estimate_only``)."""
-    from scenetok.evaluation import distributed
-    from scenetok.evaluation.toyworld import report
-    from scenetok.toyworld.model import toy_sd_path
 
     out_dir = Path(out_dir)
     model = str(model or toy_sd_path())
@@ -415,13 +400,8 @@ def _execute(jobs: list[dict], workers: int, log, t0: float) -> list[dict]:
 
 def _write_suite(out_dir: Path, scenes, variants, seeds, model, steps, guidance, overrides, train_steps) -> None:
     """``suite.json`` (scenes, prompts, variants, settings), the scene folders and ``scenes.png``."""
-    import io
 
     from PIL import Image
-
-    from scenetok import viz
-    from scenetok.bundle import atomic_write_bytes
-    from scenetok.scene import save_scene
 
     desc = suitelib.suite_description(scenes, seeds)
     desc["variants"] = [{"label": v.label, "method": v.method, "flag": v.flag,
@@ -436,6 +416,4 @@ def _write_suite(out_dir: Path, scenes, variants, seeds, model, steps, guidance,
         names = [c["name"] for c in sc.concepts()]
         tiles += [big, viz.mask_overlay(big, masks, [f"{i}" for i in range(len(names))])]
         labels += [sc.name, f"{len(names)} concepts"]
-    buf = io.BytesIO()
-    viz.grid(tiles, labels=labels, cols=4).save(buf, format="PNG")
-    atomic_write_bytes(out_dir / "scenes.png", buf.getvalue())
+    atomic_write_png(out_dir / "scenes.png", viz.grid(tiles, labels=labels, cols=4))

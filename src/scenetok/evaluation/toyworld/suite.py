@@ -26,9 +26,13 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from scenetok import config as cfglib
 from scenetok.errors import ConfigError
+from scenetok.methods import available_methods, get_method
+from scenetok.scene import Scene
 from scenetok.toyworld import world
 from scenetok.toyworld.world import ObjectSpec, SceneSpec
+from scenetok.training import method_config
 
 SUITE_VERSION = 1
 SIZE = 64  # toy-sd's resolution; scenes render at it
@@ -77,7 +81,6 @@ class SuiteScene:
         only (mask-free methods never see the true masks). ``background=False`` leaves the background
         concept out (methods that cannot learn one). Handles start from the class word (the shape, or
         "background") unless the method chooses its own init words."""
-        from scenetok.scene import Scene
 
         use_bg = self.background_concept if background is None else (background and self.background_concept)
         image, obj_masks = world.render(self.spec, size=SIZE)
@@ -287,8 +290,6 @@ class Variant:
 
 
 def _option_default(method, key: str):
-    from scenetok.training import method_config
-
     node = method_config(method)
     for part in key.split("."):
         node = node[part]
@@ -298,7 +299,6 @@ def _option_default(method, key: str):
 def method_variants(name: str, ablations: bool = True) -> list[Variant]:
     """The paper recipe of ``name`` and (``ablations``) one variant per switch and per non-default
     value of each valued option."""
-    from scenetok.methods import get_method
 
     m = get_method(name)
     out = [Variant(name)]
@@ -317,7 +317,6 @@ def method_variants(name: str, ablations: bool = True) -> list[Variant]:
 def parse_variant(text: str) -> list[Variant]:
     """``method`` (recipe + every ablation), ``method:base`` (recipe only), ``method:no-attn-loss``,
     ``method:guidance=soft``, ``method:adapter=lora``, ``method:some.key=value``."""
-    from scenetok.methods import available_methods, get_method
 
     name, _, flag = text.strip().partition(":")
     name, flag = name.strip(), flag.strip()
@@ -347,15 +346,12 @@ def parse_variant(text: str) -> list[Variant]:
 
 
 def _top_level_keys(method) -> set[str]:
-    from scenetok.training import method_config
-
     return set(method_config(method))
 
 
 def expand_variants(methods=None, ablations: bool = True) -> list[Variant]:
     """Variants of the named methods / variant specs (default: every registered method), without
     duplicates, in the order given."""
-    from scenetok.methods import available_methods
 
     specs = [m for m in (methods or available_methods()) if str(m).strip()]
     out: list[Variant] = []
@@ -402,8 +398,6 @@ TOY_SETTINGS: dict[str, tuple[str, ...]] = {
 def auto_toy_overrides(method) -> tuple[str, ...]:
     """For a method without a :data:`TOY_SETTINGS` entry: scale its phases' steps to :data:`TOY_STEPS`
     in all (keeping their ratio), multiply their learning rates by :data:`TOY_LR_FACTOR`, batch 1."""
-    from scenetok import config as cfglib
-    from scenetok.training import method_config
 
     cfg = method_config(method)
     flat = cfglib.flatten(cfg)
@@ -426,8 +420,6 @@ def auto_toy_overrides(method) -> tuple[str, ...]:
 def scaled_steps(method, overrides, total: int) -> tuple[str, ...]:
     """Overrides that rescale the phase steps of ``method`` (after ``overrides``) to ``total`` in all,
     keeping their ratio (each phase that has steps keeps at least 1)."""
-    from scenetok import config as cfglib
-    from scenetok.training import method_config
 
     if total < 1:
         raise ConfigError(f"train steps must be at least 1, got {total}")
@@ -455,7 +447,6 @@ def toy_overrides(variant: Variant, extra=(), train_steps: int | None = None) ->
     """Every ``--set`` override of ``variant`` on toy-sd: shared, per-method (or automatic), the steps
     rescaled to ``train_steps`` in all (when given), the variant's ablation, then the items of ``extra``
     that apply to this method (``key=value`` for all, ``method:key=value`` for one)."""
-    from scenetok.methods import get_method
 
     method = get_method(variant.method)
     per_method = TOY_SETTINGS.get(variant.method)

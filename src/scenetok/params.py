@@ -21,12 +21,13 @@ from typing import Iterator
 
 import torch
 
+from scenetok.attention import _base_model
+
 PARTIAL_GROUPS = {"unet_kv": ("to_k", "to_v"), "unet_q": ("to_q",)}
 
 
 def cross_attention_modules(unet) -> dict[str, torch.nn.Module]:
     """Module name → cross-attention module (``attn2`` in SD), in model order."""
-    from scenetok.attention import _base_model
 
     base = _base_model(unet)
     return {name: m for name, m in base.named_modules()
@@ -52,7 +53,6 @@ def partial_state(unet, groups) -> dict[str, torch.Tensor]:
 
 def load_partial_state(unet, state: dict[str, torch.Tensor]) -> None:
     """Copy ``state`` (from :func:`partial_state`) into ``unet``; every key must exist with its shape."""
-    from scenetok.attention import _base_model
 
     params = dict(_base_model(unet).named_parameters())
     missing = [k for k in state if k not in params]

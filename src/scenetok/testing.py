@@ -1,4 +1,6 @@
-"""Tiny, randomly initialised Stable Diffusion pipelines for tests and benchmarks.
+"""Test helpers: tiny, randomly initialised models for tests and benchmarks.
+
+Shipped code never imports this module (an import contract in ``pyproject.toml`` checks it).
 
 Nothing here downloads anything. :func:`build_tiny_sd` writes a standard diffusers folder (VAE, UNet
 with cross-attention at several resolutions, CLIP text model, a CLIP tokenizer built from local
@@ -8,75 +10,10 @@ exactly like a real Stable Diffusion checkpoint, so every code path is exercised
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SPECIAL_BOS = "<|startoftext|>"
-SPECIAL_EOS = "<|endoftext|>"
-
-
-def _byte_alphabet() -> list[str]:
-    """The 256 printable stand-ins GPT-2/CLIP byte-level BPE uses for raw bytes, in byte order."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    table = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return [table[b] for b in range(256)]
-
-
-def _merge_path(word: str) -> list[tuple[str, str]]:
-    """Left-to-right merges that build ``word`` (as a final ``</w>`` piece) from single characters."""
-    merges = []
-    pieces = list(word[:-1]) + [word[-1] + "</w>"]
-    while len(pieces) > 1:
-        a, b = pieces[0], pieces[1]
-        merges.append((a, b))
-        pieces = [a + b] + pieces[2:]
-    return merges
-
-
-def write_clip_tokenizer(path: str | Path, words: list[str] | tuple[str, ...] = (), model_max_length: int = 77) -> Path:
-    """Write a CLIP BPE tokenizer folder that covers every byte (no input becomes UNK).
-
-    ``words`` become single tokens (so "cat" is one piece, like in the real CLIP vocabulary); any other
-    text falls back to byte-level pieces.
-    """
-    from transformers import CLIPTokenizer
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    alphabet = _byte_alphabet()
-    vocab: dict[str, int] = {}
-    for ch in alphabet:
-        vocab[ch] = len(vocab)
-    for ch in alphabet:
-        vocab[ch + "</w>"] = len(vocab)
-    merges: list[tuple[str, str]] = []
-    seen = set()
-    for word in words:
-        word = word.lower()
-        if len(word) < 2:
-            continue
-        for a, b in _merge_path(word):
-            if (a, b) in seen:
-                continue
-            seen.add((a, b))
-            merges.append((a, b))
-            if a + b not in vocab:
-                vocab[a + b] = len(vocab)
-    vocab[SPECIAL_BOS] = len(vocab)
-    vocab[SPECIAL_EOS] = len(vocab)
-    (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (path / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    tok = CLIPTokenizer.from_pretrained(str(path), model_max_length=model_max_length)
-    tok.save_pretrained(str(path))
-    return path
-
+from scenetok.tokens import write_clip_tokenizer
 
 DEFAULT_WORDS = (
     "a", "photo", "of", "and", "the", "in", "on", "with", "snow", "beach", "cat", "dog", "bowl",

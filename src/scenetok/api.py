@@ -1,0 +1,175 @@
+"""The library's front door: everything the command line does, as plain calls.
+
+The CLI, the web app and the benchmarks call these functions; each parses nothing and prints nothing
+(messages go to an optional ``log`` callable). The settings of a run are merged here, once, in a fixed
+order: the method's paper defaults and the shared training defaults ← a config file ← ablation switches
+← ``overrides`` (``--set``) ← the precision and adapter shortcuts.
+
+>>> from scenetok import api
+>>> bundle = api.extract("my-scene/", "out/", method="break-a-scene", overrides=["phase1.steps=50"])
+>>> images = api.generate("out/", "a photo of <asset0> in the snow", n=4, out_dir="images/")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from scenetok import config as cfglib
+from scenetok.bundle import Bundle, check_output_dir, read_bundle
+from scenetok.errors import ScenetokError
+from scenetok.generation import check_prompt, load_pipeline
+from scenetok.generation import generate as _generate
+from scenetok.masks import DEFAULT_DETECTOR, DEFAULT_SAM, auto_mask_scene
+from scenetok.masks import make_masks as _make_masks
+from scenetok.methods import Method, get_method
+from scenetok.methods.switches import method_options, method_switches, switch_overrides
+from scenetok.model import load_model
+from scenetok.scene import Scene, load_scene
+from scenetok.training import method_config, train
+from scenetok.training.settings import setting_helps
+
+__all__ = ["adapter_overrides", "default_model", "extract", "generate", "load_scenes", "make_masks", "method_options", "method_settings",
+           "method_switches", "read_bundle", "run_settings", "switch_overrides"]
+
+
+def default_model() -> str | None:
+    """The shipped toy model, if this installation has it."""
+    path = Path(__file__).parent / "assets" / "toy-sd"
+    return str(path) if (path / "model_index.json").is_file() else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# settings of a run: merged once, here
+
+
+def run_settings(method: str | Method, *, config: str | Path | dict | None = None, overrides: Sequence[str] = (),
+                 switches: Sequence[str] = (), options: dict[str, str] | None = None,
+                 mixed_precision: str | None = None, adapter: str | None = None, rank: int | None = None) -> dict:
+    """The full, checked hyperparameters of a run of ``method``.
+
+    Order (later wins): paper + training defaults ← ``config`` (a YAML/JSON file or a dict) ← ablation
+    ``switches`` / ``options`` ← ``overrides`` (``KEY=VALUE``) ← ``mixed_precision`` ← ``adapter`` / ``rank``.
+    """
+    method = get_method(method) if isinstance(method, str) else method
+    merged = switch_overrides(method.name, switches, options) + list(overrides)
+    if mixed_precision:
+        merged.append(f"mixed_precision={mixed_precision}")
+    merged += adapter_overrides(adapter, rank)
+    file_cfg = cfglib.load_config_file(config) if isinstance(config, (str, Path)) else config
+    return method_config(method, file_cfg, merged)
+
+
+def adapter_overrides(adapter: str | None = None, rank: int | None = None) -> list[str]:
+    """``--adapter`` / ``--rank`` as overrides (applied after ``--set``, like ``--mixed-precision``)."""
+    out = []
+    if adapter:
+        out.append(f"adapter.type={adapter}")
+    if rank is not None:
+        if rank < 1:
+            raise ScenetokError(f"--rank must be a positive integer, got {rank}")
+        out.append(f"adapter.rank={rank}")
+    return out
+
+
+def method_settings(method: str | Method) -> list[tuple[str, Any, str]]:
+    """Every setting of a run of ``method``: ``(dotted key, default, help)``, shared settings first."""
+    method = get_method(method) if isinstance(method, str) else method
+    helps = setting_helps(method)
+    return [(k, v, helps.get(k, "")) for k, v in cfglib.flatten(method_config(method)).items()]
+
+
+def _split_concepts(text: str, n_scenes: int) -> list[list[str]]:
+    groups = text.split(";")
+    if len(groups) != n_scenes:
+        raise ScenetokError(f"--concepts names {len(groups)} group(s) for {n_scenes} scene folder(s)",
+                            hint='separate the concepts of each scene with ";", e.g. --concepts "dog; background"')
+    return [[w.strip() for w in g.split(",") if w.strip()] for g in groups]
+
+
+# ----------------------------------------------------------------------------------------------------
+# the calls
+
+
+def extract(scene: str | Path | Sequence[str | Path], output: str | Path, *, method: str | Method = "break-a-scene",
+            model: str | None = None, config: str | Path | dict | None = None, overrides: Sequence[str] = (),
+            switches: Sequence[str] = (), options: dict[str, str] | None = None, mixed_precision: str | None = None,
+            adapter: str | None = None, rank: int | None = None, concepts: str | None = None,
+            background: bool | None = None, policy: str = "crop", auto_masks: str | None = None,
+            sam_model: str = DEFAULT_SAM, detector_model: str = DEFAULT_DETECTOR, resume: bool = False,
+            overwrite: bool = False, device: str | None = None, progress: bool = True,
+            log: Callable[[str], None] | None = None) -> Bundle:
+    """Learn one handle per concept of ``scene`` (a scene folder, several folders, or one image with
+    ``auto_masks``) and write a bundle to ``output``; returns the :class:`~scenetok.bundle.Bundle`.
+
+    ``concepts``: name the concepts by words instead of masks (``"cat, dog"``; several scenes separated
+    by ``;``), for mask-free methods. ``auto_masks``: with an image, make one mask per query first
+    (text → GroundingDINO → SAM) into the scene folder ``OUTPUT-scene``. The settings are merged by
+    :func:`run_settings`. ``log`` receives one-line messages (None: silent).
+    """
+    say = log or (lambda _msg: None)
+    method = get_method(method) if isinstance(method, str) else method
+    model = model or default_model()
+    if model is None:
+        raise ScenetokError("no base model given and no shipped toy model in this installation",
+                            hint="give --model (a Hub id or a local diffusers folder)")
+    cfg = run_settings(method, config=config, overrides=overrides, switches=switches, options=options,
+                       mixed_precision=mixed_precision, adapter=adapter, rank=rank)
+    out = Path(output)
+    if not resume:  # before any slow step: masks, model loading
+        check_output_dir(out, overwrite=overwrite)
+    paths = [scene] if isinstance(scene, (str, Path)) else list(scene)
+    if auto_masks is not None or any(Path(p).is_file() for p in paths):
+        if len(paths) != 1:
+            raise ScenetokError("automatic masks (--auto-masks, or an image file instead of a scene folder) work on "
+                                "one image at a time", hint="make each image's masks with `scenetok masks` first")
+        paths = [auto_mask_scene(paths[0], auto_masks, output, resume=resume, overwrite=overwrite, device=device,
+                                 sam_model=sam_model, detector_model=detector_model)]
+        say(f"automatic masks written to {paths[0]} (preview: {Path(paths[0]) / 'preview.png'})")
+    scenes = load_scenes(paths, method, concepts=concepts, background=background, policy=policy)
+    first = 0
+    for folder, sc in zip(paths, scenes):
+        names = ", ".join(f"<asset{first + i}>={c.name}" for i, c in enumerate(sc.concepts))
+        say(f"scene {folder}: {len(sc.concepts)} concepts ({names})")
+        first += len(sc.concepts)
+    return train(scenes if len(scenes) > 1 else scenes[0], out, method=method, model=load_model(model), cfg=cfg,
+                 resume=resume, overwrite=overwrite, device=device, progress=progress)
+
+
+def load_scenes(paths: Sequence[str | Path], method: Method, *, concepts: str | None = None,
+                background: bool | None = None, policy: str = "crop") -> list[Scene]:
+    """The scenes of ``paths`` as ``method`` needs them (masks, or concepts named by ``concepts``)."""
+    words = _split_concepts(concepts, len(paths)) if concepts else None
+    scenes = []
+    for i, folder in enumerate(paths):
+        sc = load_scene(folder, background=background, policy=policy,
+                        require_masks=method.needs_masks and words is None)
+        if words is not None:
+            if sc.concepts and method.needs_masks:
+                raise ScenetokError(f"--concepts and the masks of {folder} both name concepts",
+                                    hint="give masks or --concepts, not both")
+            sc = sc.with_named_concepts(words[i]) if words[i] else sc
+        scenes.append(sc)
+    return scenes
+
+
+def make_masks(image, output: str | Path, **options):
+    """One mask per object of ``image``, written as a scene folder ``output`` that :func:`extract` reads;
+    ``options`` are those of :func:`scenetok.masks.make_masks` (text, boxes, points, files, names, …)."""
+    return _make_masks(image, output, **options)
+
+
+def generate(bundle: str | Path | Bundle, prompt: str, *, n: int = 4, seed: int = 0, steps: int = 50,
+             guidance: float = 7.5, negative_prompt: str | None = None, size: int | None = None,
+             batch_size: int = 4, attention: bool = False, base_model: str | None = None,
+             device: str | None = None, out_dir: str | Path | None = None, progress: bool = True):
+    """Images of ``prompt`` (which names the bundle's handles) from the bundle's base model + handles;
+    written to ``out_dir`` when given. Returns the list of :class:`scenetok.generation.Generated`."""
+    if n < 1:
+        raise ScenetokError("-n must be at least 1")
+    b = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
+    check_prompt(prompt, b)
+    pipe, b = load_pipeline(b, base_model=base_model, device=device)
+    return _generate((pipe, b), prompt, n=n, seed=seed, steps=steps, guidance=guidance,
+                     negative_prompt=negative_prompt, height=size, width=size, batch_size=batch_size,
+                     attention=attention, out_dir=out_dir, progress=progress)

@@ -1,0 +1,238 @@
+"""Reading a bundle back (:func:`read_bundle`, :class:`Bundle`) and the output-folder checks."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scenetok import __version__
+from scenetok.bundle.content import (
+    INPUT_IMAGE,
+    MANIFEST,
+    MANIFEST_VERSION,
+    WEIGHTS_DIR,
+    HandleInfo,
+)
+from scenetok.errors import BundleError
+
+
+@dataclass
+class Bundle:
+    """A bundle folder read back by :func:`read_bundle` (or just written by :func:`write_bundle`)."""
+
+    path: Path
+    manifest: dict
+    handles: list[HandleInfo] = field(default_factory=list)
+
+    @property
+    def method(self) -> str:
+        return self.manifest["method"]
+
+    @property
+    def base_model(self) -> str:
+        return self.manifest["base_model"]
+
+    @property
+    def config(self) -> dict:
+        return self.manifest.get("hyperparameters", {})
+
+    @property
+    def resolution(self) -> int:
+        return int(self.manifest["resolution"])
+
+    @property
+    def tokens(self) -> list[str]:
+        return [h.token for h in self.handles]
+
+    def embedding_file(self, token: str, form: str = "diffusers") -> Path:
+        """The textual-inversion file of ``token``: ``form`` is ``"diffusers"`` or ``"a1111"``."""
+        for entry in self.manifest["handles"]:
+            if entry["token"] == token:
+                return self.path / entry["file" if form == "diffusers" else "a1111_file"]
+        raise KeyError(token)
+
+    def embeddings(self) -> dict[str, torch.Tensor]:
+        """token → ``(D,)`` float tensor, read from the diffusers-form textual-inversion files."""
+        from safetensors.torch import load_file
+
+        out = {}
+        for h in self.handles:
+            f = self.embedding_file(h.token)
+            state = load_file(str(f))
+            if h.token not in state:
+                raise BundleError(f"{f} does not hold the embedding of {h.token} (keys: {sorted(state)})",
+                                  hint="the bundle is damaged; extract it again")
+            out[h.token] = state[h.token].reshape(-1)
+        return out
+
+    def component_dirs(self) -> dict[str, Path]:
+        """Folders of the components the method changed, e.g. ``{"unet": path/"weights/unet"}``."""
+        return {name: self.path / WEIGHTS_DIR / name for name in self.manifest.get("components", [])}
+
+    def partial_weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Component → the few tensors a method trained (e.g. the UNet's cross-attention K/V)."""
+        from safetensors.torch import load_file
+
+        return {name: load_file(str(self.path / e["file"]))
+                for name, e in (self.manifest.get("partial_components") or {}).items()}
+
+    def lora(self) -> dict | None:
+        """The manifest's LoRA entry (``file``, ``kohya_file``, ``rank``, ``alpha``, ``components``) with
+        absolute paths, or None when the method trained no adapters."""
+        entry = self.manifest.get("lora")
+        if not entry:
+            return None
+        return {**entry, **{k: self.path / entry[k] for k in ("dir", "file", "kohya_file")}}
+
+    def masks(self) -> tuple[np.ndarray, list[str]] | None:
+        """The masks used for training as ``(N, H, W)`` float in [0, 1] and their names, or None."""
+        entries = self.manifest.get("masks") or []
+        if not entries:
+            return None
+        from PIL import Image
+
+        arrays = [np.asarray(Image.open(self.path / e["file"]).convert("L"), dtype=np.float32) / 255.0
+                  for e in entries]
+        return np.stack(arrays), [e["name"] for e in entries]
+
+    def mask_scenes(self) -> list[int]:
+        """For each mask, the index of the input image (scene) it belongs to."""
+        return [int(e.get("scene", 0)) for e in self.manifest.get("masks") or []]
+
+    def input_images(self) -> list:
+        """Every input image (one per scene of the run) as PIL images; empty when the bundle has none."""
+        from PIL import Image
+
+        out = []
+        for rel in self.manifest.get("inputs") or ([INPUT_IMAGE] if (self.path / INPUT_IMAGE).is_file() else []):
+            with Image.open(self.path / rel) as im:
+                out.append(im.convert("RGB"))
+        return out
+
+    def input_image(self):
+        """The input image as a PIL image, or None when the bundle has none."""
+        f = self.path / INPUT_IMAGE
+        if not f.is_file():
+            return None
+        from PIL import Image
+
+        with Image.open(f) as im:
+            return im.convert("RGB")
+
+
+# ----------------------------------------------------------------------------------------------------
+# output folder checks
+
+
+def is_bundle(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a folder holding a scenetok manifest."""
+    f = Path(path) / MANIFEST
+    if not f.is_file():
+        return False
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "manifest_version" in data
+
+
+def check_output_dir(path: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse to write into an existing, non-empty folder unless ``overwrite`` is given.
+
+    A missing or empty folder is fine. An existing bundle, or any other non-empty folder, needs
+    ``overwrite`` (``--overwrite``); a file at ``path`` is always refused. (Resuming a run is the
+    trainer's business and does not come through here.)
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise BundleError(f"output {path} exists and is a file, not a folder", hint="choose another -o folder")
+    if not path.exists() or not any(path.iterdir()) or overwrite:
+        return
+    if is_bundle(path):
+        raise BundleError(
+            f"output folder {path} already holds a bundle",
+            hint="pass --overwrite to replace it, --resume to continue an interrupted run, or choose another -o",
+        )
+    raise BundleError(
+        f"output folder {path} is not empty and is not a scenetok bundle; refusing to write into it",
+        hint="choose a new or empty -o folder, or pass --overwrite",
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# read
+
+
+def read_bundle(path: str | os.PathLike) -> Bundle:
+    """Read and validate the bundle at ``path``; raise :class:`BundleError` saying what is wrong."""
+    if isinstance(path, Bundle):
+        return path
+    path = Path(path)
+    if not path.exists():
+        raise BundleError(f"bundle folder {path} does not exist",
+                          hint="pass the folder written by `scenetok extract -o FOLDER`")
+    if not path.is_dir():
+        raise BundleError(f"{path} is a file, not a bundle folder",
+                          hint="pass the folder written by `scenetok extract -o FOLDER`")
+    mfile = path / MANIFEST
+    if not mfile.is_file():
+        hint = "pass the folder written by `scenetok extract -o FOLDER`"
+        if (path / "run_config.json").is_file():
+            hint = "training in this folder did not finish; continue it with `scenetok extract ... --resume`"
+        raise BundleError(f"{path} is not a scenetok bundle: {MANIFEST} is missing", hint=hint)
+    try:
+        manifest = json.loads(mfile.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise BundleError(f"{mfile} is not valid JSON ({e})", hint="the bundle is damaged; extract it again") from None
+    if not isinstance(manifest, dict) or "manifest_version" not in manifest:
+        raise BundleError(f"{mfile} is not a scenetok manifest (no manifest_version)")
+    version = manifest["manifest_version"]
+    if not isinstance(version, int) or version < 1:
+        raise BundleError(f"{mfile}: manifest_version {version!r} is not valid")
+    if version > MANIFEST_VERSION:
+
+        raise BundleError(
+            f"bundle {path} was made by a newer scenetok ({manifest.get('scenetok_version', '?')}, manifest "
+            f"version {version}); this scenetok {__version__} reads manifest version {MANIFEST_VERSION} and older",
+            hint="upgrade scenetok: pip install -U scenetok",
+        )
+    for key in ("method", "base_model", "resolution", "handles"):
+        if key not in manifest:
+            raise BundleError(f"{mfile} lacks the field {key!r}", hint="the bundle is damaged; extract it again")
+    handles = []
+    for entry in manifest["handles"]:
+        try:
+            handles.append(HandleInfo(token=entry["token"], name=entry["name"], class_word=entry["class_word"],
+                                      init_word=entry["init_word"], is_background=bool(entry.get("is_background"))))
+        except (KeyError, TypeError) as e:
+            raise BundleError(f"{mfile}: a handle entry lacks {e}", hint="the bundle is damaged") from None
+        for key in ("file", "a1111_file"):
+            rel = entry.get(key)
+            if key == "file" and not rel:
+                raise BundleError(f"{mfile}: handle {entry['token']} names no embedding file")
+            if rel and not (path / rel).is_file():
+                raise BundleError(f"bundle {path}: the embedding file {rel} of {entry['token']} is missing",
+                                  hint="the bundle is incomplete; copy the whole folder or extract it again")
+    for name in manifest.get("components", []):
+        d = path / WEIGHTS_DIR / name
+        if not (d / "config.json").is_file():
+            raise BundleError(f"bundle {path}: the weights of the changed component {name!r} ({d}) are missing",
+                              hint="the bundle is incomplete; copy the whole folder or extract it again")
+    for name, entry in (manifest.get("partial_components") or {}).items():
+        if not (path / entry.get("file", "")).is_file():
+            raise BundleError(f"bundle {path}: the partial weights of {name!r} ({entry.get('file')}) are missing",
+                              hint="the bundle is incomplete; copy the whole folder or extract it again")
+    lora = manifest.get("lora")
+    if lora:
+        for key in ("file", "kohya_file"):
+            if not (path / lora.get(key, "")).is_file():
+                raise BundleError(f"bundle {path}: the LoRA file {lora.get(key)} is missing",
+                                  hint="the bundle is incomplete; copy the whole folder or extract it again")
+    return Bundle(path=path, manifest=manifest, handles=handles)
+
+

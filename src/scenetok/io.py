@@ -1,0 +1,119 @@
+"""Core file helpers: atomic writes, PNG encoding, hashing. One copy of each for the whole package.
+
+Every file scenetok writes goes through :func:`atomic_write_bytes` (a temporary file in the same folder, then
+``os.replace``), so a killed process never leaves a half-written file. This module imports nothing of
+scenetok's own (it is the bottom layer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically: a temporary file in the same folder, then ``os.replace``.
+
+    Readers see either the old file or the complete new one, never a partial write; on any error the
+    temporary file is removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+    # created like an ordinary file (mode 0666 less the umask; mkstemp would make it 0600), never over one
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """:func:`atomic_write_bytes` for text."""
+    return atomic_write_bytes(path, text.encode(encoding))
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                            metadata: dict[str, str] | None = None) -> Path:
+    """Save ``tensors`` as a safetensors file, atomically (tensors are moved to CPU and made contiguous)."""
+    from safetensors.torch import save
+
+    clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return atomic_write_bytes(path, save(clean, metadata=metadata))
+
+
+def atomic_save_dir(path: str | os.PathLike, fill: Callable[[Path], Any]) -> Path:
+    """Create the folder ``path`` atomically: ``fill(tmp)`` writes into a sibling temporary folder,
+    which then replaces ``path`` (an existing ``path`` is moved aside first and deleted afterwards)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+    trash = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.old"
+    try:
+        tmp.mkdir()
+        fill(tmp)
+        if path.exists():
+            os.replace(path, trash)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if trash.exists() and not path.exists():
+            os.replace(trash, path)  # put the old folder back
+        raise
+    shutil.rmtree(trash, ignore_errors=True)
+    return path
+
+
+def atomic_write_png(path: str | os.PathLike, image) -> Path:
+    """:func:`atomic_write_bytes` of :func:`png_bytes` ``(image)``."""
+    return atomic_write_bytes(path, png_bytes(image))
+
+
+def png_bytes(image) -> bytes:
+    """PNG encoding of a PIL image, a ``uint8`` array (H, W[, C]) or a matplotlib figure."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    if hasattr(image, "savefig"):  # a matplotlib Figure
+        image.savefig(buf, format="png")
+        return buf.getvalue()
+    im = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex SHA-256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_text(text: str, length: int | None = None) -> str:
+    """Hex SHA-256 of ``text`` (UTF-8), cut to ``length`` characters when given (a cache key)."""
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    return digest[:length] if length else digest
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's content, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,245 @@
+"""The base model: the only module that knows a model family.
+
+Everything else asks a :class:`Model` to do the family-specific jobs:
+
+- load the parts (:func:`load_model`, with the real ``from_pretrained`` loaders);
+- tokenise a prompt (:meth:`Model.token_ids`) and encode it (:meth:`Model.encode_prompt`);
+- images ↔ latents: the VAE's distribution of an image (:meth:`Model.encode_images`), and the shift/scale
+  between VAE latents and the UNet's latents (:meth:`Model.scale_latents` / :meth:`Model.unscale_latents`);
+- the denoiser call with the family's extra conditioning (:meth:`Model.predict`).
+
+A family is a small :class:`Family` subclass registered in :data:`FAMILIES`; Stable Diffusion 1.x/2.x is
+:class:`StableDiffusion`. SDXL would be one more subclass (two tokenizers and text encoders, pooled text
+embeddings and ``added_cond_kwargs`` as extra conditioning) without a change anywhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from scenetok.errors import ConfigError
+
+
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` when given, else CUDA when available, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def token_ids(tokenizer, prompts: str | list[str], tensors: bool = True):
+    """Token ids of ``prompts``, padded and cut to the tokenizer's length: a ``(B, L)`` tensor, or lists of
+    ints with ``tensors=False``."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    out = tokenizer(prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                    return_tensors="pt" if tensors else None)
+    return out.input_ids
+
+
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """``uint8 (H, W, 3)`` → ``float (1, 3, H, W)`` in ``[-1, 1]``, the VAE's input."""
+    return torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float().div(127.5).sub(1.0)[None]
+
+
+class Family:
+    """What one model family does differently. Subclasses register in :data:`FAMILIES`."""
+
+    name: ClassVar[str] = ""
+
+    @classmethod
+    def matches(cls, model_id: str) -> bool:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls, model_id: str) -> "Model":  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    @staticmethod
+    def encode_prompt(model: "Model", ids: torch.Tensor) -> torch.Tensor:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    @staticmethod
+    def extra_conditioning(model: "Model", batch_size: int) -> dict[str, Any]:
+        """Keyword arguments the denoiser needs beyond latents, timesteps and text (none for SD 1/2)."""
+        return {}
+
+    @classmethod
+    def load_pipeline(cls, model_id: str, **components) -> Any:  # pragma: no cover - overridden
+        """The family's diffusers text-to-image pipeline from ``model_id``, with ``components`` replacing the
+        base ones; no safety checker."""
+        raise NotImplementedError
+
+    @staticmethod
+    def pipeline(model: "Model", scheduler) -> Any:  # pragma: no cover - overridden
+        """A diffusers text-to-image pipeline over the model's parts, sampling with ``scheduler``."""
+        raise NotImplementedError
+
+
+class StableDiffusion(Family):
+    """Stable Diffusion 1.x / 2.x (and the toy model): one CLIP tokenizer + text encoder, a VAE, a UNet."""
+
+    name = "sd"
+
+    @classmethod
+    def matches(cls, model_id: str) -> bool:
+        return True  # the default family
+
+    @classmethod
+    def load(cls, model_id: str) -> "Model":
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        try:
+            return Model(
+                model_id=str(model_id),
+                tokenizer=CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer"),
+                text_encoder=CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder"),
+                vae=AutoencoderKL.from_pretrained(model_id, subfolder="vae"),
+                unet=UNet2DConditionModel.from_pretrained(model_id, subfolder="unet"),
+                scheduler=DDPMScheduler.from_pretrained(model_id, subfolder="scheduler"),
+                family=cls,
+            )
+        except (OSError, ValueError, EnvironmentError) as exc:
+            raise ConfigError(
+                f"cannot load the base model {model_id!r}: {str(exc).splitlines()[0]}",
+                hint="give a local diffusers folder or a Hub id such as stabilityai/stable-diffusion-2-1-base "
+                "(Hub ids need the network or a filled HF cache)",
+            ) from None
+
+    @staticmethod
+    def encode_prompt(model: "Model", ids: torch.Tensor) -> torch.Tensor:
+        return model.text_encoder(ids)[0]
+
+    @classmethod
+    def load_pipeline(cls, model_id: str, **components) -> Any:
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline.from_pretrained(
+            model_id, safety_checker=None, feature_extractor=None, requires_safety_checker=False, **components
+        )
+
+    @staticmethod
+    def pipeline(model: "Model", scheduler) -> Any:
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline(
+            vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
+            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+
+
+FAMILIES: dict[str, type[Family]] = {StableDiffusion.name: StableDiffusion}
+
+
+@dataclass
+class Model:
+    """The base model's parts, as loaded by the real ``from_pretrained`` loaders."""
+
+    model_id: str
+    tokenizer: Any
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    scheduler: Any
+    family: type[Family] = field(default=StableDiffusion)
+
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_resolution(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_factor
+
+    # --- text ---------------------------------------------------------------------------------------
+
+    def token_ids(self, prompts: str | list[str]) -> torch.Tensor:
+        """``(B, L)`` token ids of ``prompts`` (padded to the text encoder's length)."""
+        return token_ids(self.tokenizer, prompts)
+
+    def encode_prompt(self, prompts_or_ids) -> torch.Tensor:
+        """Text embeddings ``(B, L, D)`` of prompts (str / list of str) or of token ids ``(B, L)``; the ids
+        are moved to the text encoder's device."""
+        ids = prompts_or_ids
+        if isinstance(ids, (str, list, tuple)):
+            ids = self.token_ids(list(ids) if not isinstance(ids, str) else ids)
+        return self.family.encode_prompt(self, ids.to(self.text_encoder.device))
+
+    # --- latents ------------------------------------------------------------------------------------
+
+    @property
+    def latent_shift(self) -> float:
+        return float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+
+    @property
+    def latent_scale(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE latents → the denoiser's latents (``(z - shift) * scale``)."""
+        return (latents - self.latent_shift) * self.latent_scale
+
+    def unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The denoiser's latents → VAE latents (the inverse of :meth:`scale_latents`)."""
+        return latents / self.latent_scale + self.latent_shift
+
+    def encode_images(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """VAE posterior ``(mean, std)`` (fp32, unscaled) of images ``x`` in ``[-1, 1]``, ``(B, 3, H, W)``."""
+        dist = self.vae.encode(x.to(self.vae.device, self.vae.dtype)).latent_dist
+        return dist.mean.float(), dist.std.float()
+
+    # --- the denoiser -------------------------------------------------------------------------------
+
+    def extra_conditioning(self, batch_size: int) -> dict[str, Any]:
+        return self.family.extra_conditioning(self, batch_size)
+
+    def pipeline(self, scheduler: str = "ddim") -> Any:
+        """A text-to-image pipeline sharing the model's parts (``scheduler``: ``"ddim"``)."""
+        from diffusers import DDIMScheduler
+
+        if scheduler != "ddim":
+            raise ConfigError(f"unknown sampler {scheduler!r}", hint="ddim")
+        return self.family.pipeline(self, DDIMScheduler.from_config(self.scheduler.config))
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """The denoiser's prediction for ``noisy`` latents at ``timesteps`` given text embeddings."""
+        extra = self.extra_conditioning(noisy.shape[0])
+        return self.unet(noisy, timesteps, text, **extra).sample
+
+
+def family_of(model_id: str | Path, family: str | None = None) -> type[Family]:
+    """The family of ``model_id`` (``family``: a :data:`FAMILIES` key; None: the first that recognises it)."""
+    if family is not None:
+        if family not in FAMILIES:
+            raise ConfigError(f"unknown model family {family!r}", hint=f"one of: {', '.join(FAMILIES)}")
+        return FAMILIES[family]
+    for fam in FAMILIES.values():
+        if fam.matches(str(model_id)):
+            return fam
+    raise ConfigError(f"no model family recognises {model_id!r}")  # pragma: no cover - sd matches everything
+
+
+def load_model(model_id: str | Path, family: str | None = None) -> Model:
+    """Load a base model with its family's ``from_pretrained`` loaders (``family``: a :data:`FAMILIES` key;
+    None: the first family that recognises ``model_id``)."""
+    return family_of(model_id, family).load(str(model_id))
+
+
+def as_model(obj) -> Model:
+    """A :class:`Model` for ``obj``: a Model, a path / Hub id (loaded), or anything with the parts as
+    attributes (a diffusers ``StableDiffusionPipeline``); the parts are shared, not copied."""
+    if isinstance(obj, Model):
+        return obj
+    if isinstance(obj, (str, Path)):
+        return load_model(obj)
+    missing = [a for a in ("tokenizer", "text_encoder", "vae", "unet", "scheduler") if getattr(obj, a, None) is None]
+    if missing:
+        raise TypeError(f"expected a Stable Diffusion pipeline or model parts, missing {missing}")
+    name = getattr(getattr(obj, "config", None), "_name_or_path", None) or getattr(obj, "model_id", "")
+    return Model(model_id=str(name), tokenizer=obj.tokenizer, text_encoder=obj.text_encoder, vae=obj.vae,
+                 unet=obj.unet, scheduler=obj.scheduler)

@@ -1,0 +1,98 @@
+"""Training settings: the defaults every method shares, merged with a method's paper defaults, a config
+file and ``--set`` overrides, then checked."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from scenetok import config as cfglib
+from scenetok.config import group, setting
+from scenetok import lora as loralib
+from scenetok.errors import ConfigError
+from scenetok.methods import Method
+
+@dataclass
+class OptimSettings:
+    beta1: float = setting(0.9, "AdamW beta1")
+    beta2: float = setting(0.999, "AdamW beta2")
+    weight_decay: float = setting(1e-2, "AdamW weight decay")
+    eps: float = setting(1e-8, "AdamW epsilon")
+    grad_clip: float = setting(1.0, "clip the gradient norm to this (0: no clipping)")
+    use_8bit: bool = setting(False, "8-bit AdamW (needs bitsandbytes)")
+    fused: bool = setting(True, "PyTorch's fused AdamW kernel where it applies (false: the multi-tensor path)")
+
+
+@dataclass
+class CollageSettings:
+    num_images: int = setting(100, "size of the collage collection (the ti-m / db-m / cd-m baselines)")
+
+
+@dataclass
+class PriorSettings:
+    enabled: bool = setting(False, "prior preservation: also train on images of the class words")
+    weight: float = setting(1.0, "weight of the prior-preservation loss")
+    num_images: int = setting(100, "prior images per prompt, generated once by the base model (cached)")
+    prompt: str = setting("", "prompt of the prior images ('': from the class words, see mode)")
+    mode: str = setting("joint", "joint: one prompt naming every class; per_class: one prompt per class")
+    images_dir: str = setting("", "a folder of prior images to use instead of generating them")
+    batch_size: int = setting(1, "prior rows per training batch")
+    steps: int = setting(25, "DDIM steps per generated prior image")
+    guidance: float = setting(7.5, "guidance scale of the generated prior images")
+    cache_dir: str = setting("", "cache of generated prior images ('': ~/.cache/scenetok/prior)")
+
+
+@dataclass
+class TrainSettings:
+    """The training settings every method shares (a method may set its own values, see
+    :meth:`scenetok.methods.Method.training_defaults`)."""
+
+    seed: int = setting(0, "seed of every random choice of the run")
+    resolution: int = setting(0, "training resolution in pixels (0: the model's native resolution)")
+    batch_size: int = setting(1, "scene rows per step")
+    grad_accum: int = setting(1, "batches accumulated per optimizer step")
+    mixed_precision: str = setting("no", "autocast precision: no, fp16 or bf16")
+    flip_p: float = setting(0.5, "probability of training on the mirror image")
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass (less memory)")
+    optim: OptimSettings = group(OptimSettings)
+    checkpoint_every: int = setting(100, "steps between resumable checkpoints (0: none)")
+    preview_every: int = setting(100, "steps between attention previews (0: none)")
+    detach_start_token_kv: bool = setting(False, "no gradient through the start token's K/V (Custom Diffusion)")
+    collage: CollageSettings = group(CollageSettings)
+    prior: PriorSettings = group(PriorSettings)
+    # LoRA instead of full/partial weights for the phases that train unet, text_encoder, unet_kv, unet_q
+    adapter: loralib.AdapterSettings = group(loralib.AdapterSettings)
+
+
+TRAIN_DEFAULTS: dict = cfglib.to_dict(TrainSettings())
+
+
+def setting_helps(method: Method) -> dict[str, str]:
+    """``{dotted key: help}`` of every setting of a run of ``method`` (shared ones, then the method's)."""
+    return {**cfglib.helps(TrainSettings), **method.setting_helps()}
+
+
+def method_config(method: Method, file_cfg: dict | None = None, overrides=()) -> dict:
+    """Paper defaults of ``method`` + shared training defaults, then config file, then ``--set``."""
+    defaults = cfglib.merge(copy.deepcopy(TRAIN_DEFAULTS), method.defaults())
+    cfg = cfglib.resolve(defaults, file_cfg, overrides)
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: dict) -> None:
+    if cfg["batch_size"] < 1 or cfg["grad_accum"] < 1:
+        raise ConfigError("batch_size and grad_accum must be at least 1")
+    if cfg["mixed_precision"] not in ("no", "fp16", "bf16"):
+        raise ConfigError(f"mixed_precision must be no, fp16 or bf16, got {cfg['mixed_precision']!r}")
+    if not 0.0 <= cfg["flip_p"] <= 1.0:
+        raise ConfigError("flip_p must be in [0, 1]")
+    if cfg["prior"]["mode"] not in ("joint", "per_class"):
+        raise ConfigError(f"prior.mode must be joint or per_class, got {cfg['prior']['mode']!r}")
+    if "adapter" in cfg:
+        loralib.validate(cfg["adapter"])
+    for key, value in cfglib.flatten(cfg).items():
+        if key.endswith(".steps") and isinstance(value, int) and value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+        if key.endswith(".lr") and isinstance(value, float) and value <= 0:
+            raise ConfigError(f"{key} must be > 0, got {value}")
