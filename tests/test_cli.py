@@ -109,3 +109,26 @@ def test_bad_input_one_line_error(tiny_sd, tmp_path, capsys, case):
     assert err.startswith("error: ")
     if case == "not_a_bundle":
         assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+
+
+def test_extract_without_model_says_it_uses_the_shipped_toy_model(tmp_path, capsys):
+    from scenetok.toyworld import world
+    from scenetok.toyworld.model import toy_sd_path
+
+    if not (toy_sd_path() / "model_index.json").is_file():
+        pytest.skip("toy-sd not shipped")
+    spec = world.SceneSpec((world.ObjectSpec("circle", "red", "plain", 0.3, 0.3, 0.35),
+                            world.ObjectSpec("square", "blue", "plain", 0.7, 0.7, 0.3)), "gray")
+    img, masks = world.render(spec, size=64)
+    scene = tmp_path / "scene"
+    scene.mkdir()
+    Image.fromarray(img).save(scene / "img.png")
+    for i, m in enumerate(masks):
+        Image.fromarray((m * 255).astype(np.uint8)).save(scene / f"mask{i}.png")
+    assert main(["extract", str(scene), "-o", str(tmp_path / "b"), "--set", "phase1.steps=1", "--set",
+                 "phase2.steps=0", "--set", "preview_every=0", "--set", "checkpoint_every=0"]) == 0
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if "shipped toy model" in ln]
+    assert len(lines) == 1 and "--model" in lines[0]
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert "toy-sd" in json.dumps(manifest)

@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                    '("name:class" sets a class word; several scenes: separate them with ";")')
     p.add_argument("-o", "--output", required=True, help="output bundle folder")
     p.add_argument("--method", default="break-a-scene", help="method name (see `scenetok methods`)")
-    p.add_argument("--model", default=dm, required=dm is None, help=model_help)
+    p.add_argument("--model", default=None, required=dm is None, help=model_help)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a hyperparameter, e.g. --set phase1.steps=50 --set attn.weight=0.02 (repeatable)")
     p.add_argument("--config", help="YAML or JSON file of hyperparameters (applied before --set)")
@@ -309,8 +309,14 @@ def _cmd_extract(args) -> int:
     from scenetok import api
 
     switches, options = _given_switches(args)
+    model = args.model
+    if model is None:
+        model = default_model()
+        if not args.quiet:
+            print(f"no --model given: using the shipped toy model ({model}), which only knows coloured shapes; "
+                  "pass --model for a Stable Diffusion checkpoint")
     bundle = api.extract(
-        args.scene, args.output, method=args.method, model=args.model, config=args.config, overrides=args.overrides,
+        args.scene, args.output, method=args.method, model=model, config=args.config, overrides=args.overrides,
         switches=switches, options=options, mixed_precision=args.mixed_precision, adapter=args.adapter,
         rank=args.rank, concepts=args.concepts, background=args.background, policy=args.policy,
         auto_masks=args.auto_masks, sam_model=args.sam_model, detector_model=args.detector_model, resume=args.resume,
