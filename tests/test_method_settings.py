@@ -11,8 +11,9 @@ from scenetok.training.settings import setting_helps
 
 
 def test_every_method_registered_itself():
-    assert available_methods() == ["break-a-scene", "cd-m", "db-m", "disendiff", "em-masks",
-                                   "textual-localization", "ti-m"]
+    # other tests may have defined (and so registered) methods of their own in this session
+    assert {"break-a-scene", "cd-m", "db-m", "disendiff", "em-masks", "textual-localization",
+            "ti-m"} <= set(available_methods())
 
 
 def test_a_new_subclass_registers_and_a_same_name_spy_does_not_replace_its_parent():
