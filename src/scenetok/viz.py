@@ -201,9 +201,7 @@ def loss_plot(log_rows: list[dict], path: str | os.PathLike, title: str | None =
             ys.append(float(v))
     if not series:
         return None
-    import io
-
-    from scenetok.io import atomic_write_bytes
+    from scenetok.io import atomic_write_bytes, png_bytes
 
     fig = Figure(figsize=(7, 4), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
@@ -220,6 +218,4 @@ def loss_plot(log_rows: list[dict], path: str | os.PathLike, title: str | None =
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return atomic_write_bytes(path, buf.getvalue())
+    return atomic_write_bytes(path, png_bytes(fig))

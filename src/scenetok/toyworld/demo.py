@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import itertools
 import json
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from scenetok.io import png_bytes
 from scenetok.toyworld import world
 
 DEMO_OVERRIDES = [
@@ -43,11 +43,7 @@ def demo_scene_spec(seed: int = 0, n_objects: int = 3) -> world.SceneSpec:
 
 
 def _png_data_uri(image) -> str:
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
 
 
 def demo_prompts(tokens: list[str], scene_background: str, rng: np.random.Generator) -> list[dict]:
