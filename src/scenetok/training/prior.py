@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from scenetok.errors import ConfigError
-from scenetok.io import sha256_text
+from scenetok.io import atomic_write_png, sha256_text
 from scenetok.model import Model, image_to_tensor
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
@@ -75,9 +75,7 @@ def generate_prior_images(
         )
         for j, arr in enumerate(result.images):
             img = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
-            tmp = folder / f".{i + j:05d}.png.tmp"
-            Image.fromarray(img).save(tmp, format="PNG")
-            os.replace(tmp, folder / f"{i + j:05d}.png")
+            atomic_write_png(folder / f"{i + j:05d}.png", img)
             images.append(img)
         i += b
         bar.update(b)
