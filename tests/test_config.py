@@ -72,3 +72,17 @@ def test_config_file_no_for_a_text_setting_stays_text(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("mixed_precision: no\n")
     assert resolve({"mixed_precision": "bf16"}, load_config_file(f))["mixed_precision"] == "no"
+
+
+def test_toy_sd_env_moves_the_default_model_everywhere(tmp_path, monkeypatch):
+    """SCENETOK_TOY_SD names the toy model for extract's default, the api and the toy world alike."""
+    from scenetok import api, cli, config
+    from scenetok.toyworld import model as toymodel
+
+    (tmp_path / "model_index.json").write_text("{}")
+    monkeypatch.setenv("SCENETOK_TOY_SD", str(tmp_path))
+    assert config.default_model() == str(tmp_path.resolve())
+    assert api.default_model() == cli.default_model() == str(tmp_path.resolve())
+    assert toymodel.toy_sd_path() == tmp_path.resolve()
+    monkeypatch.setenv("SCENETOK_TOY_SD", str(tmp_path / "missing"))
+    assert config.default_model() is None

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+REPORTED = ("background", "color", "shape", "texture", "object_ok", "no_extra", "all_ok", "n_images", "n_objects")
 
 def main(argv=None) -> int:
     src = Path(__file__).resolve().parents[2] / "src"
@@ -41,14 +42,12 @@ def main(argv=None) -> int:
     t0 = time.time()
     for g in (float(x) for x in a.guidance.split(",") if x.strip()):
         r = evaluate_toy_sd(pipe=pipe, n=a.n, seed=0, steps=a.steps, guidance=g)
-        res["few"][str(g)] = {k: r[k] for k in ("background", "color", "shape", "texture", "object_ok", "no_extra",
-                                                 "all_ok", "n_images", "n_objects")}
+        res["few"][str(g)] = {k: r[k] for k in REPORTED}
         print(f"1–2 objects, guidance {g}: " + json.dumps(res["few"][str(g)]), flush=True)
     if a.n_many:
         r = evaluate_toy_sd(pipe=pipe, scenes=eval_scenes(a.n_many, seed=0, n_objects=(3, 4)), seed=0,
                             steps=a.steps, guidance=5.0)
-        res["many"] = {k: r[k] for k in ("background", "color", "shape", "texture", "object_ok", "no_extra", "all_ok",
-                                         "n_images", "n_objects")}
+        res["many"] = {k: r[k] for k in REPORTED}
         print("3–4 objects, guidance 5: " + json.dumps(res["many"]), flush=True)
     res["seconds"] = round(time.time() - t0)
     if a.out:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from scenetok import config as cfglib
+from scenetok.config import default_model
 from scenetok.bundle import Bundle, check_output_dir, read_bundle
 from scenetok.errors import ScenetokError
 from scenetok.generation import check_prompt, load_pipeline
@@ -31,12 +32,6 @@ from scenetok.training.settings import setting_helps
 
 __all__ = ["adapter_overrides", "default_model", "extract", "generate", "load_scenes", "make_masks", "method_options", "method_settings",
            "method_switches", "read_bundle", "run_settings", "switch_overrides"]
-
-
-def default_model() -> str | None:
-    """The shipped toy model, if this installation has it."""
-    path = Path(__file__).parent / "assets" / "toy-sd"
-    return str(path) if (path / "model_index.json").is_file() else None
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -13,19 +13,13 @@ import sys
 from pathlib import Path
 
 from scenetok import __version__
+from scenetok.config import default_model
 from scenetok.errors import ScenetokError
 
 EXIT_USER_ERROR = 2
 _DEFAULT_SAM = "facebook/sam-vit-base"  # = scenetok.masks.DEFAULT_SAM (not imported: keeps --help fast)
 _DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-tiny"  # = scenetok.masks.DEFAULT_DETECTOR
 EXIT_INTERRUPTED = 130
-
-
-def default_model() -> str | None:
-    """The shipped toy model, if this installation has it (= :func:`scenetok.api.default_model`; not
-    imported from there: keeps --help fast)."""
-    path = Path(__file__).parent / "assets" / "toy-sd"
-    return str(path) if (path / "model_index.json").is_file() else None
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

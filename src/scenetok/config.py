@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import typing
 from dataclasses import field
 from pathlib import Path
@@ -19,6 +20,24 @@ from typing import Any, Iterable
 import yaml
 
 from scenetok.errors import ConfigError
+
+TOY_SD_ENV = "SCENETOK_TOY_SD"
+
+
+def toy_sd_path() -> Path:
+    """Folder of the toy-sd model: the shipped one inside the installed package, or the folder named by the
+    environment variable ``SCENETOK_TOY_SD`` (a toy-sd you trained yourself, used wherever the shipped one
+    would be: extract's default model, demo, benchmark, tests)."""
+    env = os.environ.get(TOY_SD_ENV)
+    if env:
+        return Path(env).expanduser().resolve()
+    return Path(__file__).resolve().parent / "assets" / "toy-sd"
+
+
+def default_model() -> str | None:
+    """The toy model (:func:`toy_sd_path`), if this installation has it: the base model when none is given."""
+    path = toy_sd_path()
+    return str(path) if (path / "model_index.json").is_file() else None
 
 
 def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:

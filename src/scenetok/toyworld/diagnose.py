@@ -84,8 +84,8 @@ def diagnose(model: str | None = None, n: int = 120, seed: int = 0, steps: int =
 
     pipe = build_toy_sd(model or toy_sd_path())
     pipe.set_progress_bar_config(disable=True)
-    res_px = int(pipe.unet.config.sample_size) * (2 ** (len(pipe.vae.config.block_out_channels) - 1))
-    factor = res_px / (2 ** (len(pipe.vae.config.block_out_channels) - 1))  # latent pixels per image side
+    factor = int(pipe.unet.config.sample_size)  # latent pixels per image side
+    res_px = factor * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     out: dict = {"model": str(model or toy_sd_path()), "resolution": res_px, "latent_side": factor, "n": n,
                  "steps": steps, "guidance": guidance, "seed": seed, "buckets_latent_px": [list(b) for b in SIZE_BUCKETS]}
     t0 = time.time()

@@ -19,6 +19,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from scenetok.config import toy_sd_path  # noqa: F401  (re-exported: the toy world's public name)
+
 RESOLUTION = 64
 LATENT_CHANNELS = 4
 VAE_FACTOR = 4
@@ -50,18 +52,6 @@ ARCHS: dict[str, ToySDArch] = {
     "v1": ToySDArch(),
     "v2": ToySDArch(vae_channels=(32, 64), unet_channels=(32, 64, 128), unet_blocks=("plain", "cross", "cross")),
 }
-
-
-def toy_sd_path() -> Path:
-    """Folder of the toy-sd model: the shipped one inside the installed package, or the folder named by the
-    environment variable ``SCENETOK_TOY_SD`` (a toy-sd you trained yourself, used wherever the shipped one
-    would be: demo, benchmark, tests)."""
-    import os
-
-    env = os.environ.get("SCENETOK_TOY_SD")
-    if env:
-        return Path(env).expanduser().resolve()
-    return Path(__file__).resolve().parent.parent / "assets" / "toy-sd"
 
 
 def toy_vocabulary() -> list[str]:
