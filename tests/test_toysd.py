@@ -163,6 +163,19 @@ def test_train_resume_after_interrupt_is_exact(tmp_path, monkeypatch):
     assert not checkpoint_dir(out).exists()
 
 
+def test_train_warm_start_keeps_vae_and_starts_from_the_given_weights(tmp_path):
+    """--init-from: the VAE is taken as is and stage 2 starts from the given UNet/text encoder (with lr 0 the
+    saved weights are the loaded ones, up to the UNet's fp16 storage); a fresh run's weights differ."""
+    src = _tiny_train(tmp_path / "src", checkpoint_every_minutes=None)
+    out = _tiny_train(tmp_path / "warm", init_from=src, seed=1, lr=0.0, checkpoint_every_minutes=None)
+    a, b = _weights(src), _weights(out)
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) == 0.0
+    info = json.loads((out / "training_info.json").read_text())
+    assert info["init_from"]["path"] == str(src) and info["init_from"]["unet_steps"] == 5
+    fresh = _weights(_tiny_train(tmp_path / "fresh", seed=1, lr=0.0, checkpoint_every_minutes=None))
+    assert max((a[k].float() - fresh[k].float()).abs().max().item() for k in a if k.startswith("unet.")) > 1e-3
+
+
 def test_train_resume_without_state_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="start without --resume"):
         _tiny_train(tmp_path / "none", resume=True)

@@ -241,6 +241,7 @@ def train_toy_sd(
     device: str = "cpu",
     threads: int | None = 2,
     vae_from: str | Path | None = None,
+    init_from: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -250,7 +251,11 @@ def train_toy_sd(
     random streams) goes to :func:`checkpoint_dir`; ``resume=True`` continues from there to the same
     schedule (the data set is rendered again from ``seed``: the same scenes, bit for bit). Every
     ``eval_every_minutes`` the EMA weights are scored by the oracle on ``eval_n`` unseen captions; the
-    scores are printed and kept in ``training_info.json`` (``scores``)."""
+    scores are printed and kept in ``training_info.json`` (``scores``).
+
+    ``init_from`` warm-starts from a trained toy-sd folder of the same arch: its VAE is kept (stage 1 is
+    skipped) and its UNet and text encoder are the starting weights of stage 2, which then runs its own
+    warm-up and cosine schedule (a continuation with a fresh optimizer)."""
     import torch
     import torch.nn.functional as F
     from diffusers import DDIMScheduler
@@ -263,6 +268,10 @@ def train_toy_sd(
     if threads:
         torch.set_num_threads(threads)
     arch = arch or ToySDArch()
+    if init_from is not None:
+        if vae_from is not None and Path(vae_from) != Path(init_from):
+            raise ValueError("init_from already gives the VAE; leave vae_from unset")
+        vae_from = init_from
     t_start = time.time()
     out_dir = Path(out_dir)
     ckpt = checkpoint_dir(out_dir)
@@ -387,6 +396,20 @@ def train_toy_sd(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(200, max(1, unet_steps // 10)), total_ref))
     ema = _EMA(params, ema_decay)
     step = int(prog["step"])
+    if init_from is not None and step == 0:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        src_unet = UNet2DConditionModel.from_pretrained(str(init_from), subfolder="unet", use_safetensors=True)
+        src_te = CLIPTextModel.from_pretrained(str(init_from), subfolder="text_encoder", use_safetensors=True)
+        unet.load_state_dict({k: v.float() for k, v in src_unet.state_dict().items()})
+        te.load_state_dict({k: v.float() for k, v in src_te.state_dict().items()})
+        del src_unet, src_te
+        ema = _EMA(params, ema_decay)  # the EMA starts from the loaded weights
+        prev = Path(init_from) / "training_info.json"
+        info["init_from"] = {"path": str(init_from),
+                             "unet_steps": json.loads(prev.read_text()).get("unet_steps") if prev.exists() else None}
+        _log(f"UNet and text encoder loaded from {init_from} (warm start)")
     if state is not None and step > 0:
         tr = state["trainable"]
         unet.load_state_dict({k[5:]: v for k, v in tr.items() if k.startswith("unet.")})
@@ -597,6 +620,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--vae-from", default=None, help="skip stage 1: take the VAE of this toy-sd folder (trained "
                    "by an earlier run with the same seed gives the same result as the full run)")
+    p.add_argument("--init-from", default=None, help="warm start: VAE, UNet and text encoder from this toy-sd folder "
+                   "(same --arch); stage 2 then runs its own schedule")
     p.add_argument("--eval", type=int, default=0, help="after training, score N unseen captions with the oracle")
     a = p.parse_args(argv)
     from scenetok.toyworld.model import ARCHS
@@ -610,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
         vae_batch_size=a.vae_batch_size, vae_crop=a.vae_crop, vae_fg_weight=a.vae_fg_weight, n_images=a.n_images, minutes=a.minutes or None,
         vae_minutes=a.vae_minutes or None, render_minutes=a.render_minutes or None,
         save_every_minutes=a.save_every_minutes or None, log_every=a.log_every, lr=a.lr, device=a.device,
-        threads=a.threads, vae_from=a.vae_from, arch=ARCHS[a.arch], bf16=a.bf16, resume=a.resume,
+        threads=a.threads, vae_from=a.vae_from, init_from=a.init_from, arch=ARCHS[a.arch], bf16=a.bf16, resume=a.resume,
         checkpoint_every_minutes=a.checkpoint_every_minutes or None, eval_every_minutes=a.eval_every_minutes or None,
         eval_n=a.eval_n, progress=not a.no_progress,
     )
