@@ -46,22 +46,40 @@ def two_square_scene():
 
 @pytest.fixture
 def interrupted_train(monkeypatch):
-    """``interrupted_train(at, *args, **kwargs)``: :func:`scenetok.training.train` with Ctrl-C pressed during
-    the ``at``-th optimizer step (counted from 1 in this call); asserts that the run stops with
-    :class:`TrainingInterrupted` (its checkpoint saved) and returns that exception. Afterwards training
-    runs normally again, so the test resumes with a plain ``train(..., resume=True)``."""
+    """``interrupted_train(at, *args, signum=SIGINT, where="optimizer", **kwargs)``: :func:`scenetok.training.train`
+    with a real signal (Ctrl-C by default) delivered during the ``at``-th step of this call — inside the
+    optimizer's ``step`` just after the update is applied (``where="optimizer"``) or before the forward pass (``where="start"``). The run must
+    finish that step, save a checkpoint at it and stop with :class:`TrainingInterrupted`, which is returned.
+    Afterwards training runs normally again, so the test resumes with a plain ``train(..., resume=True)``."""
+    import signal
+
     from scenetok.training import TrainingInterrupted, train
     from scenetok.training import trainer as trainer_mod
 
-    def run(at: int, *args, **kwargs):
+    def run(at: int, *args, signum=signal.SIGINT, where: str = "optimizer", **kwargs):
         real_step = trainer_mod._train_step
         calls = {"n": 0}
 
         def flaky(*a, **k):
             calls["n"] += 1
-            if calls["n"] == at:
-                raise KeyboardInterrupt
-            return real_step(*a, **k)
+            if calls["n"] != at:
+                return real_step(*a, **k)
+            if where == "start":
+                signal.raise_signal(signum)
+                return real_step(*a, **k)
+            opt = a[2]
+            inner = opt.step
+
+            def step_with_signal(*x, **y):
+                result = inner(*x, **y)
+                signal.raise_signal(signum)  # the update is applied, the step not yet finished
+                return result
+
+            opt.step = step_with_signal
+            try:
+                return real_step(*a, **k)
+            finally:
+                del opt.step
 
         monkeypatch.setattr(trainer_mod, "_train_step", flaky)
         try:
@@ -69,7 +87,7 @@ def interrupted_train(monkeypatch):
                 train(*args, **kwargs)
         finally:
             monkeypatch.setattr(trainer_mod, "_train_step", real_step)
-        assert calls["n"] == at  # the interrupt happened where asked, not after the run had ended
+        assert calls["n"] == at  # stopped right after the step that was interrupted
         return info.value
 
     return run

@@ -172,8 +172,8 @@ def test_rare_token_init_and_resume(tiny_sd, two_square_scene, tmp_path, interru
     assert torch.equal(start["vectors"], emb[ids].detach())  # each handle starts as its rare token's row
 
     out = tmp_path / "run"
-    # checkpoint after step 2 (and on the interrupt in step 3)
-    interrupted_train(3, two_square_scene, out, method="db-m", model=str(tiny_sd),
+    # Ctrl-C during step 1: the checkpoint is written after that step
+    interrupted_train(1, two_square_scene, out, method="db-m", model=str(tiny_sd),
                       overrides=common + ["checkpoint_every=2"], progress=False)
     train(two_square_scene, out, method="db-m", model=str(tiny_sd), resume=True, progress=False)
     for rel in ["embeddings/asset0.safetensors", "embeddings/asset1.safetensors"] + [

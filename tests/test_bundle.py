@@ -211,15 +211,19 @@ def test_output_dir_checks(tmp_path, tiny_sd):
     (other / "holiday.jpg").write_bytes(b"x")
     with pytest.raises(BundleError, match="not a scenetok bundle") as e:
         check_output_dir(other, overwrite=False)
-    assert "--overwrite" in e.value.hint
+    assert "--overwrite" not in e.value.hint  # a folder scenetok did not write is never replaced
     with pytest.raises(BundleError, match="not a scenetok bundle"):
         _write(other, tiny_sd)
-    check_output_dir(other, overwrite=True)
+    with pytest.raises(BundleError, match="not a scenetok bundle"):
+        check_output_dir(other, overwrite=True)
     _write(tmp_path / "b", tiny_sd)
     with pytest.raises(BundleError, match="already holds a bundle") as e:
         check_output_dir(tmp_path / "b", overwrite=False)
     assert "--overwrite" in e.value.hint
     check_output_dir(tmp_path / "b", overwrite=True)
+    (tmp_path / "b" / "notes.txt").write_text("mine")
+    with pytest.raises(BundleError, match="notes.txt"):
+        check_output_dir(tmp_path / "b", overwrite=True)
     (tmp_path / "afile").write_text("x")
     with pytest.raises(BundleError, match="is a file"):
         check_output_dir(tmp_path / "afile", overwrite=True)

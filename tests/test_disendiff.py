@@ -286,7 +286,7 @@ def test_resume_gives_the_same_weights(tiny_sd, tmp_path, interrupted_train):
     common = ["train.steps=3", "checkpoint_every=1", "preview_every=0", "prior.enabled=false", "batch_size=1",
               "grad_accum=1", "train.lr=1e-3"]
     train(_scene(), tmp_path / "ref", method="disendiff", model=str(tiny_sd), progress=False, overrides=common)
-    interrupted_train(3, _scene(), tmp_path / "run", method="disendiff", model=str(tiny_sd), progress=False,
+    interrupted_train(2, _scene(), tmp_path / "run", method="disendiff", model=str(tiny_sd), progress=False,
                       overrides=common)
     train(_scene(), tmp_path / "run", method="disendiff", model=str(tiny_sd), progress=False, resume=True)
     for a, b in zip(_handles(tmp_path / "ref", 2), _handles(tmp_path / "run", 2)):

@@ -11,6 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import two_squares
+from scenetok.training import run_dir
 from scenetok.masks.crf import iou
 from scenetok.scene import Scene, save_scene
 from scenetok.training import train
@@ -155,9 +156,9 @@ def test_resume_restores_masks_and_gives_the_same_result(tiny_sd, tmp_path, inte
     train(scene, ref, method="em-masks", model=str(tiny_sd), overrides=overrides, progress=False)
 
     out = tmp_path / "run"
-    # interrupted during step 3: the checkpoint holds step 2 and its new masks
-    interrupted_train(3, scene, out, method="em-masks", model=str(tiny_sd), overrides=overrides, progress=False)
-    saved = load_file(str(out / "checkpoint" / "trainable.safetensors"))
+    # interrupted during step 2: the checkpoint holds step 2 and its new masks
+    interrupted_train(2, scene, out, method="em-masks", model=str(tiny_sd), overrides=overrides, progress=False)
+    saved = load_file(str(run_dir(out) / "checkpoint" / "trainable.safetensors"))
     assert "masks.0" in saved
     train(scene, out, method="em-masks", model=str(tiny_sd), resume=True, progress=False)
     np.testing.assert_array_equal(_bundle_masks(out), _bundle_masks(ref))

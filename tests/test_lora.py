@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from scenetok.training import run_dir
 from scenetok.errors import ConfigError
 from scenetok.training import load_model, train
 from scenetok.training import trainer as trainer_mod
@@ -164,8 +165,8 @@ def test_resume_with_lora_gives_same_weights(bas_lora, tiny_sd, two_square_scene
     common = BAS_LORA[:-1] + ["checkpoint_every=1"]
     out = tmp_path / "run"
     # inside phase 2, after one LoRA step
-    interrupted_train(3, two_square_scene, out, model=str(tiny_sd), overrides=common, progress=False)
-    saved = load_file(str(out / "checkpoint" / "trainable.safetensors"))
+    interrupted_train(2, two_square_scene, out, model=str(tiny_sd), overrides=common, progress=False)
+    saved = load_file(str(run_dir(out) / "checkpoint" / "trainable.safetensors"))
     assert any(k.startswith("lora.unet.") for k in saved) and any(k.startswith("lora.text_encoder.") for k in saved)
     assert not any(k.startswith(("unet.", "text_encoder.")) for k in saved)  # adapters only
     train(two_square_scene, out, model=str(tiny_sd), resume=True, progress=False)

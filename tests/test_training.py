@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from scenetok.training import train
+from scenetok.training import run_dir, train
 
 FAST = ["phase1.steps=3", "phase2.steps=2", "checkpoint_every=2", "preview_every=2"]
 
@@ -95,10 +95,10 @@ def test_resume_gives_same_weights(tiny_sd, two_square_scene, tmp_path, interrup
     ref = train(two_square_scene, tmp_path / "ref", model=str(tiny_sd),
                 overrides=FAST[:2] + ["checkpoint_every=1", "preview_every=100"], progress=False)
     out = tmp_path / "run"
-    interrupted_train(stop_at + 1, two_square_scene, out, model=str(tiny_sd),
+    interrupted_train(stop_at, two_square_scene, out, model=str(tiny_sd),
                       overrides=FAST[:2] + ["checkpoint_every=1", "preview_every=100"], progress=False)
-    assert (out / "checkpoint" / "state.json").is_file()
-    assert json.loads((out / "checkpoint" / "state.json").read_text())["progress"]["global"] == stop_at
+    assert (run_dir(out) / "checkpoint" / "state.json").is_file()
+    assert json.loads((run_dir(out) / "checkpoint" / "state.json").read_text())["progress"]["global"] == stop_at
     train(two_square_scene, out, model=str(tiny_sd), resume=True, progress=False)
     e1, u1 = _final_weights(ref.path)
     e2, u2 = _final_weights(out)
@@ -144,12 +144,16 @@ def test_refuses_existing_non_bundle_folder(tiny_sd, two_square_scene, tmp_path)
     assert (out / "precious.txt").read_text() == "do not delete"
 
 
-def test_overwrite_replaces_bundle_entries_but_keeps_user_files(tiny_sd, two_square_scene, tmp_path):
+def test_overwrite_refuses_a_folder_that_is_not_a_bundle(tiny_sd, two_square_scene, tmp_path):
+    """--overwrite replaces only a bundle: a user's folder is left exactly as it was."""
+    from scenetok.errors import BundleError
+
     out = tmp_path / "mine"
     out.mkdir()
     (out / "precious.txt").write_text("keep")
     (out / "train_log.jsonl").write_text('{"global_step": 99}\n')
-    train(two_square_scene, out, model=str(tiny_sd), overrides=["phase1.steps=1", "phase2.steps=0"],
-          overwrite=True, progress=False)
-    assert (out / "precious.txt").read_text() == "keep"
-    assert [r["global_step"] for r in _rows(out) if not r.get("preview")] == [1]
+    with pytest.raises(BundleError, match="not a scenetok bundle"):
+        train(two_square_scene, out, model=str(tiny_sd), overrides=["phase1.steps=1", "phase2.steps=0"],
+              overwrite=True, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["precious.txt", "train_log.jsonl"]
+    assert (out / "train_log.jsonl").read_text() == '{"global_step": 99}\n'

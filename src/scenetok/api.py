@@ -111,9 +111,9 @@ def extract(scene: str | Path | Sequence[str | Path], output: str | Path, *, met
     cfg = run_settings(method, config=config, overrides=overrides, switches=switches, options=options,
                        mixed_precision=mixed_precision, adapter=adapter, rank=rank)
     out = Path(output)
-    if not resume:  # before any slow step: masks, model loading
-        check_output_dir(out, overwrite=overwrite)
     paths = [scene] if isinstance(scene, (str, Path)) else list(scene)
+    if not resume:  # before any slow step: masks, model loading
+        check_output_dir(out, overwrite=overwrite, inputs=[p for p in paths if Path(p).is_dir()])
     if auto_masks is not None or any(Path(p).is_file() for p in paths):
         if len(paths) != 1:
             raise ScenetokError("automatic masks (--auto-masks, or an image file instead of a scene folder) work on "

@@ -59,26 +59,58 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.Pat
     return atomic_write_bytes(path, save(clean, metadata=metadata))
 
 
+def swap_dir(staging: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Put the complete folder ``staging`` in the place of ``target`` (same parent file system).
+
+    An existing ``target`` is first renamed aside and deleted only once ``staging`` is in place; if the
+    second rename fails, the old folder is put back. So at every moment ``target`` is either the old
+    folder or the new one. An empty folder at ``target`` is simply replaced.
+    """
+    staging, target = Path(staging), Path(target)
+    trash = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.old"
+    moved = False
+    if target.is_dir():
+        os.replace(target, trash)
+        moved = True
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        if moved and not target.exists():
+            os.replace(trash, target)  # put the old folder back
+        raise
+    if moved:
+        shutil.rmtree(trash, ignore_errors=True)
+    return target
+
+
 def atomic_save_dir(path: str | os.PathLike, fill: Callable[[Path], Any]) -> Path:
-    """Create the folder ``path`` atomically: ``fill(tmp)`` writes into a sibling temporary folder,
-    which then replaces ``path`` (an existing ``path`` is moved aside first and deleted afterwards)."""
+    """Create the folder ``path`` atomically: ``fill(tmp)`` writes into a sibling temporary folder, which
+    then replaces ``path`` (:func:`swap_dir`: an existing ``path`` survives any failure)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
-    trash = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.old"
     try:
         tmp.mkdir()
         fill(tmp)
-        if path.exists():
-            os.replace(path, trash)
-        os.replace(tmp, path)
+        swap_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if trash.exists() and not path.exists():
-            os.replace(trash, path)  # put the old folder back
         raise
-    shutil.rmtree(trash, ignore_errors=True)
     return path
+
+
+def foreign_entries(folder: str | os.PathLike, allowed: Callable[[str], bool]) -> list[str]:
+    """Names in ``folder`` (top level) that ``allowed`` does not accept: files scenetok did not write."""
+    return sorted(e.name for e in Path(folder).iterdir() if not allowed(e.name))
+
+
+def is_inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """True when ``path`` is ``folder`` or lies inside it (after resolving links)."""
+    try:
+        Path(path).resolve().relative_to(Path(folder).resolve())
+        return True
+    except (ValueError, OSError, RuntimeError):
+        return False
 
 
 def atomic_write_png(path: str | os.PathLike, image) -> Path:

@@ -17,6 +17,7 @@ killed process never leaves a half-written file or a manifest pointing at files 
 from scenetok.bundle.card import model_card
 from scenetok.bundle.content import (
     A1111_DIR,
+    BUNDLE_ENTRIES,
     EMBEDDINGS_DIR,
     INPUT_IMAGE,
     INPUTS_DIR,
@@ -26,6 +27,7 @@ from scenetok.bundle.content import (
     MASKS_DIR,
     MODEL_CARD,
     PARTIAL_SUFFIX,
+    RUN_CONFIG,
     TRAINER_DIRS,
     TRAINER_FILES,
     WEIGHTS_DIR,
@@ -37,7 +39,7 @@ from scenetok.bundle.read import Bundle, check_output_dir, is_bundle, read_bundl
 from scenetok.bundle.write import write_bundle
 
 __all__ = [
-    "A1111_DIR", "EMBEDDINGS_DIR", "INPUT_IMAGE", "INPUTS_DIR", "LORA_DIR", "MANIFEST", "MANIFEST_VERSION", "MASKS_DIR",
-    "MODEL_CARD", "PARTIAL_SUFFIX", "TRAINER_DIRS", "TRAINER_FILES", "WEIGHTS_DIR", "Bundle", "BundleContent",
+    "A1111_DIR", "BUNDLE_ENTRIES", "EMBEDDINGS_DIR", "INPUT_IMAGE", "INPUTS_DIR", "LORA_DIR", "MANIFEST", "MANIFEST_VERSION", "MASKS_DIR",
+    "MODEL_CARD", "PARTIAL_SUFFIX", "RUN_CONFIG", "TRAINER_DIRS", "TRAINER_FILES", "WEIGHTS_DIR", "Bundle", "BundleContent",
     "HandleInfo", "check_output_dir", "file_stem", "is_bundle", "model_card", "read_bundle", "write_bundle",
 ]

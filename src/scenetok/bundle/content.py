@@ -24,6 +24,11 @@ MODEL_CARD = "README.md"
 # files the trainer adds beside the bundle proper; indexed in the manifest when present
 TRAINER_FILES = ("train_log.jsonl", "loss.png")
 TRAINER_DIRS = ("previews",)
+RUN_CONFIG = "run_config.json"  # the settings of the run that wrote the bundle
+# every top-level name a finished bundle may hold: a folder with anything else holds files scenetok did not
+# write, and --overwrite never replaces it
+BUNDLE_ENTRIES = (MANIFEST, MODEL_CARD, EMBEDDINGS_DIR, WEIGHTS_DIR, MASKS_DIR, INPUT_IMAGE, INPUTS_DIR, RUN_CONFIG,
+                  *TRAINER_FILES, *TRAINER_DIRS)
 
 
 # ----------------------------------------------------------------------------------------------------

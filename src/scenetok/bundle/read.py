@@ -6,12 +6,14 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from scenetok import __version__
 from scenetok.bundle.content import (
+    BUNDLE_ENTRIES,
     INPUT_IMAGE,
     MANIFEST,
     MANIFEST_VERSION,
@@ -19,6 +21,7 @@ from scenetok.bundle.content import (
     HandleInfo,
 )
 from scenetok.errors import BundleError
+from scenetok.io import foreign_entries, is_inside
 
 
 @dataclass
@@ -141,27 +144,47 @@ def is_bundle(path: str | os.PathLike) -> bool:
     return isinstance(data, dict) and "manifest_version" in data
 
 
-def check_output_dir(path: str | os.PathLike, overwrite: bool) -> None:
-    """Refuse to write into an existing, non-empty folder unless ``overwrite`` is given.
+def check_output_dir(path: str | os.PathLike, overwrite: bool, inputs: Sequence[str | os.PathLike] = ()) -> None:
+    """May a new bundle be written to ``path``? Raise :class:`BundleError` saying why not.
 
-    A missing or empty folder is fine. An existing bundle, or any other non-empty folder, needs
-    ``overwrite`` (``--overwrite``); a file at ``path`` is always refused. (Resuming a run is the
-    trainer's business and does not come through here.)
+    A missing or empty folder is fine. An existing bundle needs ``overwrite`` (``--overwrite``), and even
+    then only a folder that holds nothing but a bundle's own entries is replaced: a folder with any file
+    scenetok did not write, a folder that is not a bundle, a file, and a folder that holds one of the run's
+    ``inputs`` (the scene folders) are always refused. (The new bundle is built beside ``path`` and swapped
+    in at the end, so the old one survives a failed run.)
     """
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise BundleError(f"output {path} is a broken symbolic link", hint="choose another -o folder")
     if path.exists() and not path.is_dir():
         raise BundleError(f"output {path} exists and is a file, not a folder", hint="choose another -o folder")
-    if not path.exists() or not any(path.iterdir()) or overwrite:
+    for folder in inputs:
+        if is_inside(folder, path):
+            raise BundleError(f"output folder {path} holds the input {folder}; refusing to write there",
+                              hint="choose a new -o folder for the bundle")
+    try:
+        empty = not path.exists() or not any(path.iterdir())
+    except OSError as e:
+        raise BundleError(f"output folder {path} cannot be read ({e.strerror})",
+                          hint="choose another -o folder") from None
+    if empty:
         return
-    if is_bundle(path):
+    if not is_bundle(path):
+        raise BundleError(
+            f"output folder {path} is not empty and is not a scenetok bundle; refusing to write into it",
+            hint="choose a new or empty -o folder",
+        )
+    foreign = foreign_entries(path, lambda name: name in BUNDLE_ENTRIES)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (" …" if len(foreign) > 3 else "")
+        raise BundleError(f"output folder {path} holds a bundle and files scenetok did not write ({shown}); "
+                          "refusing to replace it", hint="move those files out, or choose another -o folder")
+    if not overwrite:
         raise BundleError(
             f"output folder {path} already holds a bundle",
-            hint="pass --overwrite to replace it, --resume to continue an interrupted run, or choose another -o",
+            hint="pass --overwrite to replace it (the old one is kept until the new one is complete), or choose "
+                 "another -o",
         )
-    raise BundleError(
-        f"output folder {path} is not empty and is not a scenetok bundle; refusing to write into it",
-        hint="choose a new or empty -o folder, or pass --overwrite",
-    )
 
 
 # ----------------------------------------------------------------------------------------------------

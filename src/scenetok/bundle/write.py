@@ -106,7 +106,8 @@ def _save_component(name: str, module: torch.nn.Module, dst: Path, vocab_size: i
 # write
 
 
-def write_bundle(out_dir: str | os.PathLike, content: BundleContent, *, overwrite: bool = False) -> Bundle:
+def write_bundle(out_dir: str | os.PathLike, content: BundleContent, *, overwrite: bool = False,
+                 check: bool = True) -> Bundle:
     """Write ``content`` as a bundle to ``out_dir`` and return it (see ``docs/bundle-format.md``).
 
     Fields of :class:`BundleContent`: ``method``, ``base_model``, ``handles`` (:class:`HandleInfo` each),
@@ -123,7 +124,8 @@ def write_bundle(out_dir: str | os.PathLike, content: BundleContent, *, overwrit
     "alpha"}``) holds LoRA adapters, written to ``weights/lora/`` as a diffusers LoRA and a kohya export
     (:func:`scenetok.lora.write_lora_dir`).
     Files the trainer put in ``out_dir`` (previews, logs) are kept; the files this function owns are
-    replaced, and the manifest is written last.
+    replaced, and the manifest is written last. ``check=False`` skips :func:`check_output_dir` (for the
+    trainer, which writes into its own fresh run folder and swaps it in afterwards).
     """
 
     c = content
@@ -133,7 +135,8 @@ def write_bundle(out_dir: str | os.PathLike, content: BundleContent, *, overwrit
     input_hashes, image, masks, mask_names = c.input_hashes, c.image, c.masks, c.mask_names
     scene_images, mask_scenes, extra = c.scene_images, c.mask_scenes, c.extra
     out = Path(out_dir)
-    check_output_dir(out, overwrite)
+    if check:
+        check_output_dir(out, overwrite)
     handles = list(handles)
     tokens = [h.token for h in handles]
     if not handles:

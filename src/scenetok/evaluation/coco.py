@@ -42,7 +42,8 @@ from scenetok.evaluation.options import IMAGE_METRICS
 from scenetok.io import atomic_write_text
 from scenetok.methods import available_methods, get_method
 from scenetok.scene import MAX_CONCEPTS, Scene, load_scene, save_scene
-from scenetok.training import train
+from scenetok.training import run_dir, train
+from scenetok.training.checkpoint import has_checkpoint
 
 EXCLUDED_CLASSES = ("orange", "banana", "broccoli", "carrot", "zebra", "giraffe")
 MIN_FRACTION = 0.15
@@ -352,6 +353,6 @@ def _train_share(jobs, scenes_dir: Path, runs_dir: Path, model, overrides, devic
         out = runs_dir / method / folder
         if (out / MANIFEST).is_file():
             continue
-        resume = (out / "checkpoint").is_dir()
+        resume = has_checkpoint(run_dir(out))
         train(load_scene(scenes_dir / folder), out, method=method, model=model, overrides=list(overrides),
-              resume=resume, overwrite=not resume and out.exists(), device=device, progress=progress)
+              resume=resume, device=device, progress=progress)

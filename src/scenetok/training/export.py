@@ -1,19 +1,12 @@
-"""The end of a run: the trained state as a bundle (:func:`write_run_bundle`), and clearing an old run's
-files before a new one (:func:`clear_run_dir`)."""
+"""The end of a run: the trained state as a bundle (:func:`write_run_bundle`)."""
 
 from __future__ import annotations
-
-import shutil
-from pathlib import Path
 
 from scenetok import params as paramlib
 from scenetok import viz
 from scenetok.bundle import Bundle, BundleContent, HandleInfo, write_bundle
-from scenetok.training.checkpoint import CHECKPOINT_DIR, trained_parts
+from scenetok.training.checkpoint import trained_parts
 from scenetok.training.run import Run
-
-BUNDLE_ENTRIES = ("manifest.json", "README.md", "embeddings", "weights", "masks", "input.png", "inputs", "previews",
-                  "train_log.jsonl", "loss.png", CHECKPOINT_DIR, "run_config.json")
 
 
 def bundle_content(run: Run) -> BundleContent:
@@ -56,17 +49,7 @@ def bundle_content(run: Run) -> BundleContent:
 
 
 def write_run_bundle(run: Run) -> Bundle:
-    """The loss plot, then the bundle (into the run's folder, beside its logs and previews)."""
+    """The loss plot, then the bundle (into the run's own folder, beside its logs and previews)."""
     rows = [r for r in run.log_rows if not r.get("preview") and not r.get("event")]
     viz.loss_plot(rows, run.out_dir / "loss.png")
-    return write_bundle(run.out_dir, bundle_content(run), overwrite=True)
-
-
-def clear_run_dir(path: Path) -> None:
-    """Remove what an earlier run wrote (only the bundle's own entries; other files are kept)."""
-    for name in BUNDLE_ENTRIES:
-        child = path / name
-        if child.is_dir():
-            shutil.rmtree(child)
-        elif child.exists():
-            child.unlink()
+    return write_bundle(run.out_dir, bundle_content(run), check=False)

@@ -4,6 +4,7 @@ file and ``--set`` overrides, then checked."""
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 from scenetok import config as cfglib
@@ -56,6 +57,8 @@ class TrainSettings:
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass (less memory)")
     optim: OptimSettings = group(OptimSettings)
     checkpoint_every: int = setting(100, "steps between resumable checkpoints (0: none)")
+    checkpoint_minutes: float = setting(3.0, "also checkpoint when this many minutes of training passed since the "
+                                        "last one (0: by steps only), so a killed run loses at most that much")
     preview_every: int = setting(100, "steps between attention previews (0: none)")
     detach_start_token_kv: bool = setting(False, "no gradient through the start token's K/V (Custom Diffusion)")
     collage: CollageSettings = group(CollageSettings)
@@ -92,6 +95,8 @@ def validate_config(cfg: dict) -> None:
     if "adapter" in cfg:
         loralib.validate(cfg["adapter"])
     for key, value in cfglib.flatten(cfg).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}", hint=f"give a number, e.g. --set {key}=...")
         if key.endswith(".steps") and isinstance(value, int) and value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
         if key.endswith(".lr") and isinstance(value, float) and value <= 0:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -20,7 +21,8 @@ import torch.nn.functional as F
 
 from scenetok import params as paramlib
 from scenetok.attention import capture_attention
-from scenetok.bundle import check_output_dir
+from scenetok.config import default_model
+from scenetok.bundle import read_bundle
 from scenetok.errors import ConfigError, ScenetokError
 from scenetok.io import atomic_write_text
 from scenetok.methods import Method, Outputs, Phase, get_method
@@ -28,15 +30,21 @@ from scenetok.model import Model
 from scenetok.scene import Scene
 from scenetok.training import checkpoint as ckpt
 from scenetok.training.batch import make_batch
-from scenetok.training.export import clear_run_dir, write_run_bundle
+from scenetok.training.export import write_run_bundle
 from scenetok.training.optim import setup_phase
 from scenetok.training.previews import write_preview
 from scenetok.training.run import Run, setup_run
+from scenetok.training.rundir import checkpoint_step, finish_run, resume_run, start_run
 from scenetok.training.settings import method_config
+from scenetok.training.signals import deferred_interrupts
 
 
 class TrainingInterrupted(ScenetokError):
-    """Ctrl-C during training: a checkpoint was saved."""
+    """Ctrl-C or SIGTERM during training: a checkpoint was saved (or the last one kept)."""
+
+
+class TrainingDiverged(ScenetokError):
+    """The loss became NaN or infinite: the run stops before the bad update is applied."""
 
 
 def train(
@@ -44,7 +52,7 @@ def train(
     out_dir: str | Path,
     *,
     method: str | Method = "break-a-scene",
-    model: str | Model,
+    model: str | Model | None = None,
     cfg: dict | None = None,
     overrides=(),
     resume: bool = False,
@@ -56,28 +64,18 @@ def train(
     """Train handles for ``scene`` with ``method`` on ``model`` and write a bundle to ``out_dir``.
 
     ``scene`` may be a list of scenes (e.g. a subject from one photo, a background from another): their
-    concepts get handles in order. Returns the :class:`scenetok.bundle.Bundle`. With ``resume=True`` the
-    run continues from the checkpoint in ``out_dir`` and ends with the same weights as an uninterrupted
-    run.
+    concepts get handles in order. Returns the :class:`scenetok.bundle.Bundle`. ``model`` defaults to
+    the shipped toy model; ``cfg`` may be partial (it is merged over the method's defaults, then
+    ``overrides``).
+
+    The run works in ``<out_dir>.partial`` (:mod:`scenetok.training.rundir`) and swaps the finished bundle
+    into ``out_dir`` at the end, so an existing bundle there (replaced only with ``overwrite``) survives
+    any failure. Ctrl-C or SIGTERM stops the run after the current step with a checkpoint; with
+    ``resume=True`` the run continues from the last checkpoint and ends with the same weights, bit for
+    bit, as an uninterrupted run.
     """
     method = get_method(method) if isinstance(method, str) else method
-    cfg = method_config(method, None, overrides) if cfg is None else cfg
     out_dir = Path(out_dir)
-    if resume:
-        if not ckpt.has_checkpoint(out_dir):
-            raise ScenetokError(f"--resume: {out_dir} holds no checkpoint", hint="start without --resume")
-        saved_cfg = json.loads((out_dir / "run_config.json").read_text())
-        if saved_cfg["method"] != method.name:
-            raise ConfigError(f"--resume: {out_dir} was trained with {saved_cfg['method']}, not {method.name}")
-        cfg = saved_cfg["config"]
-    else:
-        check_output_dir(out_dir, overwrite=overwrite)
-        if out_dir.exists() and overwrite:
-            clear_run_dir(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(
-            out_dir / "run_config.json", json.dumps({"method": method.name, "config": cfg}, indent=2)
-        )
     scenes = list(scene) if isinstance(scene, (list, tuple)) else [scene]
     if not scenes or not all(isinstance(s, Scene) for s in scenes):
         raise ScenetokError("train() needs a Scene or a list of Scenes", hint="load one with scenetok.scene.load_scene")
@@ -88,20 +86,35 @@ def train(
         raise ScenetokError(f"{method.name} needs a mask per concept and {scenes[0].source} has concepts named "
                             "by words only", hint="give masks (mask0.png …, or scenetok masks), or pick a mask-free "
                             "method such as em-masks or disendiff")
+    if resume:
+        run_path, cfg = resume_run(out_dir, method.name)
+    else:
+        if cfg is not None and not isinstance(cfg, dict):
+            raise ConfigError(f"cfg must be a dict of settings, got {type(cfg).__name__}")
+        if isinstance(overrides, str):
+            overrides = [overrides]
+        cfg = method_config(method, cfg, overrides)
+        inputs = [s.source for s in scenes if s.source and not s.source.startswith("<")]
+        run_path = start_run(out_dir, method.name, cfg, overwrite=overwrite, inputs=inputs)
 
-    run = setup_run(scenes, method, cfg, model, out_dir, device, progress)
+    if model is None:
+        model = default_model()
+        if model is None:
+            raise ScenetokError("no base model given and no shipped toy model in this installation",
+                                hint="pass model= (a Hub id or a local diffusers folder)")
+    run = setup_run(scenes, method, cfg, model, run_path, device, progress)
     phases = [p for p in method.phases(cfg) if p.steps > 0]
     total = sum(p.steps for p in phases)
     start = {"phase": 0, "step": 0, "global": 0}
     state = None
     if resume:
-        state = ckpt.load_checkpoint(out_dir)
+        state = ckpt.load_checkpoint(run_path)
         start = state["progress"]
         run.torch_gen.set_state(state["torch_rng"])
         run.np_rng.bit_generator.state = state["numpy_rng"]
         ckpt.load_trainable(run, state["trainable"])
         run.state = state.get("run_state") or {}
-        log_path = out_dir / "train_log.jsonl"
+        log_path = run_path / "train_log.jsonl"
         if log_path.exists():  # keep only the rows up to the checkpoint
             rows = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()]
             run.log_rows = [r for r in rows if r.get("global_step", 0) <= start["global"]]
@@ -113,8 +126,12 @@ def train(
     sot = (paramlib.detach_start_token_kv(run.model.unet) if cfg["detach_start_token_kv"]
            else contextlib.nullcontext())
     previews = cfg["preview_every"] > 0  # 0: no previews at all (not even the first and the last)
+    every_s = float(cfg.get("checkpoint_minutes") or 0) * 60
+    last_ckpt = time.monotonic()
+    hint = f"continue with the same command and --resume (the checkpoint is in {run_path})"
+    global_step = start["global"]
     try:
-        with capture as store, sot:
+        with capture as store, sot, deferred_interrupts() as stop:
             for pi, phase in enumerate(phases):
                 if pi < start["phase"]:
                     continue
@@ -126,19 +143,7 @@ def train(
                 if global_step == 0 and previews:
                     write_preview(run, 0, on_preview)
                 for step in range(first_step, phase.steps):
-                    rng_before = (run.torch_gen.get_state(), run.np_rng.bit_generator.state)
-                    try:
-                        terms = _train_step(run, phase, optimizer, store)
-                    except KeyboardInterrupt:
-                        # drop the unfinished step: rewind the random streams so --resume redoes it exactly
-                        run.torch_gen.set_state(rng_before[0])
-                        run.np_rng.bit_generator.state = rng_before[1]
-                        optimizer.zero_grad(set_to_none=True)
-                        ckpt.save_run(run, optimizer, pi, step, global_step)
-                        raise TrainingInterrupted(
-                            f"training interrupted at step {global_step}/{total}; checkpoint saved in {out_dir}",
-                            hint=f"continue with: scenetok extract ... -o {out_dir} --resume",
-                        ) from None
+                    terms = _train_step(run, phase, optimizer, store, global_step + 1)
                     global_step += 1
                     row = {"global_step": global_step, "phase": phase.name, "step": step + 1, "lr": phase.lr}
                     row.update({k: float(v) for k, v in terms.items()})
@@ -148,22 +153,35 @@ def train(
                         run.log({"global_step": global_step, "event": True, **event})
                     bar.update(1)
                     bar.set_postfix({k: f"{v:.4f}" for k, v in terms.items()}, refresh=False)
-                    done_phase = step + 1 == phase.steps
-                    if previews and global_step % cfg["preview_every"] == 0 and global_step != total:
+                    if global_step == total:
+                        continue
+                    if previews and global_step % cfg["preview_every"] == 0:
                         write_preview(run, global_step, on_preview)
-                    if cfg["checkpoint_every"] and global_step % cfg["checkpoint_every"] == 0 and global_step != total:
-                        if done_phase:
+                    due = ((cfg["checkpoint_every"] and global_step % cfg["checkpoint_every"] == 0)
+                           or (every_s and time.monotonic() - last_ckpt >= every_s) or stop)
+                    if due:
+                        if step + 1 == phase.steps:
                             ckpt.save_run(run, None, pi + 1, 0, global_step)
                         else:
                             ckpt.save_run(run, optimizer, pi, step + 1, global_step)
+                        last_ckpt = time.monotonic()
+                    if stop:
+                        raise TrainingInterrupted(f"training stopped by {stop.name} after step {global_step}/{total}; "
+                                                  f"checkpoint saved in {run_path}", hint=hint)
                 del optimizer
             if previews:
                 write_preview(run, total, on_preview)
+    except KeyboardInterrupt:  # Ctrl-C pressed twice, or raised outside a step: keep the last checkpoint
+        saved = checkpoint_step(run_path)
+        where = f"the checkpoint of step {saved} is kept in {run_path}" if saved is not None else \
+            "no checkpoint had been written yet"
+        raise TrainingInterrupted(f"training stopped at once at step {global_step}/{total}; {where}",
+                                  hint=hint if saved is not None else "start it again without --resume") from None
     finally:
         bar.close()
-    result = write_run_bundle(run)
-    ckpt.remove_checkpoint(out_dir)
-    return result
+    write_run_bundle(run)
+    finish_run(run_path, out_dir)
+    return read_bundle(out_dir)
 
 
 def _capture_context(run: Run):
@@ -182,7 +200,7 @@ def _progress_bar(total: int, initial: int, enabled: bool):
 # one step
 
 
-def _train_step(run: Run, phase: Phase, optimizer, store) -> dict[str, torch.Tensor]:
+def _train_step(run: Run, phase: Phase, optimizer, store, global_step: int) -> dict[str, torch.Tensor]:
     m, cfg, acc = run.model, run.cfg, run.accelerator
     sums: dict[str, float] = {}
     for _ in range(cfg["grad_accum"]):
@@ -207,6 +225,14 @@ def _train_step(run: Run, phase: Phase, optimizer, store) -> dict[str, torch.Ten
             n = batch.n_instance
             terms["prior"] = cfg["prior"]["weight"] * F.mse_loss(out.pred[n:], out.target[n:])
         loss = sum(terms.values())
+        if not torch.isfinite(loss.detach()):
+            bad = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
+            saved = checkpoint_step(run.out_dir)
+            raise TrainingDiverged(
+                f"the loss is not finite at step {global_step} ({phase.name}, lr={phase.lr:g}: {bad}); training "
+                "stopped" + (f", the checkpoint of step {saved} is kept in {run.out_dir}" if saved is not None else ""),
+                hint=f"lower the learning rate (--set {phase.name}.lr=...) or the loss weights, or try "
+                     "--mixed-precision no")
         acc.backward(loss / cfg["grad_accum"])
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg["grad_accum"]

@@ -1,0 +1,245 @@
+"""Nothing lost: the old bundle survives every failure, --overwrite replaces only scenetok's own output,
+Ctrl-C / SIGTERM / SIGKILL followed by --resume give the uninterrupted run's bits, a non-finite loss stops
+the run with the last good checkpoint kept."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from scenetok.errors import BundleError, ConfigError
+from scenetok.training import TrainingDiverged, run_dir, train
+from scenetok.training import trainer as trainer_mod
+
+FAST = ["phase1.steps=2", "phase2.steps=2", "preview_every=0", "checkpoint_every=1"]
+
+
+def tree_hash(folder: Path) -> str:
+    """One hash of every file name and content under ``folder``."""
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        h.update(p.relative_to(folder).as_posix().encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    files = sorted((out / "embeddings").glob("*.safetensors")) + sorted((out / "weights").rglob("*.safetensors"))
+    return {f"{f.relative_to(out)}:{k}": v for f in files for k, v in load_file(str(f)).items()}
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = weights(a), weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_sd, tmp_path_factory):
+    """An uninterrupted run of FAST (checkpoints do not change the weights)."""
+    from conftest import two_squares
+
+    from scenetok.scene import Scene
+
+    img, masks = two_squares()
+    scene = Scene.from_arrays(img, masks, names=["red", "blue"], class_words=["square", "square"])
+    out = tmp_path_factory.mktemp("ref") / "bundle"
+    train(scene, out, model=str(tiny_sd), overrides=FAST, progress=False)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+def test_a_failed_overwrite_keeps_the_old_bundle(reference, tiny_sd, two_square_scene, tmp_path, monkeypatch):
+    import shutil
+
+    out = tmp_path / "bundle"
+    shutil.copytree(reference, out)
+    before = tree_hash(out)
+    real = trainer_mod._train_step
+
+    def boom(run, phase, opt, store, gs):
+        if gs == 3:
+            raise OSError(28, "No space left on device")
+        return real(run, phase, opt, store, gs)
+
+    monkeypatch.setattr(trainer_mod, "_train_step", boom)
+    with pytest.raises(OSError):
+        train(two_square_scene, out, model=str(tiny_sd), overrides=FAST + ["seed=5"], overwrite=True, progress=False)
+    assert tree_hash(out) == before  # the old bundle, untouched
+    assert (run_dir(out) / "checkpoint" / "state.json").is_file()  # and the new run can be resumed
+    # a failure while writing the new bundle at the very end: still the old bundle
+    monkeypatch.setattr(trainer_mod, "_train_step", real)
+
+    def disk_full(run):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(trainer_mod, "write_run_bundle", disk_full)
+    with pytest.raises(OSError):
+        train(two_square_scene, out, model=str(tiny_sd), resume=True, progress=False)
+    assert tree_hash(out) == before
+    monkeypatch.undo()
+    # the run finishes: the new bundle replaces the old one, the run folder is gone
+    train(two_square_scene, out, model=str(tiny_sd), resume=True, progress=False)
+    assert tree_hash(out) != before and not run_dir(out).exists() and not same_weights(out, reference)
+
+
+def test_overwrite_never_replaces_foreign_files_or_inputs(reference, tiny_sd, two_square_scene, tmp_path):
+    import shutil
+
+    from scenetok.scene import load_scene, save_scene
+
+    out = tmp_path / "bundle"
+    shutil.copytree(reference, out)
+    (out / "notes.txt").write_text("mine")
+    before = tree_hash(out)
+    with pytest.raises(BundleError, match="notes.txt"):
+        train(two_square_scene, out, model=str(tiny_sd), overrides=FAST, overwrite=True, progress=False)
+    assert tree_hash(out) == before and not run_dir(out).exists()
+
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "holiday.jpg").write_bytes(b"not really a jpeg")
+    before = tree_hash(other)
+    with pytest.raises(BundleError, match="not a scenetok bundle"):
+        train(two_square_scene, other, model=str(tiny_sd), overrides=FAST, overwrite=True, progress=False)
+    assert tree_hash(other) == before
+
+    scene_dir = save_scene(two_square_scene, tmp_path / "scene")
+    before = tree_hash(scene_dir)
+    with pytest.raises(BundleError, match="holds the input"):
+        train(load_scene(scene_dir), scene_dir, model=str(tiny_sd), overrides=FAST, overwrite=True, progress=False)
+    with pytest.raises(BundleError, match="holds the input"):
+        train(load_scene(scene_dir), tmp_path, model=str(tiny_sd), overrides=FAST, overwrite=True, progress=False)
+    assert tree_hash(scene_dir) == before
+
+    with pytest.raises(BundleError, match="already holds a bundle"):
+        train(two_square_scene, reference, model=str(tiny_sd), overrides=FAST, progress=False)
+
+
+# -------------------------------------------------------------------------------------------- interrupts
+@pytest.mark.parametrize("at,where,signum", [(1, "optimizer", signal.SIGINT), (2, "optimizer", signal.SIGINT),
+                                              (3, "start", signal.SIGTERM)])
+def test_signal_then_resume_is_exact(reference, tiny_sd, two_square_scene, tmp_path, interrupted_train, at, where,
+                                     signum):
+    """The signal lands inside the optimizer update (the case that used to resume 4e-6 off) or before the
+    forward pass; at the phase boundary (step 2) and inside each phase."""
+    out = tmp_path / "run"
+    exc = interrupted_train(at, two_square_scene, out, model=str(tiny_sd), overrides=FAST[:3] + ["checkpoint_every=0"],
+                            progress=False, where=where, signum=signum)
+    assert f"after step {at}/4" in exc.message and "--resume" in exc.hint
+    state = json.loads((run_dir(out) / "checkpoint" / "state.json").read_text())
+    assert state["progress"]["global"] == at and not out.exists()
+    train(two_square_scene, out, model=str(tiny_sd), resume=True, progress=False)
+    assert same_weights(out, reference)
+
+
+def test_sigkill_then_resume_is_exact(reference, tiny_sd, tmp_path):
+    """A real SIGKILL in step 3 (checkpoints by time, every step here): --resume ends with the same bits."""
+    out = tmp_path / "run"
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from conftest import two_squares
+        from scenetok.scene import Scene
+        from scenetok.training import train
+        from scenetok.training import trainer as t
+        real = t._train_step
+        def step(run, phase, opt, store, gs):
+            if gs == 3:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(run, phase, opt, store, gs)
+        t._train_step = step
+        img, masks = two_squares()
+        scene = Scene.from_arrays(img, masks, names=["red", "blue"], class_words=["square", "square"])
+        train(scene, {str(out)!r}, model={str(tiny_sd)!r}, progress=False,
+              overrides={FAST[:3] + ["checkpoint_every=0", "checkpoint_minutes=1e-9"]!r})
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    state = json.loads((run_dir(out) / "checkpoint" / "state.json").read_text())
+    assert state["progress"]["global"] == 2 and not out.exists()
+    from conftest import two_squares
+
+    from scenetok.scene import Scene
+
+    img, masks = two_squares()
+    scene = Scene.from_arrays(img, masks, names=["red", "blue"], class_words=["square", "square"])
+    train(scene, out, model=str(tiny_sd), resume=True, progress=False)
+    assert same_weights(out, reference)
+
+
+def test_resume_hints_lead_somewhere(tiny_sd, two_square_scene, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real = trainer_mod._train_step
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # "Ctrl-C twice": stops at once, before any checkpoint
+
+    monkeypatch.setattr(trainer_mod, "_train_step", killed)
+    with pytest.raises(trainer_mod.TrainingInterrupted, match="no checkpoint"):
+        train(two_square_scene, out, model=str(tiny_sd), overrides=FAST[:3] + ["checkpoint_every=0"], progress=False)
+    monkeypatch.setattr(trainer_mod, "_train_step", real)
+    with pytest.raises(BundleError, match="before its first checkpoint") as info:
+        train(two_square_scene, out, model=str(tiny_sd), resume=True, progress=False)
+    assert "without --resume" in info.value.hint
+    # ... and starting again without --resume is accepted (the unfinished run was scenetok's own)
+    monkeypatch.setattr(trainer_mod, "_train_step", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(trainer_mod.TrainingInterrupted):
+        train(two_square_scene, out, model=str(tiny_sd), overrides=FAST[:3] + ["checkpoint_every=0"], progress=False)
+
+
+def test_unfinished_run_with_a_checkpoint_is_not_discarded_silently(tiny_sd, two_square_scene, tmp_path,
+                                                                   interrupted_train):
+    out = tmp_path / "run"
+    interrupted_train(1, two_square_scene, out, model=str(tiny_sd), overrides=FAST, progress=False)
+    before = tree_hash(run_dir(out))
+    with pytest.raises(BundleError, match="checkpoint at step 1") as info:
+        train(two_square_scene, out, model=str(tiny_sd), overrides=FAST, progress=False)
+    assert "--resume" in info.value.hint and "--overwrite" in info.value.hint
+    assert tree_hash(run_dir(out)) == before
+
+
+# --------------------------------------------------------------------------------------- non-finite loss
+def test_non_finite_loss_stops_at_once_and_keeps_the_last_checkpoint(tiny_sd, two_square_scene, tmp_path,
+                                                                     monkeypatch):
+    from scenetok.methods.break_a_scene import BreakAScene
+
+    real = BreakAScene.losses
+    calls = {"n": 0}
+
+    def nan_at_3(self, batch, out, cfg):
+        calls["n"] += 1
+        terms = real(self, batch, out, cfg)
+        if calls["n"] == 3:
+            terms["diffusion"] = terms["diffusion"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(BreakAScene, "losses", nan_at_3)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="not finite at step 3") as info:
+        train(two_square_scene, out, model=str(tiny_sd), overrides=FAST, progress=False)
+    assert "step 2" in info.value.message and "lr" in info.value.hint
+    state = json.loads((run_dir(out) / "checkpoint" / "state.json").read_text())
+    assert state["progress"]["global"] == 2 and not out.exists()
+    saved = load_file(str(run_dir(out) / "checkpoint" / "trainable.safetensors"))
+    assert all(torch.isfinite(v).all() for v in saved.values())
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_learning_rate_is_refused(value):
+    from scenetok.methods import get_method
+    from scenetok.training import method_config
+
+    with pytest.raises(ConfigError, match="phase1.lr must be a finite number"):
+        method_config(get_method("break-a-scene"), None, [f"phase1.lr={value}"])
