@@ -28,7 +28,7 @@ from scenetok.methods import Method, get_method
 from scenetok.methods.switches import method_options, method_switches, switch_overrides
 from scenetok.io import unwritable_reason
 from scenetok.model import load_model, load_tokenizer
-from scenetok.scene import Scene, load_scene
+from scenetok.scene import IMAGE_SUFFIXES, Scene, load_scene
 from scenetok.training import method_config
 from scenetok.training import train as _train
 from scenetok.training.settings import setting_helps
@@ -176,6 +176,10 @@ def extract(scene: str | Path | Sequence[str | Path], output: str | Path, *, met
     if not resume:  # before any slow step: masks, model loading
         check_output_dir(out, overwrite=overwrite)
     check_writable(out)
+    for p in paths:
+        if auto_masks is None and Path(p).is_file() and Path(p).suffix.lower() not in IMAGE_SUFFIXES:
+            raise SceneError(f"{p} is a file, not a scene folder",
+                             hint="pass the folder that holds img.jpg|png and mask0.png, mask1.png …")
     if auto_masks is not None or any(Path(p).is_file() for p in paths):
         if len(paths) != 1:
             raise ScenetokError("automatic masks (--auto-masks, or an image file instead of a scene folder) work on "

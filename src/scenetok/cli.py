@@ -527,12 +527,15 @@ def _one_line_warnings() -> None:
     from scenetok.errors import ScenetokWarning
 
     default = warnings.formatwarning
+    if getattr(default, "scenetok", False):
+        return
 
     def fmt(message, category, filename, lineno, line=None):
         if issubclass(category, ScenetokWarning):
             return f"warning: {message}\n"
         return default(message, category, filename, lineno, line)
 
+    fmt.scenetok = True
     warnings.formatwarning = fmt
 
 

