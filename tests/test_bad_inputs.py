@@ -390,6 +390,8 @@ CASES = [
                                               str(w.scene / "mask0.png")], ("photo.png", "cannot read")),
     Case("masks-mask-is-a-directory", lambda w, t: (t.joinpath("m0.png").mkdir(), [
         "masks", str(w.photo), "-o", str(t / "m"), "--mask", str(t / "m0.png")])[1], ("m0.png", "is a directory")),
+    Case("masks-names-1MB", lambda w, t: ["masks", str(w.photo), "-o", str(t / "m"), "--mask", str(w.scene / "mask0.png"),
+                                          "--names", HUGE], ("the name", "longer than 64")),
     Case("masks-output-immutable", lambda w, t: ["masks", str(w.photo), "-o", str(_immutable(t / "frozen") / "m"),
                                                  "--mask", str(w.scene / "mask0.png")], ("cannot write",)),
     # --- the Python API ---------------------------------------------------------------------------------

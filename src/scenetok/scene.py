@@ -775,7 +775,8 @@ def _build_concepts(masks: list[np.ndarray], specs: list[dict], background: bool
     concepts: list[Concept] = []
     seen: dict[str, str] = {}
     for i, (mask, spec) in enumerate(zip(masks, specs)):
-        ctx = f"{where} (concept {i}, {Path(labels[i]).name})"
+        label = Path(labels[i]).name
+        ctx = f"{where} (concept {i}, {label if len(label) <= 60 else label[:59] + '…'})"
         raw_name = spec.get("name")
         name = f"concept{i}" if raw_name is None else _check_word(raw_name, "the name", ctx)
         raw_class = spec.get("class_word")
