@@ -2,6 +2,15 @@
 
 __version__ = "0.1.0"
 
-from scenetok.errors import BundleError, ConfigError, PromptError, SceneError, ScenetokError  # noqa: E402
+from scenetok.errors import (  # noqa: E402
+    BundleError,
+    ConfigError,
+    ModelLoadError,
+    PromptError,
+    SceneError,
+    ScenetokError,
+    ScenetokWarning,
+)
 
-__all__ = ["__version__", "ScenetokError", "SceneError", "ConfigError", "BundleError", "PromptError"]
+__all__ = ["__version__", "ScenetokError", "SceneError", "ConfigError", "BundleError", "ModelLoadError", "PromptError",
+           "ScenetokWarning"]

@@ -12,26 +12,84 @@ order: the method's paper defaults and the shared training defaults ← a config
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from scenetok import config as cfglib
 from scenetok.config import default_model
 from scenetok.bundle import Bundle, check_output_dir, read_bundle
-from scenetok.errors import ScenetokError
-from scenetok.generation import check_prompt, load_pipeline
+from scenetok.errors import ConfigError, SceneError, ScenetokError, shorten
+from scenetok.generation import check_generate_options, check_prompt, check_prompt_tokens, load_pipeline
 from scenetok.generation import generate as _generate
 from scenetok.masks import DEFAULT_DETECTOR, DEFAULT_SAM, auto_mask_scene
 from scenetok.masks import make_masks as _make_masks
 from scenetok.methods import Method, get_method
 from scenetok.methods.switches import method_options, method_switches, switch_overrides
-from scenetok.model import load_model
-from scenetok.scene import Scene, load_scene
-from scenetok.training import method_config, train
+from scenetok.io import unwritable_reason
+from scenetok.model import load_model, load_tokenizer
+from scenetok.scene import IMAGE_SUFFIXES, Scene, load_scene
+from scenetok.training import method_config
+from scenetok.training import train as _train
+from scenetok.training.rundir import resume_run
 from scenetok.training.settings import setting_helps
 
 __all__ = ["adapter_overrides", "default_model", "extract", "generate", "load_scenes", "make_masks", "method_options", "method_settings",
-           "method_switches", "read_bundle", "run_settings", "switch_overrides"]
+           "method_switches", "read_bundle", "run_settings", "switch_overrides", "train"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# argument checks: the API refuses what the CLI would, with the project's own errors
+
+
+def _strings(value: Any, what: str) -> list[str]:
+    """``value`` as a list of strings: None → [], one string → [it], a sequence of strings → a list."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ConfigError(f"{what} must be a string or a list of strings, got {type(value).__name__} {shorten(value)}",
+                      hint=f'for example {what}=["phase1.steps=50"]' if what == "overrides" else None)
+
+
+def _check_path(value: Any, what: str) -> Path:
+    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+        raise ConfigError(f"{what} must be a folder path (str or Path), got {type(value).__name__} {shorten(value)}",
+                          hint=f"pass the {what} folder as a string or pathlib.Path")
+    return Path(value)
+
+
+def check_writable(path: str | os.PathLike, option: str = "-o") -> None:
+    """Refuse an output folder that cannot be written (a file, a read-only or immutable folder) up front,
+    before any slow work."""
+    reason = unwritable_reason(path)
+    if reason is not None:
+        raise ConfigError(f"cannot write the output {option} {path}: {reason}",
+                          hint=f"choose a {option} folder you can write to")
+
+
+def _check_bundle_output(out: Path) -> None:
+    """A bundle is built in ``OUT.partial`` beside ``out`` and swapped in: both places must be writable."""
+    check_writable(out)
+    if out.exists():
+        check_writable(out.parent)
+
+
+def _model_or_default(model: Any) -> Any:
+    """``model``, or the shipped toy model when None (as on the command line)."""
+    if model is None:
+        model = default_model()
+        if model is None:
+            raise ScenetokError("no base model given and no shipped toy model in this installation",
+                                hint="give --model (a Hub id or a local diffusers folder)")
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        if not str(model).strip():
+            raise ConfigError("the base model is an empty string", hint="give a Hub id or a local diffusers folder")
+        return str(model)
+    return model  # a loaded Model or pipeline: scenetok.model.as_model checks it
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -46,8 +104,13 @@ def run_settings(method: str | Method, *, config: str | Path | dict | None = Non
     Order (later wins): paper + training defaults ← ``config`` (a YAML/JSON file or a dict) ← ablation
     ``switches`` / ``options`` ← ``overrides`` (``KEY=VALUE``) ← ``mixed_precision`` ← ``adapter`` / ``rank``.
     """
-    method = get_method(method) if isinstance(method, str) else method
-    merged = switch_overrides(method.name, switches, options) + list(overrides)
+    method = _method(method)
+    if options is not None and not isinstance(options, dict):
+        raise ConfigError(f"options must be a dict of option -> value, got {type(options).__name__}")
+    if config is not None and not isinstance(config, (str, Path, dict)):
+        raise ConfigError(f"config must be a YAML/JSON file path or a dict of settings, got {type(config).__name__}",
+                          hint='for example config={"phase1": {"steps": 50}}')
+    merged = switch_overrides(method.name, _strings(switches, "switches"), options) + _strings(overrides, "overrides")
     if mixed_precision:
         merged.append(f"mixed_precision={mixed_precision}")
     merged += adapter_overrides(adapter, rank)
@@ -65,6 +128,15 @@ def adapter_overrides(adapter: str | None = None, rank: int | None = None) -> li
             raise ScenetokError(f"--rank must be a positive integer, got {rank}")
         out.append(f"adapter.rank={rank}")
     return out
+
+
+def _method(method: Any) -> Method:
+    if isinstance(method, str):
+        return get_method(method)
+    if isinstance(method, Method):
+        return method
+    raise ConfigError(f"method must be a method name or a Method, got {type(method).__name__} {shorten(method)}",
+                      hint="see `scenetok methods`")
 
 
 def method_settings(method: str | Method) -> list[tuple[str, Any, str]]:
@@ -103,17 +175,21 @@ def extract(scene: str | Path | Sequence[str | Path], output: str | Path, *, met
     :func:`run_settings`. ``log`` receives one-line messages (None: silent).
     """
     say = log or (lambda _msg: None)
-    method = get_method(method) if isinstance(method, str) else method
-    model = model or default_model()
-    if model is None:
-        raise ScenetokError("no base model given and no shipped toy model in this installation",
-                            hint="give --model (a Hub id or a local diffusers folder)")
+    method = _method(method)
+    model = _model_or_default(model)
     cfg = run_settings(method, config=config, overrides=overrides, switches=switches, options=options,
                        mixed_precision=mixed_precision, adapter=adapter, rank=rank)
-    out = Path(output)
-    paths = [scene] if isinstance(scene, (str, Path)) else list(scene)
+    out = _check_path(output, "output")
+    paths = _scene_paths(scene)
     if not resume:  # before any slow step: masks, model loading
         check_output_dir(out, overwrite=overwrite, inputs=[p for p in paths if Path(p).is_dir()])
+    else:
+        resume_run(out, method.name)  # is there something to resume? (before loading anything)
+    _check_bundle_output(out)
+    for p in paths:
+        if auto_masks is None and Path(p).is_file() and Path(p).suffix.lower() not in IMAGE_SUFFIXES:
+            raise SceneError(f"{p} is a file, not a scene folder",
+                             hint="pass the folder that holds img.jpg|png and mask0.png, mask1.png …")
     if auto_masks is not None or any(Path(p).is_file() for p in paths):
         if len(paths) != 1:
             raise ScenetokError("automatic masks (--auto-masks, or an image file instead of a scene folder) work on "
@@ -127,8 +203,47 @@ def extract(scene: str | Path | Sequence[str | Path], output: str | Path, *, met
         names = ", ".join(f"<asset{first + i}>={c.name}" for i, c in enumerate(sc.concepts))
         say(f"scene {folder}: {len(sc.concepts)} concepts ({names})")
         first += len(sc.concepts)
-    return train(scenes if len(scenes) > 1 else scenes[0], out, method=method, model=load_model(model), cfg=cfg,
+    return _train(scenes if len(scenes) > 1 else scenes[0], out, method=method, model=load_model(model), cfg=cfg,
                  resume=resume, overwrite=overwrite, device=device, progress=progress)
+
+
+def _scene_paths(scene: Any) -> list:
+    if isinstance(scene, (str, os.PathLike)):
+        return [scene]
+    if isinstance(scene, (list, tuple)) and scene and all(isinstance(p, (str, os.PathLike)) for p in scene):
+        return list(scene)
+    raise SceneError(f"scene must be a scene folder path or a list of them, got {type(scene).__name__} "
+                     f"{shorten(scene)}", hint="pass the folder that holds img.png|jpg and mask0.png …")
+
+
+def train(scene: Scene | Sequence[Scene] | str | Path | Sequence[str | Path], output: str | Path, *,
+          method: str | Method = "break-a-scene", model: Any = None, cfg: dict | None = None,
+          overrides: Sequence[str] | str = (), resume: bool = False, overwrite: bool = False,
+          device: str | None = None, progress: bool = True, **kwargs) -> Bundle:
+    """Train handles for ``scene`` (a :class:`Scene`, a list of scenes, or scene folder paths) and write a
+    bundle to ``output``: :func:`scenetok.training.train` with the checks of the command line.
+
+    ``model`` defaults to the shipped toy model (as ``scenetok extract`` without ``--model``); ``cfg`` may be
+    partial (``{"phase1": {"steps": 50}}``): it is merged with the method's defaults, then ``overrides``
+    (``"key=value"`` strings, or one string) apply. Other keyword arguments go to the trainer."""
+    method = _method(method)
+    model = _model_or_default(model)
+    settings = run_settings(method, config=cfg, overrides=overrides)
+    out = _check_path(output, "output")
+    if isinstance(scene, Scene):
+        scenes: Scene | list[Scene] = scene
+    elif isinstance(scene, (list, tuple)) and scene and all(isinstance(s, Scene) for s in scene):
+        scenes = list(scene)
+    else:
+        loaded = load_scenes(_scene_paths(scene), method)
+        scenes = loaded if len(loaded) > 1 else loaded[0]
+    if not resume:
+        check_output_dir(out, overwrite=overwrite)
+    else:
+        resume_run(out, method.name)
+    _check_bundle_output(out)
+    return _train(scenes, out, method=method, model=model, cfg=settings, resume=resume, overwrite=overwrite,
+                  device=device, progress=progress, **kwargs)
 
 
 def load_scenes(paths: Sequence[str | Path], method: Method, *, concepts: str | None = None,
@@ -151,6 +266,7 @@ def load_scenes(paths: Sequence[str | Path], method: Method, *, concepts: str | 
 def make_masks(image, output: str | Path, **options):
     """One mask per object of ``image``, written as a scene folder ``output`` that :func:`extract` reads;
     ``options`` are those of :func:`scenetok.masks.make_masks` (text, boxes, points, files, names, …)."""
+    check_writable(_check_path(output, "output"))
     return _make_masks(image, output, **options)
 
 
@@ -160,10 +276,20 @@ def generate(bundle: str | Path | Bundle, prompt: str, *, n: int = 4, seed: int 
              device: str | None = None, out_dir: str | Path | None = None, progress: bool = True):
     """Images of ``prompt`` (which names the bundle's handles) from the bundle's base model + handles;
     written to ``out_dir`` when given. Returns the list of :class:`scenetok.generation.Generated`."""
-    if n < 1:
-        raise ScenetokError("-n must be at least 1")
-    b = bundle if isinstance(bundle, Bundle) else read_bundle(bundle)
+    check_generate_options(n=n, steps=steps, guidance=guidance, batch_size=batch_size, size=size, seed=seed)
+    b = bundle if isinstance(bundle, Bundle) else read_bundle(_check_path(bundle, "bundle"))
     check_prompt(prompt, b)
+    if negative_prompt:
+        check_prompt(negative_prompt, b, what="negative prompt")
+    if out_dir is not None:
+        check_writable(_check_path(out_dir, "out_dir"))
+    base = str(base_model or b.base_model)
+    if Path(base).expanduser().is_dir():  # the token limit, before the slow pipeline load (Hub ids: after it)
+        tokenizer = load_tokenizer(str(Path(base).expanduser()))
+        tokenizer.add_tokens(b.tokens)
+        check_prompt_tokens(tokenizer, prompt, b.tokens)
+        if negative_prompt:
+            check_prompt_tokens(tokenizer, negative_prompt, b.tokens, what="negative prompt")
     pipe, b = load_pipeline(b, base_model=base_model, device=device)
     return _generate((pipe, b), prompt, n=n, seed=seed, steps=steps, guidance=guidance,
                      negative_prompt=negative_prompt, height=size, width=size, batch_size=batch_size,

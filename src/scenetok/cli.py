@@ -23,7 +23,12 @@ EXIT_INTERRUPTED = 130
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    def _get_help_string(self, action):
+        # an option whose help already says its default (or whose default is None) gets no "(default: …)"
+        text = action.help or ""
+        if action.default is None or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -154,9 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="describe a bundle", formatter_class=_Formatter)
     p.add_argument("bundle", help="bundle folder")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.add_argument("--verify", action="store_true",
+                   help="check every file against the sha256 in the manifest (without it: presence and sizes)")
     _add_common(p)
 
-    p = sub.add_parser("demo", help="the whole product on the shipped toy model, offline, in a few minutes",
+    p = sub.add_parser("demo", help="the whole product on the shipped toy model, offline, on the CPU",
                        formatter_class=_Formatter,
                        description="Render a toy scene, learn its handles with Break-A-Scene on the shipped toy "
                        "model, generate new scenes with them, score them with the toy-world oracle and write an "
@@ -334,9 +341,10 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_info(args) -> int:
-    from scenetok.bundle import read_bundle
+    from scenetok.bundle import read_bundle, verify_bundle
 
     b = read_bundle(args.bundle)
+    checked = verify_bundle(b, hashes=args.verify)
     if args.json:
         print(json.dumps(b.manifest, indent=2))
         return 0
@@ -356,6 +364,8 @@ def _cmd_info(args) -> int:
         lo = man["lora"]
         changed.append(f"LoRA rank {lo['rank']} on {', '.join(lo['components'])} ({lo['dir']})")
     print(f"trained weights: {', '.join(changed) if changed else 'token embeddings only'}")
+    if args.verify:
+        print(f"verified: the sha256 of all {checked} files listed in the manifest match")
     return 0
 
 
@@ -427,6 +437,9 @@ def _cmd_eval(args) -> int:
     from scenetok.evaluation import evaluate_bundle, evaluate_bundles
     from scenetok.evaluation.cli_options import eval_options
 
+    from scenetok.api import check_writable
+
+    check_writable(args.output)
     if len(args.bundle) == 1:
         result = evaluate_bundle(args.bundle[0], args.output, scene=args.scene, **eval_options(args))
     elif args.scene:
@@ -507,6 +520,25 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _one_line_warnings() -> None:
+    """scenetok's own warnings (:class:`~scenetok.errors.ScenetokWarning`) print as one ``warning: …`` line."""
+    import warnings
+
+    from scenetok.errors import ScenetokWarning
+
+    default = warnings.formatwarning
+    if getattr(default, "scenetok", False):
+        return
+
+    def fmt(message, category, filename, lineno, line=None):
+        if issubclass(category, ScenetokWarning):
+            return f"warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    fmt.scenetok = True
+    warnings.formatwarning = fmt
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
@@ -518,6 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     if not getattr(args, "debug", False):
         _quiet_libraries()
+    _one_line_warnings()
     try:
         return COMMANDS[args.command](args)
     except ScenetokError as exc:

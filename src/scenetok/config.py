@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import typing
 from dataclasses import field
@@ -19,7 +20,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from scenetok.errors import ConfigError
+from scenetok.errors import ConfigError, shorten
 
 TOY_SD_ENV = "SCENETOK_TOY_SD"
 
@@ -56,6 +57,14 @@ _YAML11_BOOLS = {"yes": True, "no": False, "on": True, "off": False, "y": True, 
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
+    value = _coerce_type(key, value, default)
+    if isinstance(value, float) and not math.isfinite(value):
+        # a NaN or infinite learning rate or weight trains garbage from the first step: refuse it here
+        raise ConfigError(f"{key} must be a finite number, got {value}", hint=f"give {key} an ordinary number")
+    return value
+
+
+def _coerce_type(key: str, value: Any, default: Any) -> Any:
     if default is None or value is None:
         return value
     if isinstance(default, str) and isinstance(value, bool):
@@ -66,14 +75,14 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
             return value
         if isinstance(value, str) and value.strip().lower() in _YAML11_BOOLS:
             return _YAML11_BOOLS[value.strip().lower()]
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
+        raise ConfigError(f"{key} must be true or false, got {shorten(value)}")
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(default, (int, float)) and isinstance(value, str):
         try:  # YAML 1.1 reads "1e-3" (no dot) as text
             value = float(value)
         except ValueError:
-            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+            raise ConfigError(f"{key} must be a number, got {shorten(value)}") from None
     if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
         if value.is_integer():
             return int(value)
@@ -90,7 +99,7 @@ def set_key(cfg: dict, key: str, value: Any) -> None:
     for i, part in enumerate(parts):
         if not isinstance(node, dict) or part not in node:
             valid = ", ".join(sorted(flatten(cfg)))
-            raise ConfigError(f"unknown setting {key!r}", hint=f"valid settings: {valid}")
+            raise ConfigError(f"unknown setting {shorten(key)}", hint=f"valid settings: {valid}")
         if i == len(parts) - 1:
             node[part] = _coerce(key, value, node[part])
         else:
@@ -98,8 +107,11 @@ def set_key(cfg: dict, key: str, value: Any) -> None:
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:
+    if not isinstance(text, str):
+        raise ConfigError(f"an override must be a 'key=value' string, got {type(text).__name__} {shorten(text)}",
+                          hint='for example overrides=["phase1.steps=50"]')
     if "=" not in text:
-        raise ConfigError(f"--set expects key=value, got {text!r}", hint="for example --set phase1.steps=50")
+        raise ConfigError(f"--set expects key=value, got {shorten(text)}", hint="for example --set phase1.steps=50")
     key, raw = text.split("=", 1)
     key = key.strip()
     try:
@@ -119,7 +131,11 @@ def load_config_file(path: str | Path) -> dict:
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        detail = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}{where}: "
+                          f"{' '.join(str(detail).split())}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -139,8 +155,15 @@ def merge(base: dict, extra: dict) -> dict:
 
 
 def resolve(defaults: dict, file_cfg: dict | None = None, overrides: Iterable[str] = ()) -> dict:
-    """defaults ← config file ← ``key=value`` overrides; returns a new dict."""
+    """defaults ← config file ← ``key=value`` overrides; returns a new dict.
+
+    ``file_cfg`` is a (possibly partial, nested) mapping; ``overrides`` a list of ``"key=value"`` strings
+    (a single string is one override)."""
     cfg = copy.deepcopy(defaults)
+    if file_cfg is not None and not isinstance(file_cfg, dict):
+        raise ConfigError(f"the settings must be a mapping of setting names to values, got {type(file_cfg).__name__}",
+                          hint='for example {"phase1": {"steps": 50}} or {"phase1.steps": 50}')
+    overrides = [overrides] if isinstance(overrides, str) else list(overrides or ())
     if file_cfg:
         for key, value in flatten(file_cfg).items():
             set_key(cfg, key, value)

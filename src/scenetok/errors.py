@@ -37,4 +37,19 @@ class BundleError(ScenetokError):
 
 
 class PromptError(ScenetokError):
-    """A prompt names a handle the bundle does not know."""
+    """A prompt is unusable: empty, too long for the text encoder, or naming a handle the bundle lacks."""
+
+
+class ScenetokWarning(UserWarning):
+    """Something legal but probably not what the user meant (e.g. two identical masks); the CLI prints it
+    as one ``warning: …`` line."""
+
+
+def shorten(value, limit: int = 60) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, saying how long the whole was: error messages
+    name the bad value without printing a 10 MB string back."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value)} characters" if isinstance(value, str) else f"{len(text)} characters as text"
+    return f"{text[:limit - 1]}… ({size})"

@@ -11,6 +11,7 @@ import hashlib
 import io
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Callable
@@ -149,3 +150,26 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def unwritable_reason(path: str | os.PathLike) -> str | None:
+    """Why files cannot be written in the folder ``path`` (made if missing), or None when they can.
+
+    Probes by creating and removing an empty temporary file in ``path`` or, when it does not exist yet, in
+    its nearest existing parent folder, so permissions, read-only mounts and immutable folders (which
+    ``os.access`` misses, e.g. for root) all show before any slow work starts.
+    """
+    p = Path(os.path.abspath(os.fspath(path)))
+    while not (p.exists() or p.is_symlink()) and p.parent != p:
+        p = p.parent
+    if p.is_symlink() and not p.exists():
+        return f"{p} is a broken symbolic link or a symlink loop"
+    if not p.is_dir():
+        return f"{p} is a file, not a folder"
+    try:
+        fd, name = tempfile.mkstemp(prefix=".scenetok-probe-", dir=p)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        return f"cannot write in {p} ({e.strerror or e}: read-only, immutable or not yours)"
+    return None

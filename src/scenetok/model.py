@@ -15,6 +15,7 @@ embeddings and ``added_cond_kwargs`` as extra conditioning) without a change any
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -22,7 +23,56 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from scenetok.errors import ConfigError
+from scenetok.errors import ConfigError, ModelLoadError, ScenetokError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_MAX_HEADER = 100 << 20  # safetensors caps its JSON header at 100 MB
+
+
+def safetensors_problem(path: str | Path) -> str | None:
+    """What is wrong with a safetensors file, found cheaply (its header and its size), or None: a file cut
+    short by a failed copy or a full disk shows here instead of as a traceback inside the loader."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < 8:
+        return f"is {size} bytes long, too short for a safetensors file"
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > min(size - 8, _MAX_HEADER):
+            return f"is not a complete safetensors file (its header claims {n} bytes, the file has {size})"
+        try:
+            header = json.loads(f.read(n))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            return "has an unreadable safetensors header"
+    if 8 + n + end != size:
+        return (f"holds {size} bytes but its header describes {8 + n + end}: the file is truncated or damaged"
+                if size < 8 + n + end else f"holds {size - 8 - n - end} bytes more than its header describes")
+    return None
+
+
+def check_weight_files(folder: str | Path, error: type[ScenetokError] = ModelLoadError, what: str = "model") -> None:
+    """Refuse, in one line, a local model folder (or one component folder) whose weights cannot be loaded
+    safely: a truncated or damaged safetensors file, or only pickle files (``.bin``, ``.pt``, ``.ckpt`` …),
+    which scenetok never unpickles. Components are the folder itself and its sub-folders."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for comp in [folder, *sorted(d for d in folder.iterdir() if d.is_dir())]:
+        files = [f for f in comp.iterdir() if f.is_file()]
+        safe = [f for f in files if f.suffix == ".safetensors"]
+        for f in safe:
+            problem = safetensors_problem(f)
+            if problem:
+                raise error(f"the {what} weight file {f} {problem}",
+                            hint="copy or download the file again" if error is ModelLoadError
+                            else "the bundle is damaged; copy the whole folder again or extract it again")
+        pickles = [f for f in files if f.suffix in PICKLE_SUFFIXES]
+        if pickles and not safe:
+            raise error(f"the {what} weights {pickles[0]} are a pickle file; scenetok loads only .safetensors "
+                        "weights and never unpickles a file (it can run code)",
+                        hint="convert the weights to safetensors, e.g. load them in diffusers and "
+                        "save_pretrained(..., safe_serialization=True)")
 
 
 def default_device(device: str | torch.device | None = None) -> torch.device:
@@ -69,6 +119,11 @@ class Family:
         return {}
 
     @classmethod
+    def load_tokenizer(cls, model_id: str) -> Any:  # pragma: no cover - overridden
+        """The family's tokenizer alone (cheap: prompt checks before the slow model load)."""
+        raise NotImplementedError
+
+    @classmethod
     def load_pipeline(cls, model_id: str, **components) -> Any:  # pragma: no cover - overridden
         """The family's diffusers text-to-image pipeline from ``model_id``, with ``components`` replacing the
         base ones; no safety checker."""
@@ -94,6 +149,7 @@ class StableDiffusion(Family):
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
+        check_weight_files(model_id, what="base model")
         try:
             return Model(
                 model_id=str(model_id),
@@ -114,6 +170,16 @@ class StableDiffusion(Family):
     @staticmethod
     def encode_prompt(model: "Model", ids: torch.Tensor) -> torch.Tensor:
         return model.text_encoder(ids)[0]
+
+    @classmethod
+    def load_tokenizer(cls, model_id: str) -> Any:
+        from transformers import CLIPTokenizer
+
+        try:
+            return CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer")
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load the tokenizer of {model_id!r}: {str(exc).splitlines()[0]}",
+                                 hint="give a local diffusers folder or a Hub id") from None
 
     @classmethod
     def load_pipeline(cls, model_id: str, **components) -> Any:
@@ -228,6 +294,11 @@ def load_model(model_id: str | Path, family: str | None = None) -> Model:
     """Load a base model with its family's ``from_pretrained`` loaders (``family``: a :data:`FAMILIES` key;
     None: the first family that recognises ``model_id``)."""
     return family_of(model_id, family).load(str(model_id))
+
+
+def load_tokenizer(model_id: str | Path, family: str | None = None) -> Any:
+    """The tokenizer of a base model alone (for checking prompts before loading the model)."""
+    return family_of(model_id, family).load_tokenizer(str(model_id))
 
 
 def as_model(obj) -> Model:

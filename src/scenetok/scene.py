@@ -53,10 +53,12 @@ says how to fix it.
 from __future__ import annotations
 
 import difflib
+import errno
 import io
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -64,7 +66,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from scenetok.errors import SceneError
+from scenetok.errors import SceneError, ScenetokWarning, shorten
 from scenetok.io import atomic_write_bytes, png_bytes, sha256_bytes
 
 __all__ = ["Concept", "Scene", "load_scene", "save_scene", "read_image", "read_mask", "MAX_CONCEPTS"]
@@ -76,6 +78,9 @@ SCENE_KEYS = ("concepts", "background")
 CONCEPT_KEYS = ("name", "class_word", "init_word")
 BACKGROUND_NAME = "background"
 ASPECT_TOLERANCE = 0.01
+MAX_WORD_CHARS = 64  # names, class words and init words
+SMALL_IMAGE = 32  # a square side below this many pixels gets a warning (the tiny test models use 32)
+FULL_MASK = 0.99  # a mask covering this share of the image gets a warning
 
 _MASK_PNG = re.compile(r"^mask(\d+)\.png$", re.IGNORECASE)
 _MASK_OTHER = re.compile(r"^mask(\d+)\.(jpe?g|webp|bmp|gif|tiff?)$", re.IGNORECASE)
@@ -179,7 +184,7 @@ class Scene:
         """
         names = [str(n).strip() for n in names]
         if not names or any(not n for n in names):
-            raise SceneError(f"{self.source}: concept names must be non-empty words, got {list(names)!r}",
+            raise SceneError(f"{self.source}: concept names must be non-empty words, got {shorten(list(names))}",
                              hint='name the concepts, e.g. --concepts "cat, dog"')
         _check_count(len(names), False, max_concepts, self.source)
         n = len(names)
@@ -228,7 +233,9 @@ class Scene:
         square_masks = [_prepare_mask(unit, label, (h, w), policy, min_mask_fraction) for label, unit in units]
         concepts = _build_concepts(square_masks, specs, bool(background), min_mask_fraction, "<arrays>",
                                    [label for label, _ in units])
-        return cls(image=_square(rgb, policy, "edge"), concepts=concepts, source="<arrays>", input_hashes={})
+        square = _square(rgb, policy, "edge")
+        _warn_odd(square, square_masks, "<arrays>", [label for label, _ in units])
+        return cls(image=square, concepts=concepts, source="<arrays>", input_hashes={})
 
 
 # --------------------------------------------------------------------------------------- load / save
@@ -245,15 +252,29 @@ def load_scene(path: str | os.PathLike, *, background: bool | None = None, polic
     :data:`MAX_CONCEPTS`). ``require_masks=False`` accepts a folder without masks (for methods that
     find masks themselves); such a scene has no concepts.
     """
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+        raise SceneError(f"the scene must be a folder path (str or Path), got {type(path).__name__} {shorten(path)}",
+                         hint="pass the folder that holds img.jpg|png and mask0.png, mask1.png …")
     folder = Path(path)
     _check_options(policy, min_mask_fraction, max_concepts, str(folder))
+    _check_link(folder, "scene folder")
     if not folder.exists():
         raise SceneError(f"scene folder {folder} does not exist",
                          hint="check the path; a scene folder holds img.jpg|png and mask0.png, mask1.png …")
     if not folder.is_dir():
         raise SceneError(f"{folder} is a file, not a scene folder",
                          hint="pass the folder that holds img.jpg|png and mask0.png, mask1.png …")
-    files = sorted(p for p in folder.iterdir() if p.is_file())
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as e:
+        raise SceneError(f"cannot list the scene folder {folder} ({e.strerror or e})",
+                         hint="check its permissions") from None
+    for p in entries:  # a scene file that is not a file: say what it is, never "missing"
+        if _is_scene_file_name(p.name) and not p.is_file():
+            _check_link(p, "scene file")
+            raise SceneError(f"{p} is a directory, not a file" if p.is_dir() else f"{p} is not a regular file",
+                             hint=f"{p.name} must be an image file; move or rename the folder")
+    files = [p for p in entries if p.is_file()]
     hashes: dict[str, str] = {}
 
     # scene.json
@@ -296,7 +317,9 @@ def load_scene(path: str | os.PathLike, *, background: bool | None = None, polic
         specs = [{} for _ in range(n)]
     concepts = _build_concepts(square_masks, specs[:n], want_background, min_mask_fraction,
                                str(json_path if json_path.is_file() else folder), [str(p) for p in mask_paths])
-    return Scene(image=_square(rgb, policy, "edge"), concepts=concepts, source=str(folder), input_hashes=hashes)
+    square = _square(rgb, policy, "edge")
+    _warn_odd(square, square_masks, str(folder), [p.name for p in mask_paths])
+    return Scene(image=square, concepts=concepts, source=str(folder), input_hashes=hashes)
 
 
 def save_scene(scene: Scene, path: str | os.PathLike) -> Path:
@@ -341,8 +364,10 @@ def read_image(image: Any) -> np.ndarray:
     """
     if isinstance(image, (str, os.PathLike)):
         p = Path(image)
+        _check_link(p, "image")
         if not p.is_file():
-            raise SceneError(f"image {p} does not exist" if not p.exists() else f"{p} is not a file",
+            raise SceneError(f"image {p} does not exist" if not p.exists() else
+                             f"{p} is a directory, not a file" if p.is_dir() else f"{p} is not a file",
                              hint="pass the path of a PNG, JPEG or WebP photo")
         return _image_to_rgb(_open_image(_read_bytes(p), p, "image"))
     return _array_to_rgb(image, "image array")
@@ -356,8 +381,10 @@ def read_mask(mask: Any, size: tuple[int, int] | None = None, label: str | None 
     if isinstance(mask, (str, os.PathLike)):
         p = Path(mask)
         label = label or str(p)
+        _check_link(p, "mask")
         if not p.is_file():
-            raise SceneError(f"mask {p} does not exist" if not p.exists() else f"{p} is not a file",
+            raise SceneError(f"mask {p} does not exist" if not p.exists() else
+                             f"{p} is a directory, not a file" if p.is_dir() else f"{p} is not a file",
                              hint="pass the path of a white-on-black PNG mask")
         unit = _mask_image_to_unit(_open_image(_read_bytes(p), p, "mask"))
     else:
@@ -388,6 +415,46 @@ def _check_count(n_objects: int, background: bool, max_concepts: int, where: str
         what = f"{n_objects} masks" + (" plus the background" if background else "")
         raise SceneError(f"{where}: {what} make {total} concepts, more than the limit of {max_concepts}",
                          hint=_LIMIT_HINT)
+
+
+def _is_scene_file_name(name: str) -> bool:
+    return bool(_MASK_PNG.match(name) or _MASK_OTHER.match(name) or name.lower() == "scene.json"
+                or (Path(name).stem.lower() == "img" and Path(name).suffix.lower() in IMAGE_SUFFIXES))
+
+
+def _check_link(p: Path, what: str) -> None:
+    """A symbolic link that leads nowhere: say so ("symlink loop" / "broken link"), not "does not exist"."""
+    if not p.is_symlink():
+        return
+    try:
+        p.resolve(strict=True)
+    except RuntimeError:  # Python 3.11 reports a loop this way
+        raise SceneError(f"{what} {p} is a symlink loop (a symbolic link that leads back to itself)",
+                         hint="point the link at the real file or folder") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise SceneError(f"{what} {p} is a symlink loop (a symbolic link that leads back to itself)",
+                             hint="point the link at the real file or folder") from None
+        raise SceneError(f"{what} {p} is a broken symbolic link (it points to {os.readlink(p)}, which does not "
+                         "exist)", hint="point the link at the real file or folder") from None
+
+
+def _warn_odd(image: np.ndarray, masks: list[np.ndarray], where: str, labels: list[str]) -> None:
+    """Warn (one line each) about a scene that loads but is probably not what was meant."""
+    if image.shape[0] < SMALL_IMAGE:
+        warnings.warn(f"{where}: the image is only {image.shape[0]}×{image.shape[0]} pixels (after squaring); it will be "
+                      f"upscaled to the model's resolution and handles learnt from it will be blurry "
+                      f"(use a larger photo, ideally 512 px or more)", ScenetokWarning, stacklevel=3)
+    for i, m in enumerate(masks):
+        if m.mean() >= FULL_MASK:
+            warnings.warn(f"{where}: {Path(labels[i]).name} covers {m.mean():.0%} of the image: its handle will learn "
+                          "the whole photo, not one object (paint only the object white)", ScenetokWarning,
+                          stacklevel=3)
+        for j in range(i):
+            if np.array_equal(m, masks[j]):
+                warnings.warn(f"{where}: {Path(labels[j]).name} and {Path(labels[i]).name} are identical: their two "
+                              "handles will compete for the same pixels (give each object its own mask)",
+                              ScenetokWarning, stacklevel=3)
 
 
 def _read_bytes(p: Path) -> bytes:
@@ -499,7 +566,8 @@ def _open_image(data: bytes, p: Path, what: str) -> Image.Image:
         im.load()
         return ImageOps.exif_transpose(im)
     except Exception as e:  # Pillow raises many types for damaged files
-        raise SceneError(f"{p}: cannot read the {what} ({type(e).__name__}: {e})",
+        detail = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(e)).strip() or "unreadable"
+        raise SceneError(f"{p}: cannot read the {what} ({type(e).__name__}: {detail})",
                          hint=f"the file is damaged or not an image; re-export the {what} as PNG or JPEG") from e
 
 
@@ -693,6 +761,9 @@ def _check_word(value: Any, what: str, where: str) -> str:
     text = value.strip()
     if not text:
         raise SceneError(f"{where}: {what} is empty", hint=f"give {what} a short word, e.g. \"bowl\"")
+    if len(text) > MAX_WORD_CHARS:
+        raise SceneError(f"{where}: {what} {shorten(text, 40)} is longer than {MAX_WORD_CHARS} characters",
+                         hint=f"give {what} a short word or phrase, e.g. \"bowl\"")
     if "<" in text or ">" in text:
         raise SceneError(f"{where}: {what} {text!r} contains '<' or '>'",
                          hint="angle brackets are reserved for handles such as <asset0>; use a plain word")
@@ -704,7 +775,8 @@ def _build_concepts(masks: list[np.ndarray], specs: list[dict], background: bool
     concepts: list[Concept] = []
     seen: dict[str, str] = {}
     for i, (mask, spec) in enumerate(zip(masks, specs)):
-        ctx = f"{where} (concept {i}, {Path(labels[i]).name})"
+        label = Path(labels[i]).name
+        ctx = f"{where} (concept {i}, {label if len(label) <= 60 else label[:59] + '…'})"
         raw_name = spec.get("name")
         name = f"concept{i}" if raw_name is None else _check_word(raw_name, "the name", ctx)
         raw_class = spec.get("class_word")

@@ -35,11 +35,12 @@ from scenetok.bundle.content import (
     HandleInfo,
     file_stem,
 )
-from scenetok.bundle.read import Bundle, check_output_dir, is_bundle, read_bundle
+from scenetok.bundle.read import Bundle, check_output_dir, is_bundle, read_bundle, verify_bundle
 from scenetok.bundle.write import write_bundle
 
 __all__ = [
-    "A1111_DIR", "BUNDLE_ENTRIES", "EMBEDDINGS_DIR", "INPUT_IMAGE", "INPUTS_DIR", "LORA_DIR", "MANIFEST", "MANIFEST_VERSION", "MASKS_DIR",
-    "MODEL_CARD", "PARTIAL_SUFFIX", "RUN_CONFIG", "TRAINER_DIRS", "TRAINER_FILES", "WEIGHTS_DIR", "Bundle", "BundleContent",
-    "HandleInfo", "check_output_dir", "file_stem", "is_bundle", "model_card", "read_bundle", "write_bundle",
+    "A1111_DIR", "BUNDLE_ENTRIES", "EMBEDDINGS_DIR", "INPUT_IMAGE", "INPUTS_DIR", "LORA_DIR", "MANIFEST",
+    "MANIFEST_VERSION", "MASKS_DIR", "MODEL_CARD", "PARTIAL_SUFFIX", "RUN_CONFIG", "TRAINER_DIRS", "TRAINER_FILES",
+    "WEIGHTS_DIR", "Bundle", "BundleContent", "HandleInfo", "check_output_dir", "file_stem", "is_bundle", "model_card",
+    "read_bundle", "verify_bundle", "write_bundle",
 ]

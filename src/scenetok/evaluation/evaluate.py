@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from scenetok.bundle import read_bundle
+from scenetok.generation import check_bundle_files
 from scenetok.errors import ConfigError
 from scenetok.evaluation import distributed
 from scenetok.evaluation.options import PARTIAL_DIR, EvalOptions, _Plan
@@ -58,6 +59,8 @@ def evaluate_bundles(bundles: Sequence, out_dir, *, scenes: Sequence | None = No
     bundles = [read_bundle(b) for b in bundles]
     if not bundles:
         raise ConfigError("no bundle to evaluate")
+    for b in bundles:  # a truncated or pickle-only weight file is refused before any model is loaded
+        check_bundle_files(b)
     scenes = list(scenes) if scenes is not None else [None] * len(bundles)
     if len(scenes) != len(bundles):
         raise ConfigError(f"{len(scenes)} scenes for {len(bundles)} bundles")

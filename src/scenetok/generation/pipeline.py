@@ -8,22 +8,24 @@ same seed gives the same starting noise on any device), so any image can be rege
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from scenetok import viz
 from scenetok.attention import available_sizes, capture_attention, select_layers
-from scenetok.bundle import Bundle, file_stem, read_bundle
-from scenetok.errors import BundleError, ConfigError, PromptError
+from scenetok.bundle import Bundle, file_stem, read_bundle, verify_bundle
+from scenetok.errors import BundleError, ConfigError, PromptError, shorten
 from scenetok.io import atomic_write_bytes, atomic_write_text, png_bytes
 from scenetok.lora import ADAPTER_NAME
-from scenetok.model import default_device, family_of, token_ids
+from scenetok.model import check_weight_files, default_device, family_of, token_ids
 from scenetok.params import load_partial_state
 from scenetok.viz import normalize_map
 
@@ -78,6 +80,14 @@ def _looks_like_local_path(model: str) -> bool:
     return not _HUB_ID.match(model) or model.startswith(".")
 
 
+def check_bundle_files(bundle: Bundle) -> None:
+    """The cheap checks of a bundle's files before loading it: weight files that are truncated or pickle-only,
+    and every file of the manifest's index present with its recorded size (no hashing)."""
+    for name, folder in bundle.component_dirs().items():
+        check_weight_files(folder, error=BundleError, what=f"bundle's {name}")
+    verify_bundle(bundle, hashes=False)
+
+
 def load_pipeline(bundle, base_model: str | None = None, device=None, dtype=None, scheduler: str = "ddim"):
     """Load the base Stable Diffusion pipeline with the bundle's changed components and handles.
 
@@ -102,6 +112,8 @@ def load_pipeline(bundle, base_model: str | None = None, device=None, dtype=None
         )
     if Path(base).expanduser().exists():
         base = str(Path(base).expanduser())
+        check_weight_files(base, what="base model")
+    check_bundle_files(bundle)
 
     overrides = {}
     for name, folder in bundle.component_dirs().items():
@@ -141,12 +153,20 @@ def load_pipeline(bundle, base_model: str | None = None, device=None, dtype=None
 
     dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
     embeddings = bundle.embeddings()
+    sizes = {vec.numel() for vec in embeddings.values()}
     for token, vec in embeddings.items():
-        if vec.numel() != dim:
+        if vec.numel() == dim:
+            continue
+        if len(sizes) > 1 or base_model is None or str(base_model) == str(bundle.base_model):
+            # the bundle's own base model (or handles that disagree among themselves): the bundle is at fault
             raise BundleError(
-                f"handle {token} has {vec.numel()} dimensions but the text encoder of {base} has {dim}",
-                hint=f"this bundle was made for {bundle.base_model}; use that base model",
-            )
+                f"bundle {bundle.path}: the embedding of {token} ({bundle.embedding_file(token).name}) has "
+                f"{vec.numel()} values, but its base model's text encoder takes {dim}: the embedding file is damaged "
+                "or was replaced", hint="extract the bundle again")
+        raise BundleError(
+            f"handle {token} has {vec.numel()} dimensions but the text encoder of {base} has {dim}",
+            hint=f"this bundle was made for {bundle.base_model}; use that base model",
+        )
     known = [t for t in embeddings if t in pipe.tokenizer.get_vocab()]
     if known:
         raise BundleError(f"the base model's tokenizer already has the token(s) {known}",
@@ -167,8 +187,21 @@ def _describe(bundle: Bundle) -> str:
     return ", ".join(f"{h.token} ({h.name})" for h in bundle.handles)
 
 
-def check_prompt(prompt: str, bundle) -> None:
-    """Raise :class:`PromptError` when ``prompt`` uses a ``<...>`` handle the bundle does not have."""
+MAX_PROMPT_CHARS = 1000  # far more than the text encoder's 77 tokens ever hold; refused before tokenizing
+
+
+def check_prompt(prompt: str, bundle, what: str = "prompt") -> None:
+    """Raise :class:`PromptError` when ``prompt`` is not text, is empty, is longer than
+    :data:`MAX_PROMPT_CHARS` characters, or uses a ``<...>`` handle the bundle does not have. (Its length in
+    tokens needs the tokenizer: :func:`check_prompt_tokens`.)"""
+    if not isinstance(prompt, str):
+        raise PromptError(f"the {what} must be text, got {type(prompt).__name__} {shorten(prompt)}")
+    if not prompt.strip():
+        raise PromptError(f"the {what} is empty", hint='write what to draw, e.g. "a photo of <asset0> in the snow"')
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise PromptError(f"the {what} is {len(prompt)} characters long ({shorten(prompt, 40)}); prompts are limited to "
+                          f"{MAX_PROMPT_CHARS} characters (the text encoder reads at most 77 tokens)",
+                          hint="shorten the prompt")
     bundle = read_bundle(bundle)
     found = HANDLE_RE.findall(prompt)
     unknown = [t for t in dict.fromkeys(found) if t not in bundle.tokens]
@@ -177,6 +210,45 @@ def check_prompt(prompt: str, bundle) -> None:
             f"the prompt uses {', '.join(unknown)}, which bundle {bundle.path} does not have",
             hint=f"known handles: {_describe(bundle)}",
         )
+
+
+def check_prompt_tokens(tokenizer, prompt: str, tokens: list[str] = (), what: str = "prompt") -> None:
+    """Raise :class:`PromptError` when ``prompt`` is longer than the text encoder reads
+    (``tokenizer.model_max_length`` tokens, start and end tokens included), naming any handle of ``tokens``
+    that would fall past the limit: the text encoder would silently drop the rest."""
+    limit = int(tokenizer.model_max_length)
+    ids = tokenizer(prompt, truncation=False).input_ids
+    if len(ids) <= limit:
+        return
+    lost = []
+    for tok in tokens:
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        pos = [i for i, x in enumerate(ids) if x == tid]
+        if pos and min(pos) >= limit - 1:
+            lost.append(tok)
+    where = f"; {', '.join(lost)} would be cut off and have no effect" if lost else " and would be cut off"
+    raise PromptError(f"the {what} is {len(ids)} tokens long, more than the text encoder's limit of {limit} "
+                      f"(start and end tokens included){where}",
+                      hint=f"shorten the {what} to at most {limit - 2} tokens; put the handles early")
+
+
+def check_generate_options(*, n: Any = 1, steps: Any = 1, guidance: Any = 7.5, batch_size: Any = 1,
+                           size: Any = None, seed: Any = 0) -> None:
+    """Refuse generation options that are not usable numbers (before any model is loaded)."""
+    for name, value in (("n", n), ("steps", steps), ("batch_size", batch_size), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ConfigError(f"{name} must be an integer, got {type(value).__name__} {shorten(value)}")
+    for name, value in (("-n", n), ("steps", steps), ("batch_size", batch_size)):
+        if value < 1:
+            raise ConfigError(f"{name} must be at least 1 (got {value})")
+    if seed < 0:
+        raise ConfigError(f"seed must be >= 0 (got {seed})")
+    if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real) or not math.isfinite(guidance):
+        raise ConfigError(f"the guidance scale must be a finite number, got {shorten(guidance)}",
+                          hint="use e.g. --guidance 7.5 (1: no classifier-free guidance)")
+    if size is not None:
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 8 or size % 8:
+            raise ConfigError(f"image size {shorten(size)} is not a positive multiple of 8", hint="use e.g. --size 512")
 
 
 def handle_positions(tokenizer, prompt: str, tokens: list[str]) -> dict[str, list[int]]:
@@ -188,9 +260,6 @@ def handle_positions(tokenizer, prompt: str, tokens: list[str]) -> dict[str, lis
         pos = [i for i, x in enumerate(ids) if x == tid]
         if pos:
             out[tok] = pos
-        elif tok in prompt:
-            warnings.warn(f"{tok} falls beyond the text encoder's {tokenizer.model_max_length} tokens; "
-                          "it has no effect and no attention map", stacklevel=3)
     return out
 
 
@@ -267,12 +336,18 @@ def generate(
     the largest map size ≤ latent/2). ``out_dir`` receives ``{i:02d}_seed{s}.png``, the overlays
     ``{i:02d}_seed{s}_asset0.png``, ``grid.png`` and ``prompts.jsonl`` (one appended row per image).
     """
+    check_generate_options(n=n, steps=steps, guidance=guidance, batch_size=batch_size, size=height, seed=seed)
+    if width is not None:
+        check_generate_options(size=width)
     pipe, bundle = _resolve(bundle_or_pipe)
     if bundle is not None:
         check_prompt(prompt, bundle)
-    for name, value in (("n", n), ("batch_size", batch_size), ("steps", steps)):
-        if int(value) < 1:
-            raise ConfigError(f"{name} must be at least 1 (got {value})")
+    if negative_prompt and bundle is not None:
+        check_prompt(negative_prompt, bundle, what="negative prompt")
+    handles = bundle.tokens if bundle is not None else list(getattr(pipe.tokenizer, "get_added_vocab", dict)())
+    check_prompt_tokens(pipe.tokenizer, prompt, handles)
+    if negative_prompt:
+        check_prompt_tokens(pipe.tokenizer, negative_prompt, handles, what="negative prompt")
     vae_factor = getattr(pipe, "vae_scale_factor", 8)
     default = bundle.resolution if bundle is not None else pipe.unet.config.sample_size * vae_factor
     height = int(height or width or default)

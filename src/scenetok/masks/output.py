@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from scenetok.errors import SceneError
+from scenetok.errors import SceneError, shorten
 from scenetok.io import atomic_save_dir, png_bytes
 from scenetok.masks import mask_sources
 from scenetok.masks.core import DEFAULT_DETECTOR, DEFAULT_SAM, ConceptMask, MaskError, as_rgb
@@ -67,7 +67,7 @@ def to_scene(image: Any, concepts: Sequence[ConceptMask], *, background: bool = 
                                  policy=policy)
     except SceneError as e:  # name the concept instead of "mask 1 (array)"
         msg = re.sub(r"mask (\d+) \(array\)",
-                     lambda m: f"concept {concepts[int(m.group(1))].name!r}" if int(m.group(1)) < len(concepts)
+                     lambda m: f"concept {shorten(concepts[int(m.group(1))].name)}" if int(m.group(1)) < len(concepts)
                      else m.group(0), e.message)
         hint = (e.hint or "").replace("policy 'pad'", "--policy pad (policy='pad')")
         raise MaskError(msg, hint=hint or None) from e
