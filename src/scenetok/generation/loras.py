@@ -13,6 +13,7 @@ again; the pipeline then computes what it computed before the LoRA was added.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,12 +50,11 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix.lower() != ".safetensors":
         raise ConfigError(f"LoRA file {path} is not a .safetensors file; scenetok loads no pickled weights",
                           hint="convert it to safetensors (most LoRA sites offer that form), then pass it again")
-    from safetensors import SafetensorsError
     from safetensors.torch import load_file
 
     try:
         return load_file(str(path))
-    except (SafetensorsError, OSError, ValueError) as e:
+    except Exception as e:  # safetensors raises its own error type for a damaged header
         raise ConfigError(f"LoRA file {path} cannot be read as safetensors: {str(e).splitlines()[0]}",
                           hint="the file is damaged or not a LoRA; download it again") from None
 
@@ -200,7 +200,9 @@ def add_lora(pipe, path: str | Path, scale: float = 1.0, *, name: str | None = N
     level = dlogging.get_verbosity()
     dlogging.set_verbosity_error()
     try:
-        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter)
+        with warnings.catch_warnings():  # peft's note that the model now has several adapters: that is the point
+            warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+            pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter)
     except (ValueError, RuntimeError, KeyError) as e:
         raise ConfigError(f"LoRA {path} could not be loaded on {base}: {str(e).splitlines()[0]}",
                           hint="use a LoRA trained for this base model") from None
