@@ -275,3 +275,42 @@ def test_inpaint_end_to_end_keeps_the_outside(bundle, inpaint_model, tmp_path):
         assert np.abs(a[4:20, 4:20].astype(int) - photo[4:20, 4:20]).mean() > 5  # the region was redrawn
     assert {p.name for p in (tmp_path / "o").iterdir()} == {"edit_00_seed0.png", "edit_01_seed1.png", "edit_sheet.png",
                                                             "edits.jsonl"}
+
+
+# ------------------------------------------------------------------------------------------ blended edit
+
+
+def test_blended_edit_of_a_non_square_photo_keeps_size_and_outside(bundle, tmp_path):
+    from scenetok.generation.edit import latent_stride, working_size
+
+    rng = np.random.default_rng(1)
+    photo = rng.integers(0, 255, (36, 52, 3), dtype=np.uint8)
+    region = np.zeros((36, 52), bool)
+    region[10:20, 30:44] = True
+    out = api.edit(bundle, photo, [region], ["a photo of <asset1>"], n=1, steps=3, dilate=2, device="cpu",
+                   progress=False)[0]
+    a = np.asarray(out.image)
+    assert a.shape == photo.shape
+    assert np.array_equal(a[~out.region], photo[~out.region])
+    assert out.region[region].all() and out.region.mean() < 0.3
+    pipe, _ = load_pipeline(bundle, device="cpu")
+    vae, multiple = latent_stride(pipe)
+    assert (vae, multiple) == (2, 4)  # tiny SD: 2× VAE, UNet with two levels
+    assert working_size((36, 52), 32, multiple) == (32, 48)  # shorter side 32, aspect kept, multiples of 4
+
+
+def test_region_from_a_sam_box(bundle, tmp_path):
+    from scenetok.generation.edit import region_mask
+    from scenetok.testing import build_tiny_sam
+
+    sam = build_tiny_sam(tmp_path / "sam", full_masks=True)
+    photo = np.full((64, 64, 3), 128, np.uint8)
+    mask, label = region_mask("box:16,20,40,44", photo, sam_model=str(sam), device="cpu")
+    assert label == "box:16,20,40,44"
+    ys, xs = np.nonzero(mask)
+    # SAM (every pixel on) clipped to the box grown by the box margin
+    assert 10 <= xs.min() <= 16 and 40 <= xs.max() <= 46 and 14 <= ys.min() <= 20 and 44 <= ys.max() <= 50
+    rect, _ = region_mask("rect:16,20,40,44", photo)
+    assert rect.sum() == 24 * 24 and rect[20:44, 16:40].all()
+    with pytest.raises(ConfigError, match="cannot read the box"):
+        region_mask("box:1,2,3", photo, sam_model=str(sam))
