@@ -398,8 +398,8 @@ def _cmd_edit(args) -> int:
             strict_transfer=args.strict_transfer, base_model=args.base_model, device=args.device,
             sam_model=args.sam_model, detector_model=args.detector_model, out_dir=args.output,
             overwrite=args.overwrite, progress=not args.quiet, log=None if args.quiet else print, **_lora_args(args))
-    for w in caught:
-        if "cannot transfer" in str(w.message):
+    for w in caught:  # scenetok's own warnings (e.g. parts of a bundle that cannot transfer), one line each
+        if "scenetok" in str(w.filename):
             print(f"warning: {w.message}", file=sys.stderr)
     print(f"{len(results)} edited image(s) and edit_sheet.png written to {args.output}")
     return 0
