@@ -22,6 +22,11 @@ from scenetok.bundle import Bundle, check_output_dir, read_bundle
 from scenetok.errors import ConfigError, SceneError, ScenetokError, shorten
 from scenetok.generation import check_generate_options, check_prompt, check_prompt_tokens, load_pipeline
 from scenetok.generation import generate as _generate
+from scenetok.generation.edit import EditOptions, EditRegion, blended_edit, check_region, region_mask
+from scenetok.generation.inpaint import inpaint, load_inpaint_pipeline
+from scenetok.generation.loras import add_loras, read_lora_layers
+from scenetok.generation.outputs import claim, write_files
+from scenetok.generation.variations import contact_sheet, variation_prompt
 from scenetok.masks import DEFAULT_DETECTOR, DEFAULT_SAM, auto_mask_scene
 from scenetok.masks import make_masks as _make_masks
 from scenetok.methods import Method, get_method
@@ -34,8 +39,9 @@ from scenetok.training import train as _train
 from scenetok.training.rundir import resume_run
 from scenetok.training.settings import setting_helps
 
-__all__ = ["adapter_overrides", "default_model", "extract", "generate", "load_scenes", "make_masks", "method_options", "method_settings",
-           "method_switches", "read_bundle", "run_settings", "switch_overrides", "train"]
+__all__ = ["adapter_overrides", "default_model", "edit", "extract", "generate", "load_scenes", "make_masks",
+           "method_options", "method_settings", "method_switches", "read_bundle", "run_settings", "switch_overrides",
+           "train", "variations"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -273,9 +279,11 @@ def make_masks(image, output: str | Path, **options):
 def generate(bundle: str | Path | Bundle, prompt: str, *, n: int = 4, seed: int = 0, steps: int = 50,
              guidance: float = 7.5, negative_prompt: str | None = None, size: int | None = None,
              batch_size: int = 4, attention: bool = False, base_model: str | None = None,
-             device: str | None = None, out_dir: str | Path | None = None, progress: bool = True):
+             device: str | None = None, out_dir: str | Path | None = None, progress: bool = True,
+             lora: str | Path | Sequence[str | Path] | None = None, lora_scale: float | Sequence[float] = 1.0):
     """Images of ``prompt`` (which names the bundle's handles) from the bundle's base model + handles;
-    written to ``out_dir`` when given. Returns the list of :class:`scenetok.generation.Generated`."""
+    written to ``out_dir`` when given. ``lora``: community LoRA file(s) stacked on the bundle at
+    ``lora_scale`` (:mod:`scenetok.generation.loras`). Returns the list of :class:`scenetok.generation.Generated`."""
     check_generate_options(n=n, steps=steps, guidance=guidance, batch_size=batch_size, size=size, seed=seed)
     b = bundle if isinstance(bundle, Bundle) else read_bundle(_check_path(bundle, "bundle"))
     check_prompt(prompt, b)
@@ -290,7 +298,163 @@ def generate(bundle: str | Path | Bundle, prompt: str, *, n: int = 4, seed: int 
         check_prompt_tokens(tokenizer, prompt, b.tokens)
         if negative_prompt:
             check_prompt_tokens(tokenizer, negative_prompt, b.tokens, what="negative prompt")
-    pipe, b = load_pipeline(b, base_model=base_model, device=device)
+    pipe, b = _pipeline_with_loras(b, base_model, device, lora, lora_scale)
     return _generate((pipe, b), prompt, n=n, seed=seed, steps=steps, guidance=guidance,
                      negative_prompt=negative_prompt, height=size, width=size, batch_size=batch_size,
                      attention=attention, out_dir=out_dir, progress=progress)
+
+
+# ----------------------------------------------------------------------------------------------------
+# applications: variations, local editing / inpainting, community LoRAs (docs/applications.md)
+
+
+def _lora_list(lora) -> list[Path]:
+    if lora is None:
+        return []
+    return [Path(lora)] if isinstance(lora, (str, Path)) else [Path(x) for x in lora]
+
+
+def _pipeline_with_loras(b: Bundle, base_model, device, lora, lora_scale, pipe=None):
+    """The bundle's pipeline (or ``pipe``) with the community LoRAs stacked on it, each checked first."""
+    files = _lora_list(lora)
+    for f in files:  # unreadable files fail before the model is loaded
+        read_lora_layers(f)
+    if pipe is None:
+        pipe, b = load_pipeline(b, base_model=base_model, device=device)
+    if files:
+        add_loras(pipe, files, lora_scale, base=str(base_model or b.base_model))
+    return pipe, b
+
+
+def variations(bundle: str | Path | Bundle, *, n: int = 8, handles: Sequence[int | str] | str | None = None,
+               background: bool = False, suffix: str = "", seed: int = 0, steps: int = 50, guidance: float = 7.5,
+               negative_prompt: str | None = None, size: int | None = None, batch_size: int = 4,
+               base_model: str | None = None, device: str | None = None,
+               lora: str | Path | Sequence[str | Path] | None = None, lora_scale: float | Sequence[float] = 1.0,
+               out_dir: str | Path | None = None, overwrite: bool = False, progress: bool = True,
+               log: Callable[[str], None] | None = None):
+    """Image variations (Break-A-Scene Fig. 10): ``n`` images of "a photo of <asset0> and <asset1> …" in the
+    prompt form of the bundle's method (all object handles, or ``handles``; the background handle with
+    ``background``; ``suffix`` appended). Image ``i`` uses seed ``seed + i``. With ``out_dir``: the images
+    ``{i:02d}_seed{s}.png``, ``contact_sheet.png`` and ``variations.jsonl`` (prompt, seed, settings per
+    image); existing files are never replaced unless ``overwrite``. Returns the
+    :class:`~scenetok.generation.Generated` images."""
+    say = log or (lambda _msg: None)
+    check_generate_options(n=n, steps=steps, guidance=guidance, batch_size=batch_size, size=size, seed=seed)
+    b = bundle if isinstance(bundle, Bundle) else read_bundle(_check_path(bundle, "bundle"))
+    if out_dir is not None:
+        check_writable(_check_path(out_dir, "out_dir"))
+    prompt = variation_prompt(b, handles, background, suffix)
+    names = [f"{i:02d}_seed{seed + i}.png" for i in range(n)] + ["contact_sheet.png", "variations.jsonl"]
+    if out_dir is not None:
+        claim(out_dir, names, overwrite=overwrite)
+    say(f"prompt: {prompt}")
+    pipe, b = _pipeline_with_loras(b, base_model, device, lora, lora_scale)
+    results = _generate((pipe, b), prompt, n=n, seed=seed, steps=steps, guidance=guidance,
+                        negative_prompt=negative_prompt, height=size, width=size, batch_size=batch_size,
+                        progress=progress)
+    if out_dir is not None:
+        loras = [{"file": str(f), "scale": s} for f, s in zip(_lora_list(lora), _scales(lora, lora_scale))]
+        rows = [{"file": names[i], "prompt": prompt, "seed": r.seed, "steps": steps, "guidance": guidance,
+                 "negative_prompt": negative_prompt, "bundle": str(b.path), "loras": loras}
+                for i, r in enumerate(results)]
+        images = {names[i]: r.image for i, r in enumerate(results)}
+        images["contact_sheet.png"] = contact_sheet(results)
+        write_files(out_dir, images, ("variations.jsonl", rows))
+    return results
+
+
+def _scales(lora, lora_scale) -> list[float]:
+    k = len(_lora_list(lora))
+    if isinstance(lora_scale, (int, float)):
+        return [float(lora_scale)] * k
+    vals = [float(s) for s in lora_scale]
+    return vals * k if len(vals) == 1 else vals
+
+
+def edit(bundle: str | Path | Bundle, image, masks: Sequence, prompts: Sequence[str], *, n: int = 1, seed: int = 0,
+         steps: int = 50, guidance: float = 7.5, strength: float = 1.0, blend_stop: float = 0.0, dilate: int = 1,
+         negative_prompt: str | None = None, size: int | None = None, inpaint_model: str | None = None,
+         strict_transfer: bool = False, base_model: str | None = None, device: str | None = None,
+         lora: str | Path | Sequence[str | Path] | None = None, lora_scale: float | Sequence[float] = 1.0,
+         sam_model: str | None = None, detector_model: str | None = None, out_dir: str | Path | None = None,
+         overwrite: bool = False, progress: bool = True, log: Callable[[str], None] | None = None):
+    """Local editing by example (Break-A-Scene Fig. 12) and inpainting of learned concepts (DisenDiff Fig. 7).
+
+    ``masks[k]`` / ``prompts[k]`` are applied one after another, each on the previous result. A mask is a
+    file, an array, ``rect:X0,Y0,X1,Y1``, ``box:…`` / ``points:…`` (SAM) or ``text:WORDS`` (GroundingDINO +
+    SAM); a mask file of the photo's aspect ratio but another size is resized to the photo, any other size
+    is refused. Without ``inpaint_model`` the bundle's own model edits with Blended Latent Diffusion
+    (:mod:`scenetok.generation.edit`); with it, diffusers' inpainting pipeline of that checkpoint runs with
+    every part of the bundle that transfers (:mod:`scenetok.generation.inpaint`). Result ``i`` uses seed
+    ``seed + i``. With ``out_dir``: ``edit_{i:02d}_seed{s}.png`` (and ``…_step{k}.png`` for each earlier
+    region), ``edit_sheet.png``, ``edits.jsonl``. Returns the :class:`~scenetok.generation.edit.Edited` list."""
+    from scenetok.scene import read_image
+
+    say = log or (lambda _msg: None)
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    masks = [masks] if isinstance(masks, (str, Path)) else list(masks)
+    if len(masks) != len(prompts):
+        raise ScenetokError(f"{len(masks)} --mask but {len(prompts)} --prompt",
+                            hint="give one --prompt after each --mask: --mask A.png --prompt '…' --mask B.png --prompt '…'")
+    if not masks:
+        raise ScenetokError("nothing to edit", hint="give --mask REGION --prompt TEXT (repeatable)")
+    check_generate_options(n=n, steps=steps, guidance=guidance, size=size, seed=seed)
+    b = bundle if isinstance(bundle, Bundle) else read_bundle(_check_path(bundle, "bundle"))
+    if out_dir is not None:
+        check_writable(_check_path(out_dir, "out_dir"))
+    for p in prompts:
+        check_prompt(p, b)
+    options = EditOptions(steps=steps, guidance=guidance, strength=strength, blend_stop=blend_stop, dilate=dilate,
+                          negative_prompt=negative_prompt, size=size)
+    options.check()
+    photo = read_image(image)
+    regions = []
+    for spec, prompt in zip(masks, prompts):
+        spec = str(spec) if isinstance(spec, Path) else spec
+        mask, label = region_mask(spec, photo, sam_model=sam_model, detector_model=detector_model, device=device)
+        regions.append(EditRegion(check_region(mask, label), prompt, label))
+    names = []
+    for i in range(n):
+        names += [f"edit_{i:02d}_seed{seed + i}_step{k + 1}.png" for k in range(len(regions) - 1)]
+        names.append(f"edit_{i:02d}_seed{seed + i}.png")
+    names += ["edit_sheet.png", "edits.jsonl"]
+    if out_dir is not None:
+        claim(out_dir, names, overwrite=overwrite)
+    if inpaint_model is not None:
+        for f in _lora_list(lora):
+            read_lora_layers(f)
+        pipe, b, _report = load_inpaint_pipeline(b, inpaint_model, base_model=base_model, device=device,
+                                                 strict=strict_transfer, log=say)
+        pipe, b = _pipeline_with_loras(b, base_model, device, lora, lora_scale, pipe=pipe)
+        results = inpaint(pipe, photo, regions, n=n, seed=seed, options=options, progress=progress)
+    else:
+        pipe, b = _pipeline_with_loras(b, base_model, device, lora, lora_scale)
+        results = blended_edit(pipe, photo, regions, n=n, seed=seed, options=options, progress=progress)
+    if out_dir is not None:
+        _write_edits(out_dir, b, photo, regions, results, options, inpaint_model, lora, lora_scale)
+    return results
+
+
+def _write_edits(out_dir, b: Bundle, photo, regions, results, options, inpaint_model, lora, lora_scale) -> None:
+    from scenetok import viz
+
+    images, rows = {}, []
+    loras = [{"file": str(f), "scale": s} for f, s in zip(_lora_list(lora), _scales(lora, lora_scale))]
+    for i, r in enumerate(results):
+        stem = f"edit_{i:02d}_seed{r.seed}"
+        for k, stage in enumerate(r.stages[:-1]):
+            images[f"{stem}_step{k + 1}.png"] = stage
+        images[f"{stem}.png"] = r.image
+        rows.append({"file": f"{stem}.png", "seed": r.seed, "bundle": str(b.path),
+                     "regions": [{"mask": reg.label, "prompt": reg.prompt, "fraction": round(float(reg.mask.mean()), 5)}
+                                 for reg in regions],
+                     "steps": options.steps, "guidance": options.guidance, "strength": options.strength,
+                     "blend_stop": options.blend_stop, "dilate": options.dilate,
+                     "negative_prompt": options.negative_prompt, "inpaint_model": inpaint_model, "loras": loras})
+    tiles = [photo] + [viz.mask_overlay(photo, [reg.mask], [f"{k + 1}"]) for k, reg in enumerate(regions)]
+    labels = ["input"] + [f"region {k + 1}: {reg.prompt}" for k, reg in enumerate(regions)]
+    tiles += [r.image for r in results]
+    labels += [f"seed {r.seed}" for r in results]
+    images["edit_sheet.png"] = viz.grid(tiles, labels=labels, cols=max(len(regions) + 1, min(len(results), 4)))
+    write_files(out_dir, images, ("edits.jsonl", rows))

@@ -154,7 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", action="store_true", help="also write per-handle attention overlays")
     p.add_argument("--base-model", default=None, help="override the bundle's base model path/id")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    _add_lora_options(p)
     _add_common(p)
+
+    _add_application_parsers(sub)
 
     p = sub.add_parser("info", help="describe a bundle", formatter_class=_Formatter)
     p.add_argument("bundle", help="bundle folder")
@@ -294,6 +297,121 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_lora_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lora", action="append", default=None, metavar="FILE",
+                   help="a community LoRA (.safetensors, diffusers or kohya/A1111 keys) stacked on the bundle; "
+                   "repeatable (see docs/applications.md)")
+    p.add_argument("--lora-scale", action="append", type=float, default=None, metavar="S",
+                   help="weight of the --lora (one for all, or one per --lora; default 1.0)")
+
+
+def _lora_args(args) -> dict:
+    return {"lora": args.lora, "lora_scale": args.lora_scale if args.lora_scale else 1.0}
+
+
+def _add_application_parsers(sub) -> None:
+    """``scenetok variations`` and ``scenetok edit`` (alias ``inpaint``): docs/applications.md."""
+    p = sub.add_parser("variations", help="new images of the learned scene from its handles alone (image variations)",
+                       formatter_class=_Formatter,
+                       description="Draw 'a photo of <asset0> and <asset1> …' (in the prompt form the bundle's method "
+                       "trained with) -n times with seeds SEED, SEED+1 …; writes the images, contact_sheet.png and "
+                       "variations.jsonl (prompt and seed of every image) to -o.")
+    p.add_argument("bundle", help="bundle folder written by `scenetok extract`")
+    p.add_argument("-n", "--num-images", type=int, default=8, help="number of images")
+    p.add_argument("--handles", default=None, metavar="I,J",
+                   help="the handles to draw, by number or token, e.g. 0,2 (default: every object handle)")
+    p.add_argument("--background", action="store_true", help="also name the bundle's background handle")
+    p.add_argument("--suffix", default="", help='text after the handles, e.g. "in the snow"')
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image (image i uses seed+i)")
+    p.add_argument("-o", "--output", default="variations", help="output folder")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--negative", default=None, help="negative prompt")
+    p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the bundle's resolution)")
+    p.add_argument("--batch-size", type=int, default=4, help="images generated at once")
+    p.add_argument("--base-model", default=None, help="override the bundle's base model path/id")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true", help="replace files of the same names in -o")
+    _add_lora_options(p)
+    _add_common(p)
+
+    p = sub.add_parser("edit", aliases=["inpaint"], formatter_class=_Formatter,
+                       help="redraw regions of a photo with the bundle's handles (local editing, inpainting)",
+                       description="Blended Latent Diffusion: each --mask/--prompt pair redraws that region of the "
+                       "photo (in order, each on the previous result); pixels outside the slightly dilated region "
+                       "stay exactly as they were. --mask takes a mask file (resized to the photo when its aspect "
+                       "ratio matches, refused otherwise), rect:X0,Y0,X1,Y1 (a box region), box:X0,Y0,X1,Y1 or "
+                       "points:X,Y[+X,Y…] (SAM segments the object) or text:WORDS (GroundingDINO + SAM). With "
+                       "--inpaint-model, an inpainting checkpoint (9-channel UNet) inpaints instead, with every part "
+                       "of the bundle that transfers. See docs/applications.md.")
+    p.add_argument("bundle", help="bundle folder written by `scenetok extract`")
+    p.add_argument("--image", required=True, help="the photo to edit (PNG, JPEG, WebP)")
+    p.add_argument("--mask", action="append", required=True, metavar="REGION",
+                   help="region to redraw: FILE | rect:X0,Y0,X1,Y1 | box:X0,Y0,X1,Y1 | points:X,Y[+X,Y…] | "
+                   "text:WORDS (repeat, one per --prompt)")
+    p.add_argument("--prompt", action="append", required=True,
+                   help='what to draw in the matching region, e.g. "a photo of <asset1>" (repeat, one per --mask)')
+    p.add_argument("-n", "--num-images", type=int, default=1, help="results, with seeds SEED, SEED+1 …")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first result")
+    p.add_argument("-o", "--output", default="edits", help="output folder")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--strength", type=float, default=1.0,
+                   help="how far the region is noised before it is redrawn (1.0: from noise; lower keeps more of it)")
+    p.add_argument("--blend-stop", type=float, default=0.0, metavar="F",
+                   help="run the last fraction F of the steps without blending (smoother seams)")
+    p.add_argument("--dilate", type=int, default=1, metavar="CELLS",
+                   help="grow the region by this many latent cells (also the width of the feathered paste)")
+    p.add_argument("--negative", default=None, help="negative prompt")
+    p.add_argument("--size", type=int, default=None,
+                   help="working size of the photo's shorter side in pixels (default: the model's resolution)")
+    p.add_argument("--inpaint-model", default=None, metavar="MODEL",
+                   help="an inpainting checkpoint (9-channel UNet, e.g. stabilityai/stable-diffusion-2-inpainting): "
+                   "inpaint with it instead of the blended method")
+    p.add_argument("--strict-transfer", action="store_true",
+                   help="with --inpaint-model: refuse when a trained part of the bundle cannot transfer (default: warn)")
+    p.add_argument("--sam-model", default=_DEFAULT_SAM, help="SAM for box:/points:/text: regions")
+    p.add_argument("--detector-model", default=_DEFAULT_DETECTOR, help="GroundingDINO for text: regions")
+    p.add_argument("--base-model", default=None, help="override the bundle's base model path/id")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true", help="replace files of the same names in -o")
+    _add_lora_options(p)
+    _add_common(p)
+
+
+def _cmd_variations(args) -> int:
+    from scenetok import api
+
+    results = api.variations(
+        args.bundle, n=args.num_images, handles=args.handles, background=args.background, suffix=args.suffix,
+        seed=args.seed, steps=args.steps, guidance=args.guidance, negative_prompt=args.negative, size=args.size,
+        batch_size=args.batch_size, base_model=args.base_model, device=args.device, out_dir=args.output,
+        overwrite=args.overwrite, progress=not args.quiet, log=None if args.quiet else print, **_lora_args(args))
+    print(f"{len(results)} variation(s) and contact_sheet.png written to {args.output}")
+    return 0
+
+
+def _cmd_edit(args) -> int:
+    import warnings
+
+    from scenetok import api
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = api.edit(
+            args.bundle, args.image, args.mask, args.prompt, n=args.num_images, seed=args.seed, steps=args.steps,
+            guidance=args.guidance, strength=args.strength, blend_stop=args.blend_stop, dilate=args.dilate,
+            negative_prompt=args.negative, size=args.size, inpaint_model=args.inpaint_model,
+            strict_transfer=args.strict_transfer, base_model=args.base_model, device=args.device,
+            sam_model=args.sam_model, detector_model=args.detector_model, out_dir=args.output,
+            overwrite=args.overwrite, progress=not args.quiet, log=None if args.quiet else print, **_lora_args(args))
+    for w in caught:  # scenetok's own warnings (e.g. parts of a bundle that cannot transfer), one line each
+        if "scenetok" in str(w.filename):
+            print(f"warning: {w.message}", file=sys.stderr)
+    print(f"{len(results)} edited image(s) and edit_sheet.png written to {args.output}")
+    return 0
+
+
 def _comma_list(text: str) -> list[str]:
     """``"a, b,,c "`` → ``["a", "b", "c"]``."""
     return [w.strip() for w in text.split(",") if w.strip()]
@@ -335,6 +453,7 @@ def _cmd_generate(args) -> int:
         args.bundle, args.prompt, n=args.num_images, seed=args.seed, steps=args.steps, guidance=args.guidance,
         negative_prompt=args.negative, size=args.size, batch_size=args.batch_size, attention=args.attention,
         base_model=args.base_model, device=args.device, out_dir=args.output, progress=not args.quiet,
+        **_lora_args(args),
     )
     print(f"{len(results)} image(s) written to {args.output}")
     return 0
@@ -500,6 +619,9 @@ COMMANDS = {"demo": _cmd_demo, "toyworld": _cmd_toyworld, "extract": _cmd_extrac
 COMMANDS["masks"] = _cmd_masks
 COMMANDS["eval"] = _cmd_eval
 COMMANDS["benchmark"] = _cmd_benchmark
+COMMANDS["variations"] = _cmd_variations
+COMMANDS["edit"] = _cmd_edit
+COMMANDS["inpaint"] = _cmd_edit
 
 
 def _quiet_libraries() -> None:

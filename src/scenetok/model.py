@@ -129,6 +129,11 @@ class Family:
         base ones; no safety checker."""
         raise NotImplementedError
 
+    @classmethod
+    def load_inpaint_pipeline(cls, model_id: str, **components) -> Any:  # pragma: no cover - overridden
+        """The family's diffusers inpainting pipeline (9-channel UNet) from ``model_id``; no safety checker."""
+        raise NotImplementedError
+
     @staticmethod
     def pipeline(model: "Model", scheduler) -> Any:  # pragma: no cover - overridden
         """A diffusers text-to-image pipeline over the model's parts, sampling with ``scheduler``."""
@@ -188,6 +193,16 @@ class StableDiffusion(Family):
         return StableDiffusionPipeline.from_pretrained(
             model_id, safety_checker=None, feature_extractor=None, requires_safety_checker=False, **components
         )
+
+    @classmethod
+    def load_inpaint_pipeline(cls, model_id: str, **components) -> Any:
+        from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
+
+        pipe = StableDiffusionInpaintPipeline.from_pretrained(
+            model_id, safety_checker=None, feature_extractor=None, requires_safety_checker=False, **components
+        )
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        return pipe
 
     @staticmethod
     def pipeline(model: "Model", scheduler) -> Any:
@@ -258,6 +273,11 @@ class Model:
         """VAE posterior ``(mean, std)`` (fp32, unscaled) of images ``x`` in ``[-1, 1]``, ``(B, 3, H, W)``."""
         dist = self.vae.encode(x.to(self.vae.device, self.vae.dtype)).latent_dist
         return dist.mean.float(), dist.std.float()
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The denoiser's latents → images ``(B, 3, H, W)`` in about ``[-1, 1]`` (the VAE's decoder)."""
+        z = self.unscale_latents(latents).to(self.vae.device, self.vae.dtype)
+        return self.vae.decode(z).sample
 
     # --- the denoiser -------------------------------------------------------------------------------
 

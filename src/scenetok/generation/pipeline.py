@@ -400,13 +400,27 @@ def generate(
 
     if out_dir is not None:
         write_outputs(results, out_dir, bundle=bundle, negative_prompt=negative_prompt, steps=steps,
-                      guidance=guidance, first_index=0)
+                      guidance=guidance, first_index=next_free_index(out_dir))
     return results
+
+
+def next_free_index(out_dir) -> int:
+    """The first image number after every ``NN_seed….png`` already in ``out_dir`` (0 for a new folder), so a
+    second ``generate -o`` into the same folder adds images instead of replacing them."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return 0
+    taken = [int(m.group(1)) for f in out.iterdir() if (m := re.match(r"^(\d+)_seed", f.name))]
+    return max(taken, default=-1) + 1
 
 
 def write_outputs(results: list[Generated], out_dir, *, bundle: Bundle | None = None, negative_prompt=None,
                   steps=None, guidance=None, first_index: int = 0) -> Path:
-    """Write generated images, their attention overlays, ``grid.png`` and ``prompts.jsonl`` to ``out_dir``."""
+    """Write generated images, their attention overlays, ``grid.png`` and ``prompts.jsonl`` to ``out_dir``.
+
+    Nothing is replaced: images are numbered from ``first_index`` and an existing name is refused; the grid
+    is ``grid.png``, or ``grid_NN.png`` (NN = ``first_index``) when an earlier call wrote one; ``prompts.jsonl``
+    gets one appended row per image."""
     from PIL import Image
 
     out = Path(out_dir)
@@ -416,6 +430,9 @@ def write_outputs(results: list[Generated], out_dir, *, bundle: Bundle | None = 
     per_row = 1 + max((len(r.attention or {}) for r in results), default=0)
     for i, r in enumerate(results, start=first_index):
         fname = f"{i:02d}_seed{r.seed}.png"
+        if (out / fname).exists():
+            raise ConfigError(f"{out / fname} already exists; generate never replaces an image",
+                                hint="choose another -o folder")
         atomic_write_bytes(out / fname, png_bytes(r.image))
         row = {"file": fname, "prompt": r.prompt, "negative_prompt": negative_prompt, "seed": r.seed,
                "steps": steps, "guidance": guidance, "width": r.image.width, "height": r.image.height,
@@ -436,7 +453,8 @@ def write_outputs(results: list[Generated], out_dir, *, bundle: Bundle | None = 
                 labels.append("")
         rows.append(row)
     cols = per_row if per_row > 1 else None
-    atomic_write_bytes(out / "grid.png", png_bytes(viz.grid(tiles, labels=labels, cols=cols)))
+    grid_name = "grid.png" if not (out / "grid.png").exists() else f"grid_{first_index:02d}.png"
+    atomic_write_bytes(out / grid_name, png_bytes(viz.grid(tiles, labels=labels, cols=cols)))
     log = out / "prompts.jsonl"
     old = log.read_text(encoding="utf-8") if log.is_file() else ""
     if old and not old.endswith("\n"):

@@ -15,13 +15,15 @@ import base64
 import html
 import itertools
 import json
+import shutil
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from scenetok.io import png_bytes
+from scenetok.io import png_bytes, swap_dir
 from scenetok.toyworld import world
 
 DEMO_OVERRIDES = [
@@ -93,7 +95,49 @@ def run_demo(
     overwrite: bool = True,
     progress: bool = True,
 ) -> Path:
-    """Run the demo; returns the path of ``report.html``."""
+    """Run the demo; returns the path of ``report.html``. An existing ``out_dir`` is replaced only when it
+    holds an earlier demo (and ``overwrite``); the new one is swapped in only once complete."""
+    t0 = time.time()
+    final = Path(out_dir)
+    _check_demo_output(final, overwrite)
+    # everything is built in a fresh folder beside the output and swapped in at the end: a failed or
+    # interrupted demo leaves the previous one as it was
+    out_dir = final.parent / f".{final.name}.demo-{uuid.uuid4().hex[:8]}"
+    out_dir.mkdir(parents=True)
+    try:
+        report = _run_demo(out_dir, t0, scene=scene, seed=seed, n_objects=n_objects,
+                           images_per_prompt=images_per_prompt, steps=steps, model=model, overrides=overrides,
+                           progress=progress)
+        swap_dir(out_dir, final)
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    return final / report.name
+
+
+DEMO_ENTRIES = ("report.html", "scores.json", "scene", "bundle", "images")
+
+
+def _check_demo_output(final: Path, overwrite: bool) -> None:
+    """The demo replaces only an earlier demo's folder (and only with ``overwrite``), never anything else."""
+    from scenetok.errors import ScenetokError
+    from scenetok.io import foreign_entries
+
+    if final.exists() and not final.is_dir():
+        raise ScenetokError(f"demo output {final} is a file", hint="choose another -o folder")
+    if not final.is_dir() or not any(final.iterdir()):
+        return
+    foreign = foreign_entries(final, lambda name: name in DEMO_ENTRIES)
+    if foreign or not (final / "report.html").is_file():
+        shown = ", ".join(foreign[:3]) if foreign else "no report.html"
+        raise ScenetokError(f"{final} is not the output of an earlier demo ({shown}); refusing to replace it",
+                            hint="choose a new or empty -o folder")
+    if not overwrite:
+        raise ScenetokError(f"{final} holds an earlier demo", hint="pass overwrite=True, or choose another folder")
+
+
+def _run_demo(out_dir: Path, t0: float, *, scene, seed, n_objects, images_per_prompt, steps, model, overrides,
+              progress) -> Path:
     from tqdm.auto import tqdm
 
     from scenetok.generation import generate, load_pipeline
@@ -101,9 +145,6 @@ def run_demo(
     from scenetok.toyworld.model import toy_sd_path
     from scenetok.training import train
 
-    t0 = time.time()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     model = model or str(toy_sd_path())
     spec = None
     if scene is None:
@@ -121,7 +162,7 @@ def run_demo(
     maps_over_time: list[tuple[int, dict]] = []
     bundle = train(
         sc, out_dir / "bundle", method="break-a-scene", model=model, overrides=[*DEMO_OVERRIDES, *overrides],
-        overwrite=overwrite, progress=progress, on_preview=lambda step, maps: maps_over_time.append((step, maps)),
+        progress=progress, on_preview=lambda step, maps: maps_over_time.append((step, maps)),
     )
     stages.update(1)
     stages.set_description("demo: generating")
