@@ -243,3 +243,79 @@ def test_non_finite_learning_rate_is_refused(value):
 
     with pytest.raises(ConfigError, match="phase1.lr must be a finite number"):
         method_config(get_method("break-a-scene"), None, [f"phase1.lr={value}"])
+
+
+# ------------------------------------------------------------------------------------- masks, generate, demo
+def _photo_folder(tmp_path: Path) -> Path:
+    from PIL import Image
+
+    from conftest import two_squares
+
+    folder = tmp_path / "holiday"
+    folder.mkdir()
+    img, masks = two_squares()
+    Image.fromarray(img).save(folder / "photo.jpg")
+    for i, m in enumerate(masks):
+        Image.fromarray(m.astype("uint8") * 255).save(folder / f"my_mask{i}.png")
+    (folder / "notes.txt").write_text("taken in June")
+    return folder
+
+
+def test_masks_overwrite_never_deletes_user_files(tmp_path):
+    from scenetok.cli import main
+
+    photos = _photo_folder(tmp_path)
+    args = [str(photos / "photo.jpg"), "--mask", str(photos / "my_mask0.png"), "--mask", str(photos / "my_mask1.png")]
+    before = tree_hash(photos)
+    # -o = the photo's own folder, even with --overwrite: refused, nothing touched
+    assert main(["masks", *args, "-o", str(photos), "--overwrite"]) == 2
+    assert tree_hash(photos) == before
+    # -o = a folder of other files, with --overwrite: refused
+    other = tmp_path / "docs"
+    other.mkdir()
+    (other / "cv.pdf").write_bytes(b"%PDF")
+    assert main(["masks", *args, "-o", str(other), "--overwrite"]) == 2
+    assert sorted(p.name for p in other.iterdir()) == ["cv.pdf"]
+    # its own earlier output: replaced with --overwrite only
+    scene = tmp_path / "scene"
+    assert main(["masks", *args, "-o", str(scene)]) == 0
+    first = tree_hash(scene)
+    assert main(["masks", *args, "-o", str(scene)]) == 2 and tree_hash(scene) == first
+    assert main(["masks", *args, "--names", "a,b", "-o", str(scene), "--overwrite"]) == 0
+    assert tree_hash(scene) != first and sorted(p.name for p in scene.iterdir()) == [
+        "img.png", "mask0.png", "mask1.png", "masks.json", "preview.png", "scene.json"]
+    (scene / "my-fix.png").write_bytes(b"x")  # a file the user added: now never replaced
+    assert main(["masks", *args, "-o", str(scene), "--overwrite"]) == 2 and (scene / "my-fix.png").exists()
+
+
+def test_generate_twice_into_one_folder_adds_images(reference, tmp_path):
+    from scenetok import api
+
+    out = tmp_path / "images"
+    api.generate(reference, "a photo of <asset0>", n=2, steps=2, out_dir=out, progress=False)
+    first = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "prompts.jsonl"}
+    api.generate(reference, "a photo of <asset1>", n=2, steps=2, out_dir=out, progress=False)
+    for name, data in first.items():
+        assert (out / name).read_bytes() == data, name  # nothing replaced
+    rows = [json.loads(x) for x in (out / "prompts.jsonl").read_text().splitlines()]
+    assert [r["file"] for r in rows] == ["00_seed0.png", "01_seed1.png", "02_seed0.png", "03_seed1.png"]
+    assert [r["prompt"] for r in rows] == ["a photo of <asset0>"] * 2 + ["a photo of <asset1>"] * 2
+    assert (out / "grid.png").is_file() and (out / "grid_02.png").is_file()
+
+
+def test_demo_replaces_only_an_earlier_demo(tmp_path):
+    from scenetok.errors import ScenetokError
+    from scenetok.toyworld.demo import _check_demo_output
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.html").write_text("my own report")
+    (mine / "thesis.tex").write_text("…")
+    with pytest.raises(ScenetokError, match="thesis.tex"):
+        _check_demo_output(mine, overwrite=True)
+    earlier = tmp_path / "demo"
+    (earlier / "images").mkdir(parents=True)
+    (earlier / "report.html").write_text("<html>")
+    _check_demo_output(earlier, overwrite=True)
+    with pytest.raises(ScenetokError, match="earlier demo"):
+        _check_demo_output(earlier, overwrite=False)

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from scenetok.errors import SceneError, shorten
-from scenetok.io import atomic_save_dir, png_bytes
+from scenetok.io import atomic_save_dir, foreign_entries, is_inside, png_bytes
 from scenetok.masks import mask_sources
 from scenetok.masks.core import DEFAULT_DETECTOR, DEFAULT_SAM, ConceptMask, MaskError, as_rgb
 from scenetok.masks.hygiene import Hygiene
@@ -105,14 +105,42 @@ class MaskOutput:
     concepts: list[ConceptMask]
 
 
+_SCENE_ENTRY = re.compile(r"^(img\.png|mask\d+\.png|scene\.json|masks\.json|preview\.png)$")
+
+
+def check_scene_output(out: Path, overwrite: bool, inputs: Sequence[Any] = ()) -> None:
+    """May a scene folder be written to ``out``? A missing or empty folder: yes. A folder written by
+    ``scenetok masks`` (its ``masks.json`` and nothing else but its own files): only with ``overwrite``.
+    Anything else — a folder with a file scenetok did not write, or one holding an input (the photo, a
+    mask file) — never."""
+    if out.exists() and not out.is_dir():
+        raise MaskError(f"{out} is a file, not a folder", hint="choose a folder path for the scene")
+    for item in inputs:
+        if isinstance(item, (str, os.PathLike)) and is_inside(item, out):
+            raise MaskError(f"the scene folder {out} holds the input {item}; refusing to write there",
+                            hint="choose a new -o folder for the scene")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    foreign = foreign_entries(out, lambda name: bool(_SCENE_ENTRY.match(name)))
+    if foreign or not (out / "masks.json").is_file():
+        shown = ", ".join(foreign[:3]) + (" …" if len(foreign) > 3 else "") if foreign else "no masks.json"
+        raise MaskError(f"{out} is not empty and was not written by scenetok masks ({shown}); refusing to replace it",
+                        hint="choose a new or empty -o folder")
+    if not overwrite:
+        raise MaskError(f"{out} already holds a scene made by scenetok masks",
+                        hint="choose another -o folder, or pass --overwrite to replace it")
+
+
 def save_masks(image: Any, concepts: Sequence[ConceptMask], out_dir: str | os.PathLike, *, background: bool = False,
-               policy: str = "crop", overwrite: bool = False, info: dict | None = None) -> MaskOutput:
+               policy: str = "crop", overwrite: bool = False, info: dict | None = None,
+               inputs: Sequence[Any] = ()) -> MaskOutput:
     """Write ``image`` and ``concepts`` as a scene folder at ``out_dir`` (module docstring) plus preview.png.
 
     The scene is validated first (as :func:`scenetok.scene.load_scene` will read it, with ``policy``),
     so nothing is written for masks the loader would refuse. The folder is written atomically (a
     temporary sibling folder renamed into place). An existing non-empty ``out_dir`` is replaced only
-    with ``overwrite``. ``info``: extra provenance for masks.json.
+    with ``overwrite`` and only when ``scenetok masks`` wrote it (:func:`check_scene_output`; ``inputs``:
+    the photo and mask files, never replaced). ``info``: extra provenance for masks.json.
     """
 
     rgb = as_rgb(image)
@@ -121,11 +149,7 @@ def save_masks(image: Any, concepts: Sequence[ConceptMask], out_dir: str | os.Pa
         raise MaskError("no concepts to save", hint="make at least one mask")
     scene = to_scene(rgb, concepts, background=background, policy=policy)
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise MaskError(f"{out} is a file, not a folder", hint="choose a folder path for the scene")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise MaskError(f"{out} already exists and is not empty",
-                        hint="choose another -o folder, or pass --overwrite to replace it")
+    check_scene_output(out, overwrite, inputs)
     objects = [c for c in scene.concepts if not c.is_background]
     meta = {"concepts": [{"name": c.name, "class_word": c.class_word, "init_word": c.init_word} for c in objects],
             "background": bool(background)}
@@ -160,6 +184,8 @@ def make_masks(image: Any, out_dir: str | os.PathLike, *, text: str | Sequence[s
     :func:`from_points` or :func:`from_files`.
     """
 
+    inputs = [image] + list(files or [])
+    check_scene_output(Path(out_dir), overwrite, inputs)  # before any slow step (SAM, GroundingDINO)
     values = {"text": text, "boxes": boxes, "points": points, "files": files}
     by_option = {src.option: src for src in mask_sources().values()}
     given = [by_option[opt] for opt, value in values.items() if value]  # in the order of the keywords
@@ -174,7 +200,8 @@ def make_masks(image: Any, out_dir: str | os.PathLike, *, text: str | Sequence[s
                "box_threshold": box_threshold, "text_threshold": text_threshold, "hygiene": hyg}
     concepts, provenance = given[0].make(rgb, values[given[0].option], names, options)
     info.update(provenance)
-    return save_masks(rgb, concepts, out_dir, background=background, policy=policy, overwrite=overwrite, info=info)
+    return save_masks(rgb, concepts, out_dir, background=background, policy=policy, overwrite=overwrite, info=info,
+                      inputs=inputs)
 
 
 def auto_mask_scene(image: str | os.PathLike, queries: str | Sequence[str], bundle_dir: str | os.PathLike, *,
