@@ -319,3 +319,41 @@ def test_demo_replaces_only_an_earlier_demo(tmp_path):
     _check_demo_output(earlier, overwrite=True)
     with pytest.raises(ScenetokError, match="earlier demo"):
         _check_demo_output(earlier, overwrite=False)
+
+
+# ---------------------------------------------------------------------------------------- hub, threads
+@pytest.mark.parametrize("offline", [True, False])
+def test_a_hub_id_without_network_fails_at_once(monkeypatch, offline):
+    import time
+
+    from huggingface_hub import constants
+
+    from scenetok.errors import ModelLoadError
+    from scenetok.model import load_model
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    t = time.time()
+    with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache") as info:
+        load_model("someone/no-such-model")
+    assert time.time() - t < 10
+    assert ("offline mode" if offline else "cannot be reached") in info.value.message
+    assert "--local-dir" in info.value.hint
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model("./no/such/folder")
+
+
+def test_threads_follow_the_free_cpus(monkeypatch):
+    from scenetok import config
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(config, "available_cpus", lambda: 4)
+    monkeypatch.setattr(config.os, "getloadavg", lambda: (1.2, 0.0, 0.0))
+    assert config.choose_threads()[0] == 3  # one core busy elsewhere
+    monkeypatch.setattr(config.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert config.choose_threads()[0] == 1  # never below one
+    assert config.choose_threads(2) == (2, "--threads")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert config.choose_threads()[0] == 2
+    with pytest.raises(ConfigError):
+        config.choose_threads(0)

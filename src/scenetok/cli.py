@@ -34,6 +34,9 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch (default: the free CPUs: those of this process less the busy ones, "
+                   "or OMP_NUM_THREADS)")
 
 
 def _settings_epilog() -> str:
@@ -661,6 +664,18 @@ def _one_line_warnings() -> None:
     warnings.formatwarning = fmt
 
 
+def _set_threads(requested: int | None, verbose: bool = False) -> None:
+    """torch's CPU threads from :func:`scenetok.config.choose_threads` (a busy neighbour costs a thread)."""
+    from scenetok.config import choose_threads
+
+    n, why = choose_threads(requested)
+    import torch
+
+    torch.set_num_threads(n)
+    if verbose:
+        print(f"threads: {n} ({why})", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
@@ -674,6 +689,8 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_libraries()
     _one_line_warnings()
     try:
+        if hasattr(args, "threads"):
+            _set_threads(args.threads, verbose=args.debug)
         return COMMANDS[args.command](args)
     except ScenetokError as exc:
         if args.debug:

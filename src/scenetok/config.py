@@ -41,6 +41,83 @@ def default_model() -> str | None:
     return str(path) if (path / "model_index.json").is_file() else None
 
 
+def check_model_source(model_id: str | os.PathLike, what: str = "model", option: str | None = None) -> None:
+    """Fail at once, in one line, when ``model_id`` can be neither read here nor downloaded.
+
+    A local folder is fine. A Hub id must be in the local Hugging Face cache, or the Hub must be reachable;
+    in offline mode (``HF_HUB_OFFLINE=1``) or without a network this raises :class:`ModelLoadError` right
+    away instead of letting the loaders retry for a minute."""
+    from scenetok.errors import ModelLoadError
+
+    text = str(model_id)
+    path = Path(text).expanduser()
+    if path.exists():
+        return
+    flag = f" ({option})" if option else ""
+    looks_local = text.startswith((".", "/", "~")) or text.count("/") > 1 or not text.strip()
+    if looks_local:
+        raise ModelLoadError(f"the {what}{flag} {text} does not exist",
+                             hint="give an existing local folder, or a Hub id such as owner/name")
+    try:
+        from huggingface_hub import constants, snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError:  # pragma: no cover - diffusers and transformers depend on it
+        return
+    try:
+        snapshot_download(text, local_files_only=True)
+        return  # cached
+    except LocalEntryNotFoundError:
+        pass
+    except Exception:  # noqa: BLE001 - a malformed id or cache: let the loader say what is wrong
+        return
+    hint = (f"download {text} where there is a network (huggingface-cli download {text} --local-dir DIR), copy "
+            "DIR here and pass the folder")
+    if constants.HF_HUB_OFFLINE:
+        raise ModelLoadError(f"the {what}{flag} {text} is not in the local Hugging Face cache and offline mode is on "
+                             "(HF_HUB_OFFLINE)", hint=hint)
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError:
+        raise ModelLoadError(f"the {what}{flag} {text} is not in the local Hugging Face cache and the Hub "
+                             f"({host}) cannot be reached", hint=hint) from None
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a container's or taskset's share)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def choose_threads(requested: int | None = None) -> tuple[int, str]:
+    """How many CPU threads torch should use, and why.
+
+    ``requested`` (``--threads``) wins, then ``OMP_NUM_THREADS``; otherwise the CPUs of this process's
+    affinity mask less the ones other processes keep busy (the 1-minute load average), at least one.
+    torch's own default — every core — makes its threads wait on each other when another process holds a
+    core: measured 5–7× slower on a shared 2-core machine (docs/reliability.md)."""
+    cpus = available_cpus()
+    if requested is not None:
+        if requested < 1:
+            raise ConfigError(f"--threads must be at least 1, got {requested}")
+        return int(requested), "--threads"
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env), "OMP_NUM_THREADS"
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        busy = 0.0
+    free = int(cpus - busy + 0.5)
+    return max(1, min(cpus, free)), f"{cpus} CPUs, load {busy:.1f}"
+
+
 def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in cfg.items():

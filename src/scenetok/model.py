@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from scenetok.config import check_model_source
 from scenetok.errors import ConfigError, ModelLoadError, ScenetokError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -154,6 +155,7 @@ class StableDiffusion(Family):
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
+        check_model_source(model_id, "base model", "--model")
         check_weight_files(model_id, what="base model")
         try:
             return Model(
@@ -180,6 +182,7 @@ class StableDiffusion(Family):
     def load_tokenizer(cls, model_id: str) -> Any:
         from transformers import CLIPTokenizer
 
+        check_model_source(model_id, "base model", "--model")
         try:
             return CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer")
         except (OSError, ValueError) as exc:

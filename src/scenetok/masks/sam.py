@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from scenetok.config import check_model_source
 from scenetok.masks.core import mask_source
 from scenetok.masks.core import (DEFAULT_SAM, ConceptMask, MaskError, as_rgb, cached_model, load_failed,
                                  resolve_device, resolve_names)
@@ -31,6 +32,7 @@ def load_sam(model: str = DEFAULT_SAM, device: str | None = None):
     def _load(model_id: str, dev: str):
         from transformers import SamModel, SamProcessor
 
+        check_model_source(model_id, "SAM model", "--sam-model")
         try:
             net = SamModel.from_pretrained(model_id)
             processor = SamProcessor.from_pretrained(model_id)

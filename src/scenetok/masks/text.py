@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from scenetok.config import check_model_source
 from scenetok.masks.core import mask_source
 from scenetok.masks.core import (DEFAULT_DETECTOR, DEFAULT_SAM, ConceptMask, MaskError, as_rgb, cached_model,
                                  load_failed, resolve_device, resolve_names)
@@ -64,6 +65,7 @@ def load_detector(model: str = DEFAULT_DETECTOR, device: str | None = None):
     def _load(model_id: str, dev: str):
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
+        check_model_source(model_id, "GroundingDINO model", "--detector-model")
         try:
             net = AutoModelForZeroShotObjectDetection.from_pretrained(model_id)
             processor = AutoProcessor.from_pretrained(model_id)
