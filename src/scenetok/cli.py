@@ -124,8 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add the background (complement of all masks) as a concept; default: scene.json's choice")
     p.add_argument("--policy", choices=["crop", "pad"], default="crop",
                    help="how a non-square image becomes square: center-crop or pad")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in the output folder")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint (kept in "
+                   "OUT.partial beside the output folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle in -o (only a bundle, with no "
+                   "files scenetok did not write; the old one stays until the new one is complete)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None,
                    help="autocast precision (default: the method's, normally 'no')")
@@ -222,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--policy", choices=["crop", "pad"], default="crop",
                    help="how training will square the image (the masks are checked the same way)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace a scene folder written earlier by scenetok masks "
+                   "(never a folder with other files, nor the photo's own folder)")
     _add_common(p)
 
     # --- evaluation (scenetok.evaluation) ---------------------------------------------------------------
