@@ -334,7 +334,7 @@ def test_save_masks_writes_a_loadable_scene_with_preview(tmp_path):
     scene = load_scene(out.path, policy="pad")
     assert [c.name for c in scene.concepts] == ["plush bear", "bowl", "background"]
     assert scene.concepts[0].mask.sum() == 20 * 25
-    with pytest.raises(MaskError, match="not empty"):
+    with pytest.raises(MaskError, match="already holds a scene"):
         save_masks(img, cms, tmp_path / "scene")
     # a mask outside the centre square is named; with policy "pad" it is fine
     with pytest.raises(MaskError, match="concept 'left': the mask lies entirely outside the centre crop") as e:

@@ -357,3 +357,32 @@ def test_threads_follow_the_free_cpus(monkeypatch):
     assert config.choose_threads()[0] == 2
     with pytest.raises(ConfigError):
         config.choose_threads(0)
+
+
+def test_disk_full_on_the_command_line_is_one_line_with_a_resume_hint(reference, tiny_sd, tmp_path, monkeypatch,
+                                                                        capsys):
+    """ENOSPC in the middle of `scenetok extract`: one error line, a hint that says how to continue, status 2."""
+    from scenetok.cli import main
+    from scenetok.scene import save_scene
+
+    scene_dir = tmp_path / "scene"
+    from conftest import two_squares
+
+    from scenetok.scene import Scene
+
+    img, masks = two_squares()
+    save_scene(Scene.from_arrays(img, masks, names=["red", "blue"]), scene_dir)
+    real = trainer_mod._train_step
+
+    def full(run, phase, opt, store, gs):
+        if gs == 3:
+            raise OSError(28, "No space left on device", str(run.out_dir / "train_log.jsonl"))
+        return real(run, phase, opt, store, gs)
+
+    monkeypatch.setattr(trainer_mod, "_train_step", full)
+    out = tmp_path / "bundle"
+    rc = main(["extract", str(scene_dir), "-o", str(out), "--model", str(tiny_sd), "--quiet", *sum(
+        (["--set", o] for o in FAST), [])])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 2 and "Traceback" not in "".join(err)
+    assert err[0].startswith("error: No space left on device") and "--resume" in err[1]
