@@ -695,9 +695,7 @@ def main(argv: list[str] | None = None) -> int:
     except ScenetokError as exc:
         if args.debug:
             raise
-        print(f"error: {exc.message}", file=sys.stderr)
-        if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr)
+        print(exc.report(), file=sys.stderr)
         from scenetok.training import TrainingInterrupted
 
         return EXIT_INTERRUPTED if isinstance(exc, TrainingInterrupted) else EXIT_USER_ERROR

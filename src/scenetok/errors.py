@@ -19,6 +19,11 @@ class ScenetokError(Exception):
     def __str__(self) -> str:  # pragma: no cover - trivial
         return self.message if not self.hint else f"{self.message} ({self.hint})"
 
+    def report(self) -> str:
+        """What the user is told, on the command line and in the web app alike: ``error: …`` and, when
+        there is one, ``hint: …`` on a second line."""
+        return f"error: {self.message}" + (f"\nhint: {self.hint}" if self.hint else "")
+
 
 class SceneError(ScenetokError):
     """The input scene (image, masks, scene.json) is unusable."""
