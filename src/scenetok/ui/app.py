@@ -53,8 +53,7 @@ def _mask_rows(items: list[dict]) -> list[list]:
 def _field_component(f: Field):
     import gradio as gr
 
-    label = f.key if not f.switch else f"--{f.key}"
-    common = dict(label=label, info=f.help or None, elem_id=f"set-{f.key.replace('.', '-')}")
+    common = dict(label=f.key, info=f.help or None, elem_id=f"set-{f.key.replace('.', '-')}")
     if f.kind == "bool":
         return gr.Checkbox(value=bool(f.default), **common)
     if f.kind == "int":
@@ -224,10 +223,16 @@ def build(app: App):
                     with gr.Accordion(f"settings of {m} (from the method registry)", open=False,
                                       visible=(m == "break-a-scene"), elem_id=f"settings-{m}") as acc:
                         fields = settings_form(m)
-                        with gr.Row(equal_height=False):
-                            comps = []
-                            for k, f in enumerate(fields):
-                                comps.append(_field_component(f))
+                        comps = [None] * len(fields)
+                        flags = [k for k, f in enumerate(fields) if f.kind == "bool"]
+                        others = [k for k, f in enumerate(fields) if f.kind != "bool"]
+                        with gr.Row():
+                            for k in flags:
+                                comps[k] = _field_component(fields[k])
+                        for start in range(0, len(others), 4):
+                            with gr.Row(equal_height=False):
+                                for k in others[start:start + 4]:
+                                    comps[k] = _field_component(fields[k])
                     groups[m] = (acc, fields, len(field_inputs), len(comps))
                     field_inputs += comps
                 with gr.Row():
@@ -332,7 +337,7 @@ def build(app: App):
                 gallery = gr.Gallery(label="images (caption: seed · prompt)", columns=4, elem_id="gen-gallery",
                                      buttons=["download"])
                 with gr.Row():
-                    attn_gallery = gr.Gallery(label="attention map of each handle in the selected image", columns=4,
+                    attn_gallery = gr.Gallery(label="attention map of each handle in the selected image", columns=4, height=260,
                                               elem_id="gen-attention")
                     picked = gr.File(label="download the selected image", elem_id="gen-download")
 

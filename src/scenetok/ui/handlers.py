@@ -41,7 +41,7 @@ class Field:
     default: Any
     help: str
     choices: tuple[str, ...] = ()
-    switch: str = ""  # "flag" or "option" for an ablation switch (key = the CLI flag)
+    switch: str = ""  # "flag" or "option" for an ablation switch (key = the CLI flag, "--no-ss")
 
 
 def _kind(value: Any) -> str:
@@ -61,8 +61,8 @@ def settings_form(method: str) -> list[Field]:
     the defaults and help texts of the registry (``api.method_settings``)."""
     m = get_method(method)
     own = set(m.setting_helps())
-    fields = [Field(flag, "bool", False, text, switch="flag") for flag, (text, _o) in m.switches.items()]
-    fields += [Field(flag, "choice", "", text, ("",) + tuple(choices), switch="option")
+    fields = [Field(f"--{flag}", "bool", False, text, switch="flag") for flag, (text, _o) in m.switches.items()]
+    fields += [Field(f"--{flag}", "choice", "", text, ("",) + tuple(choices), switch="option")
                for flag, (text, _key, choices) in m.options.items()]
     settings = {k: (v, h) for k, v, h in api.method_settings(m)}
     fields += [Field(k, _kind(v), v, h) for k, (v, h) in settings.items() if k in own]
@@ -88,11 +88,11 @@ def form_choices(method: str, values: dict[str, Any]) -> tuple[list[str], list[s
         v = values[f.key]
         if f.switch == "flag":
             if v:
-                switches.append(f.key)
+                switches.append(f.key[2:])
             continue
         if f.switch == "option":
             if v:
-                options[f.key] = str(v)
+                options[f.key[2:]] = str(v)
             continue
         if v is None or (isinstance(v, str) and f.kind != "text" and not v.strip()):
             continue
