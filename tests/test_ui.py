@@ -226,3 +226,12 @@ def test_the_page_builds_and_errors_keep_the_outputs(app):
     out = fails()
     assert len(out) == 3 and out[2] == "error: no such thing\nhint: try that"
     assert all(isinstance(o, type(gr.skip())) for o in out[:2])
+
+
+def test_the_ui_command_listens_on_localhost_by_default():
+    from scenetok.cli import build_parser
+
+    args = build_parser().parse_args(["ui"])
+    assert (args.host, args.port, args.workspace) == ("127.0.0.1", 7860, "scenetok-workspace")
+    args = build_parser().parse_args(["ui", "--host", "0.0.0.0", "--port", "8000", "--workspace", "w"])
+    assert (args.host, args.port, args.workspace) == ("0.0.0.0", 8000, "w")

@@ -298,13 +298,15 @@ def build(app: App):
                     info = app.progress(name) if name else None
                     job = next((j for j in reversed(jobs) if j.name == name), None)
                     if info is None:
-                        line, plot, prev = "", pd.DataFrame({"step": [], "value": [], "term": []}), []
+                        line, prev = "", []
+                        plot = pd.DataFrame({"step": pd.Series([], dtype="int64"), "value": pd.Series([], dtype="float64"),
+                                             "term": pd.Series([], dtype="object")})  # term stays a category
                     else:
                         state = job.status if job else ("finished" if app.ws.bundle(name).is_dir() else "")
                         line = f"{name}: {state} · {info['phase'] or '-'} · step {info['step']}/{info['total'] or '?'}"
                         if job and job.message:
                             line += f" · {job.message}"
-                        plot = pd.DataFrame(info["loss"], columns=["step", "value", "term"])
+                        plot = pd.DataFrame(info["loss"], columns=["step", "value", "term"]).astype({"term": "object"})
                         prev = info["previews"][::-1]
                     key = (str(rows), line, len(prev))
                     if key == seen:
