@@ -235,3 +235,21 @@ def test_the_ui_command_listens_on_localhost_by_default():
     assert (args.host, args.port, args.workspace) == ("127.0.0.1", 7860, "scenetok-workspace")
     args = build_parser().parse_args(["ui", "--host", "0.0.0.0", "--port", "8000", "--workspace", "w"])
     assert (args.host, args.port, args.workspace) == ("0.0.0.0", 8000, "w")
+
+
+def test_sam_boxes_and_clicks_join_the_collected_masks(tmp_path, files):
+    from scenetok.testing import build_tiny_sam
+
+    sam = str(build_tiny_sam(tmp_path / "sam", full_masks=True))  # every prompt: the whole image, then clipped
+    app = App(Workspace(tmp_path / "ws"), sam_model=sam, device="cpu")
+    app.set_photo("s", files["photo"])
+    app.add_painted("s", [files["red_layer"]], "red")
+    items = app.add_segmented("s", boxes=["36,36,56,56", ""], names=["blue"])
+    assert [(i["name"], i["source"]) for i in items] == [("red", "brush"), ("blue", "boxes")]
+    mask = np.asarray(Image.open(items[1]["file"])) > 0
+    ys, xs = np.nonzero(mask)
+    assert np.abs(np.array([xs.min(), ys.min(), xs.max(), ys.max()]) - [36, 36, 55, 55]).max() <= 1  # the box
+    items = app.add_segmented("s", points=["10,10+12,12"])
+    assert items[-1]["source"] == "points" and len(items) == 3
+    with pytest.raises(ScenetokError, match="the box"):
+        app.add_segmented("s", boxes=["1,2,3"])
