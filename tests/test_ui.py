@@ -197,6 +197,25 @@ def test_cancel_then_resume_from_the_page(app, files):
     assert not app.ws.bundle("c").exists() and app.progress("c")["folder"] is None
 
 
+def test_a_stopping_server_checkpoints_the_running_training(app, files):
+    _scene(app, files)
+    started = __import__("threading").Event()
+    real = app._train
+
+    def slow_start(job, rec, resume):
+        started.set()
+        job.cancel.wait(60)  # the run starts once the shutdown has asked it to stop
+        return real(job, rec, resume)
+
+    app._train = slow_start
+    job = app.start_training("my scene", "b", "break-a-scene", FAST)
+    later = app.start_training("my scene", "c", "break-a-scene", FAST)
+    assert started.wait(60)
+    assert app.worker.shutdown(300) is job
+    assert job.status == STOPPED and later.status == CANCELLED
+    assert app.ws.unfinished() == ["b"]  # Resume continues it after a restart
+
+
 def test_worker_reports_errors_in_one_line():
     w = Worker()
 

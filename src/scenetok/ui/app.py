@@ -250,7 +250,8 @@ def build(app: App):
                 with gr.Row():
                     loss_plot = gr.LinePlot(x="step", y="value", color="term", label="loss", height=260,
                                             elem_id="loss-plot")
-                    preview_gallery = gr.Gallery(label="attention maps over training", columns=1, height=260,
+                    preview_gallery = gr.Gallery(label="attention maps over training (newest first)", columns=2,
+                                                 height=260,
                                                  elem_id="train-previews")
                 timer = gr.Timer(1.5)
 
@@ -431,4 +432,8 @@ def launch(app: App, *, host: str = "127.0.0.1", port: int = 7860, block: bool =
     demo.launch(server_name=host, server_port=port, share=False, ssr_mode=False, theme=theme(),
                 allowed_paths=[str(app.ws.root)], max_file_size=4 * app.ws.limits.max_bytes + 1024 * 1024,
                 prevent_thread_lock=not block, quiet=False, show_error=False, footer_links=[])
+    if block:  # Ctrl-C stopped the server: a running training checkpoints before the process ends
+        job = app.worker.shutdown()
+        if job is not None:
+            print(f"{job.name}: {job.status} ({job.message.splitlines()[0] if job.message else ''})")
     return demo

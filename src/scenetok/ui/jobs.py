@@ -98,6 +98,20 @@ class Worker:
             time.sleep(0.05)
         return True
 
+    def shutdown(self, timeout: float = 120) -> Job | None:
+        """The server is stopping: ask the running job to stop at its next step (a training saves a
+        checkpoint there, so Resume continues it later) and wait up to ``timeout`` seconds for it; queued
+        jobs are dropped. Returns the job that was running, if any."""
+        running = next((j for j in self.jobs() if j.status == RUNNING), None)
+        with self._lock:
+            for j in self._jobs:
+                if j.status == QUEUED:
+                    j.status, j.message = CANCELLED, "the server stopped"
+        if running is not None:
+            running.cancel.set()
+            self.wait(timeout)
+        return running
+
     def _loop(self) -> None:
         from scenetok.training import TrainingInterrupted
 
