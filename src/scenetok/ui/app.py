@@ -250,8 +250,8 @@ def build(app: App):
                 with gr.Row():
                     loss_plot = gr.LinePlot(x="step", y="value", color="term", label="loss", height=260,
                                             elem_id="loss-plot")
-                    preview_gallery = gr.Gallery(label="attention maps over training (newest first)", columns=2,
-                                                 height=260,
+                    preview_gallery = gr.Gallery(fit_columns=False, label="attention maps over training (newest first)", columns=2,
+                                                 height=260, preview=False, object_fit="contain",
                                                  elem_id="train-previews")
                 timer = gr.Timer(1.5)
 
@@ -337,10 +337,10 @@ def build(app: App):
                     steps = gr.Slider(5, 100, value=50, step=1, label="steps", elem_id="gen-steps")
                 gen_btn = gr.Button("Generate", variant="primary", elem_id="generate")
                 gen_status = gr.Textbox(label="status", interactive=False, lines=2, elem_id="gen-status")
-                gallery = gr.Gallery(label="images (caption: seed · prompt)", columns=4, elem_id="gen-gallery",
+                gallery = gr.Gallery(fit_columns=False, label="images (caption: seed · prompt)", columns=4, elem_id="gen-gallery",
                                      buttons=["download"])
                 with gr.Row():
-                    attn_gallery = gr.Gallery(label="attention map of each handle in the selected image", columns=4, height=260,
+                    attn_gallery = gr.Gallery(fit_columns=False, label="attention map of each handle in the selected image", columns=4, height=260,
                                               elem_id="gen-attention")
                     picked = gr.File(label="download the selected image", elem_id="gen-download")
 
@@ -374,7 +374,8 @@ def build(app: App):
 
             # ------------------------------------------------------------------------------ Bundles
             with gr.Tab("Bundles", id="bundles") as bundles_tab:
-                b_gallery = gr.Gallery(label="bundles (scene · method · date)", columns=5, height=300,
+                b_gallery = gr.Gallery(fit_columns=False, label="bundles (scene · method · date)", columns=6, height=240, preview=False,
+                                       object_fit="contain",
                                        elem_id="bundle-gallery")
                 b_table = gr.Dataframe(headers=["bundle", "method", "handles", "created"], interactive=False,
                                        elem_id="bundle-table")
@@ -402,7 +403,7 @@ def build(app: App):
                     if not name:
                         raise ScenetokError("no bundle chosen", hint="pick one from the list")
                     p = app.zip_bundle(name)
-                    return str(p), f"{p.name}: {p.stat().st_size / 1e6:.1f} MB"
+                    return str(p), f"{p.name}: {p.stat().st_size / 1024 / 1024:.1f} MB"
 
                 zip_btn.click(on_zip, b_pick, [zip_file, b_status])
 
