@@ -225,10 +225,15 @@ def test_worker_reports_errors_in_one_line():
     def bug(job):
         raise KeyError("x")
 
-    a, b = w.submit(Job("a", "t", user_error)), w.submit(Job("b", "t", bug))
+    def disk_full(job):
+        raise OSError(28, "No space left on device", "/w/bundles/b.partial/x")
+
+    a, b, c = (w.submit(Job(n, "t", f)) for n, f in [("a", user_error), ("b", bug), ("c", disk_full)])
     assert w.wait(30)
     assert a.status == FAILED and a.message == "error: bad thing\nhint: do this"
     assert b.status == FAILED and "Traceback" not in b.message and "KeyError" in b.message
+    assert c.status == FAILED and c.message == ("error: No space left on device: /w/bundles/b.partial/x\n"
+                                                "hint: free some disk space; nothing written before was changed")
 
 
 def test_the_page_builds_and_errors_keep_the_outputs(app):

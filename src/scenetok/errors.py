@@ -58,3 +58,18 @@ def shorten(value, limit: int = 60) -> str:
         return text
     size = f"{len(value)} characters" if isinstance(value, str) else f"{len(text)} characters as text"
     return f"{text[:limit - 1]}… ({size})"
+
+
+def os_error_report(exc: OSError) -> str:
+    """An OSError (disk full, read-only, permissions: the disk, not the program) as the two lines the
+    command line prints for it (``error: WHAT: PATH`` / ``hint: …``)."""
+    import errno
+
+    where, what = exc.filename or "", exc.strerror or str(exc)
+    if exc.errno == errno.ENOSPC:
+        hint = "free some disk space; nothing written before was changed"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "choose an output folder you can write to"
+    else:
+        hint = "check the path and the disk"
+    return f"error: {what}: {where}\nhint: {hint}" if where else f"error: {what}\nhint: {hint}"

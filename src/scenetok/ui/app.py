@@ -10,7 +10,7 @@ import functools
 import logging
 import os
 
-from scenetok.errors import ScenetokError
+from scenetok.errors import ScenetokError, os_error_report
 from scenetok.ui.handlers import App, Field, settings_form
 from scenetok.ui.jobs import unexpected
 
@@ -30,6 +30,8 @@ def guarded(n_outputs: int):
                 return fn(*args, **kwargs)
             except ScenetokError as e:
                 msg = e.report()
+            except OSError as e:
+                msg = os_error_report(e)
             except Exception as e:  # noqa: BLE001 - never a traceback in the page
                 log.exception("handler %s failed", fn.__name__)
                 msg = unexpected(e)

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from scenetok.errors import ScenetokError
+from scenetok.errors import ScenetokError, os_error_report
 
 log = logging.getLogger("scenetok.ui")
 
@@ -128,6 +128,8 @@ class Worker:
                 message, status = e.message + "; press Resume to continue", STOPPED
             except ScenetokError as e:
                 message, status = e.report(), FAILED
+            except OSError as e:  # the disk: full, read-only, permissions (a checkpoint, if any, is kept)
+                message, status = os_error_report(e), FAILED
             except Exception as e:  # noqa: BLE001 - the page gets one line, the log the traceback
                 log.exception("job %s (%s) failed", job.id, job.name)
                 message, status = unexpected(e), FAILED
