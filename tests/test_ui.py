@@ -277,3 +277,16 @@ def test_sam_boxes_and_clicks_join_the_collected_masks(tmp_path, files):
     assert items[-1]["source"] == "points" and len(items) == 3
     with pytest.raises(ScenetokError, match="the box"):
         app.add_segmented("s", boxes=["1,2,3"])
+
+
+def test_a_mask_free_method_takes_words_on_a_photo_only_scene(app, files):
+    app.set_photo("words", files["photo"])
+    app.build_scene("words")  # no masks: the photo alone
+    wrong = app.start_training("words", "bas", "break-a-scene", FAST)  # a mask method: the scene loader's error
+    values = {"em.steps": 2, "em.every": 1, "joint.steps": 1, "masks.timesteps": 2, "masks.batch_size": 2,
+              "masks.crf.enabled": False,
+              "preview_every": 0, "checkpoint_every": 0}
+    job = app.start_training("words", "em", "em-masks", values, concepts="red, blue")
+    assert app.worker.wait(300) and job.status == DONE, job.message
+    assert wrong.status == FAILED and wrong.message.startswith("error: ") and "mask" in wrong.message
+    assert [n for _, n in app.handles("em")] == ["red", "blue"]
