@@ -143,6 +143,41 @@ def test_signal_then_resume_is_exact(reference, tiny_sd, two_square_scene, tmp_p
     assert same_weights(out, reference)
 
 
+def test_cancel_from_a_worker_thread_then_resume_is_exact(reference, tiny_sd, two_square_scene, tmp_path):
+    """A web app's worker thread gets no signal handlers: ``should_stop`` stops the run at a step boundary
+    with a checkpoint, like Ctrl-C, and the resumed run ends with the uninterrupted run's weights."""
+    import threading
+
+    from scenetok import api
+    from scenetok.training import TrainingInterrupted
+
+    out, asked, result = tmp_path / "run", [], {}
+    cancel = threading.Event()
+
+    def should_stop():
+        asked.append(1)
+        if len(asked) == 3:
+            cancel.set()
+        return cancel.is_set()
+
+    def work():
+        try:
+            api.train(two_square_scene, out, model=str(tiny_sd), overrides=FAST[:3] + ["checkpoint_every=0"],
+                      progress=False, should_stop=should_stop)
+        except TrainingInterrupted as e:
+            result["exc"] = e
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join()
+    exc = result["exc"]
+    assert "stopped by a cancel request after step 3/4" in exc.message
+    state = json.loads((run_dir(out) / "checkpoint" / "state.json").read_text())
+    assert state["progress"]["global"] == 3 and not out.exists()
+    train(two_square_scene, out, model=str(tiny_sd), resume=True, progress=False)
+    assert same_weights(out, reference)
+
+
 def test_sigkill_then_resume_is_exact(reference, tiny_sd, tmp_path):
     """A real SIGKILL in step 3 (checkpoints by time, every step here): --resume ends with the same bits."""
     out = tmp_path / "run"

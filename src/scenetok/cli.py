@@ -228,6 +228,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "(never a folder with other files, nor the photo's own folder)")
     _add_common(p)
 
+    p = sub.add_parser("ui", help="the web app: masks, training, generation and bundles in the browser",
+                       formatter_class=_Formatter,
+                       description="Start a local web app (needs the ui extra: pip install \"scenetok[ui]\"). It runs "
+                       "offline and listens on 127.0.0.1 only unless --host says otherwise. See docs/ui.md.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every network interface)")
+    p.add_argument("--port", type=int, default=7860, help="port to listen on")
+    p.add_argument("--workspace", default="scenetok-workspace", help="folder for uploads, scenes, bundles and images")
+    p.add_argument("--model", default=None, help=model_help)
+    p.add_argument("--max-upload-mb", type=float, default=20, help="largest upload accepted (MB)")
+    p.add_argument("--max-megapixels", type=float, default=16.7, help="largest upload accepted (megapixels)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    _add_common(p)
+
     # --- evaluation (scenetok.evaluation) ---------------------------------------------------------------
     from scenetok.evaluation.cli_options import add_eval_arguments
 
@@ -513,6 +526,15 @@ def _cmd_masks(args) -> int:
     return 0
 
 
+def _cmd_ui(args) -> int:
+    from scenetok.ui import serve
+
+    print(f"scenetok ui: http://{args.host}:{args.port} (workspace {Path(args.workspace).resolve()}; Ctrl-C stops)")
+    serve(args.workspace, host=args.host, port=args.port, model=args.model, max_upload_mb=args.max_upload_mb,
+          max_megapixels=args.max_megapixels, device=args.device)
+    return 0
+
+
 def _cmd_methods(args) -> int:
     from scenetok import api
     from scenetok.methods import available_methods, get_method
@@ -628,6 +650,7 @@ COMMANDS["benchmark"] = _cmd_benchmark
 COMMANDS["variations"] = _cmd_variations
 COMMANDS["edit"] = _cmd_edit
 COMMANDS["inpaint"] = _cmd_edit
+COMMANDS["ui"] = _cmd_ui
 
 
 def _quiet_libraries() -> None:
@@ -698,9 +721,7 @@ def main(argv: list[str] | None = None) -> int:
     except ScenetokError as exc:
         if args.debug:
             raise
-        print(f"error: {exc.message}", file=sys.stderr)
-        if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr)
+        print(exc.report(), file=sys.stderr)
         from scenetok.training import TrainingInterrupted
 
         return EXIT_INTERRUPTED if isinstance(exc, TrainingInterrupted) else EXIT_USER_ERROR

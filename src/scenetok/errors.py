@@ -19,6 +19,11 @@ class ScenetokError(Exception):
     def __str__(self) -> str:  # pragma: no cover - trivial
         return self.message if not self.hint else f"{self.message} ({self.hint})"
 
+    def report(self) -> str:
+        """What the user is told, on the command line and in the web app alike: ``error: …`` and, when
+        there is one, ``hint: …`` on a second line."""
+        return f"error: {self.message}" + (f"\nhint: {self.hint}" if self.hint else "")
+
 
 class SceneError(ScenetokError):
     """The input scene (image, masks, scene.json) is unusable."""
@@ -53,3 +58,18 @@ def shorten(value, limit: int = 60) -> str:
         return text
     size = f"{len(value)} characters" if isinstance(value, str) else f"{len(text)} characters as text"
     return f"{text[:limit - 1]}… ({size})"
+
+
+def os_error_report(exc: OSError) -> str:
+    """An OSError (disk full, read-only, permissions: the disk, not the program) as the two lines the
+    command line prints for it (``error: WHAT: PATH`` / ``hint: …``)."""
+    import errno
+
+    where, what = exc.filename or "", exc.strerror or str(exc)
+    if exc.errno == errno.ENOSPC:
+        hint = "free some disk space; nothing written before was changed"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "choose an output folder you can write to"
+    else:
+        hint = "check the path and the disk"
+    return f"error: {what}: {where}\nhint: {hint}" if where else f"error: {what}\nhint: {hint}"

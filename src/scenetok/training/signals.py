@@ -4,7 +4,8 @@ While :func:`deferred_interrupts` is active, the first SIGINT or SIGTERM only se
 at it after each complete step, saves a checkpoint there and stops. A signal can therefore never land in
 the middle of an optimizer update, and ``--resume`` continues bit for bit. A second Ctrl-C stops at once
 (the last checkpoint is kept). Outside the main thread (a web app's worker) signals cannot be caught and
-nothing is installed.
+nothing is installed; such a caller passes ``should_stop`` to :func:`scenetok.training.train` instead, which
+stops the run the same way (:meth:`StopRequest.request`).
 """
 
 from __future__ import annotations
@@ -19,9 +20,16 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.reason: str | None = None
+
+    def request(self, reason: str) -> None:
+        """Stop at the next step boundary for ``reason`` (a cancel button, not a signal)."""
+        self.signal, self.reason = -1, reason
 
     @property
     def name(self) -> str:
+        if self.reason:
+            return self.reason
         return {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}.get(self.signal, str(self.signal))
 
     def __bool__(self) -> bool:

@@ -60,6 +60,7 @@ def train(
     device: str | None = None,
     progress: bool = True,
     on_preview: Callable[[int, dict], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ):
     """Train handles for ``scene`` with ``method`` on ``model`` and write a bundle to ``out_dir``.
 
@@ -72,7 +73,9 @@ def train(
     into ``out_dir`` at the end, so an existing bundle there (replaced only with ``overwrite``) survives
     any failure. Ctrl-C or SIGTERM stops the run after the current step with a checkpoint; with
     ``resume=True`` the run continues from the last checkpoint and ends with the same weights, bit for
-    bit, as an uninterrupted run.
+    bit, as an uninterrupted run. ``should_stop`` (e.g. ``threading.Event().is_set``, from a web app's
+    worker thread, where no signal handler can be installed) is asked after each step: when it returns
+    true the run stops exactly as on Ctrl-C.
     """
     method = get_method(method) if isinstance(method, str) else method
     out_dir = Path(out_dir)
@@ -153,6 +156,8 @@ def train(
                         run.log({"global_step": global_step, "event": True, **event})
                     bar.update(1)
                     bar.set_postfix({k: f"{v:.4f}" for k, v in terms.items()}, refresh=False)
+                    if should_stop is not None and not stop and should_stop():
+                        stop.request("a cancel request")
                     if global_step == total:
                         continue
                     if previews and global_step % cfg["preview_every"] == 0:
