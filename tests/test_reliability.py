@@ -183,6 +183,8 @@ def test_sigkill_then_resume_is_exact(reference, tiny_sd, tmp_path):
     out = tmp_path / "run"
     script = textwrap.dedent(f"""
         import os, signal, sys
+        import torch
+        torch.set_num_threads({torch.get_num_threads()})  # float sums depend on the thread count
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from conftest import two_squares
         from scenetok.scene import Scene
