@@ -91,3 +91,15 @@ def interrupted_train(monkeypatch):
         return info.value
 
     return run
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """`scenetok.cli.main` sets torch's thread count for the process (--threads / the free CPUs); restore it
+    after each test so results (bit-exact comparisons) do not depend on which CLI test ran before."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)

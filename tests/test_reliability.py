@@ -184,7 +184,7 @@ def test_sigkill_then_resume_is_exact(reference, tiny_sd, tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, sys
         import torch
-        torch.set_num_threads({torch.get_num_threads()})  # float sums depend on the thread count
+        torch.set_num_threads({torch.get_num_threads()})  # the reference's thread count
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from conftest import two_squares
         from scenetok.scene import Scene
@@ -212,7 +212,14 @@ def test_sigkill_then_resume_is_exact(reference, tiny_sd, tmp_path):
 
     img, masks = two_squares()
     scene = Scene.from_arrays(img, masks, names=["red", "blue"], class_words=["square", "square"])
-    train(scene, out, model=str(tiny_sd), resume=True, progress=False)
+    threads = torch.get_num_threads()
+    assert json.loads((run_dir(out) / "run_config.json").read_text())["cpu_threads"] == threads
+    torch.set_num_threads(threads + 1)  # resumed with another count: the run goes back to its own
+    try:
+        train(scene, out, model=str(tiny_sd), resume=True, progress=False)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(threads)
     assert same_weights(out, reference)
 
 

@@ -58,8 +58,22 @@ def start_run(out_dir: Path, method: str, cfg: dict, *, overwrite: bool, inputs=
         shutil.rmtree(run)  # scenetok's own unfinished run: nothing to resume (or --overwrite)
     run.mkdir(parents=True)
     atomic_write_text(run / RUN_MARKER, json.dumps({"bundle": out_dir.name}) + "\n")
-    atomic_write_text(run / RUN_CONFIG, json.dumps({"method": method, "config": cfg}, indent=2))
+    import torch
+
+    # the CPU thread count is part of the run: float sums split over threads differently give other bits,
+    # so --resume uses the same count (see resume_threads)
+    atomic_write_text(run / RUN_CONFIG, json.dumps({"method": method, "config": cfg,
+                                                    "cpu_threads": torch.get_num_threads()}, indent=2))
     return run
+
+
+def resume_threads(run: Path) -> int | None:
+    """The CPU thread count the run in ``run`` started with (None when not recorded)."""
+    try:
+        n = json.loads((run / RUN_CONFIG).read_text()).get("cpu_threads")
+    except (OSError, ValueError):
+        return None
+    return int(n) if isinstance(n, int) and n > 0 else None
 
 
 def resume_run(out_dir: Path, method: str) -> tuple[Path, dict]:

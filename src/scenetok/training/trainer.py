@@ -34,7 +34,7 @@ from scenetok.training.export import write_run_bundle
 from scenetok.training.optim import setup_phase
 from scenetok.training.previews import write_preview
 from scenetok.training.run import Run, setup_run
-from scenetok.training.rundir import checkpoint_step, finish_run, resume_run, start_run
+from scenetok.training.rundir import checkpoint_step, finish_run, resume_run, resume_threads, start_run
 from scenetok.training.settings import method_config
 from scenetok.training.signals import deferred_interrupts
 
@@ -91,6 +91,9 @@ def train(
                             "method such as em-masks or disendiff")
     if resume:
         run_path, cfg = resume_run(out_dir, method.name)
+        threads = resume_threads(run_path)
+        if threads and threads != torch.get_num_threads():  # the same bits as the uninterrupted run
+            torch.set_num_threads(threads)
     else:
         if cfg is not None and not isinstance(cfg, dict):
             raise ConfigError(f"cfg must be a dict of settings, got {type(cfg).__name__}")
