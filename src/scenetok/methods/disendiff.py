@@ -40,7 +40,7 @@ from scenetok.losses import (
     soft_iou,
     suppress,
 )
-from scenetok.methods.base import Batch, Method, Outputs, Phase, cycled_init_words, nearest_size
+from scenetok.methods.base import Batch, Method, Outputs, Phase, check_blocks, cycled_init_words, nearest_size
 from scenetok.tokens import token_positions, word_positions
 
 SCALES = ("quarter", "all")
@@ -72,6 +72,8 @@ class DisenDiffAttn:
     gaussian: bool = setting(True, "smooth the maps with a Gaussian kernel first")
     kernel_size: int = setting(3, "side of the Gaussian kernel")
     sigma: float = setting(round(REFERENCE_SIGMA, 4), "sigma of the Gaussian kernel (the reference's effective 0.707)")
+    blocks: list = setting(["down", "mid", "up"], "UNet blocks whose layers at the chosen side are read (the paper: "
+                           "every 16x16 unit; SD has them in down and up blocks, none in the mid block)")
     suppression: int = setting(1, "1: square the class maps before the losses (the paper's f_m); 0: off")
 
 
@@ -171,11 +173,12 @@ class DisenDiff(Method):
         Measured on the full prompt and the scene at a few fixed timesteps, whatever the loss weights."""
 
         m = run.model
-        sides = map_sides(run.cfg, run.latent_size, available_sizes(m.unet, run.latent_size))
+        blocks = self.attention_blocks(run.cfg)
+        sides = map_sides(run.cfg, run.latent_size, available_sizes(m.unet, run.latent_size, blocks))
         k = len(run.handles.tokens)
         class_words = [c.class_word for c in run.concepts]
         prompt = self.prompt(run.handles.tokens, list(range(k)), run.cfg, class_words)
-        maps = run.prompt_attention(prompt, max(sides), native=sides).float()  # (T, s, s)
+        maps = run.prompt_attention(prompt, max(sides), native=sides, blocks=blocks).float()  # (T, s, s)
         hpos = token_positions(m.tokenizer, [prompt], run.handles.ids)[0]
         mods, clss = [], []
         for i, word in enumerate(class_words):
@@ -195,6 +198,7 @@ class DisenDiff(Method):
 
 def _check(cfg: dict) -> None:
     a = cfg["attn"]
+    check_blocks(a.get("blocks") or ["down", "mid", "up"])
     if a["scales"] not in SCALES:
         raise ConfigError(f"attn.scales must be one of {', '.join(SCALES)}, got {a['scales']!r}",
                           hint="quarter: the layers at 1/4 of the latent side (SD's 16x16); all: every layer")

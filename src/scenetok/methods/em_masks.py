@@ -42,7 +42,7 @@ from scenetok.masks.attention import (
     token_attention,
 )
 from scenetok.masks.crf import iou
-from scenetok.methods.base import Batch, Method, Outputs, Phase, nearest_size, union_sample
+from scenetok.methods.base import Batch, Method, Outputs, Phase, check_blocks, nearest_size, union_sample
 from scenetok.methods.break_a_scene import attention_term
 from scenetok.scene import load_scene
 from scenetok.tokens import token_positions
@@ -78,6 +78,8 @@ class EMJoint:
 class EMAttn:
     weight: float = setting(0.01, "weight of the cross-attention loss toward the estimated masks (0: off)")
     downscale: int = setting(4, "the loss reads the maps at latent side / downscale")
+    blocks: list = setting(["down", "up"], "UNet blocks whose cross-attention layers the loss reads (Break-A-Scene's: "
+                           "down and up; the mask estimates read every layer, see masks.layers)")
 
 
 @dataclass
@@ -149,6 +151,7 @@ class EMMasks(Method):
         ]
 
     def attention_size(self, cfg, latent_size, available):
+        check_blocks(self.attention_blocks(cfg))
         if cfg["attn"]["weight"] <= 0:
             return None
         return nearest_size(max(1, latent_size // cfg["attn"]["downscale"]), available)
@@ -163,7 +166,7 @@ class EMMasks(Method):
         mask = batch.latent_mask[:n] if cfg["masked_loss"] and ready else None
         terms = {"diffusion": masked_diffusion_loss(out.pred[:n], out.target[:n], mask)}
         if ready and out.store is not None and cfg["attn"]["weight"] > 0:
-            terms["attn"] = cfg["attn"]["weight"] * attention_term(batch, out)
+            terms["attn"] = cfg["attn"]["weight"] * attention_term(batch, out, cfg.get("mask_resize", "nearest"))
         return terms
 
     # ------------------------------------------------------------------------------------------------

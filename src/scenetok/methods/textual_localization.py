@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from scenetok.config import group, setting
 from scenetok.errors import ConfigError
 from scenetok.losses import localization_loss, masked_diffusion_loss, minmax_normalize, resize_masks
-from scenetok.methods.base import Batch, Method, Outputs, Phase, cycled_init_words, nearest_size
+from scenetok.methods.base import Batch, Method, Outputs, Phase, check_blocks, cycled_init_words, nearest_size
 
 GUIDANCE = ("hard", "soft")
 
@@ -43,6 +43,8 @@ class TLAttn:
     weight: float = setting(1.0, "weight of the localization loss (the paper's delta; 0: off)")
     factors: list = setting([2, 4, 8], "maps of the layers at latent side / factor, for each factor")
     size: int = setting(256, "side the maps are upsampled to before the loss (256 in the paper)")
+    blocks: list = setting(["down", "mid", "up"], "UNet blocks whose layers at those sides are read (the paper: every "
+                           "layer at the factors; SD's 8x8 layer at 512 px is the mid block's)")
 
 
 @dataclass
@@ -111,6 +113,7 @@ class TextualLocalization(Method):
 
 
 def _check(cfg: dict) -> None:
+    check_blocks(cfg["attn"].get("blocks") or ["down", "mid", "up"])
     if cfg["guidance"] not in GUIDANCE:
         raise ConfigError(f"guidance must be hard or soft, got {cfg['guidance']!r}",
                           hint="hard: attention matches the mask; soft: only attention outside it is penalised")
