@@ -106,6 +106,8 @@ class EMMaskSettings:
     unary_scale: float = setting(1.0, "multiplies the maps before the CRF's softmax")
     batch_size: int = setting(10, "noise levels per UNet forward pass")
     min_fraction: float = setting(0.01, "the smallest share of the image a concept is given (fallback)")
+    background: str = setting("attention", "the background concept's mask: attention (its own token's map, like "
+                              "every concept: the paper) or complement (what no object mask takes)")
     crf: EMCRF = group(EMCRF)
 
 
