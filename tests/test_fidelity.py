@@ -108,3 +108,28 @@ def test_background_mask_comes_from_its_own_map_by_default():
     assert comp[2, :, 40:].mean() > 0.3
     with pytest.raises(Exception, match="masks.background"):
         AttentionMaskConfig(background="rest").validate()
+
+
+def test_generate_shows_textual_localization_maps_as_its_fig5(tiny_sd, tmp_path):
+    """A TL bundle's --attention maps are the latent/4 layers upsampled to 256 (the paper's Fig. 5: 16x16 at
+    512 px); other methods keep the generic view (largest side <= latent/2, here 8x8)."""
+    from conftest import two_squares
+
+    from scenetok.generation import generate
+    from scenetok.scene import Scene
+    from scenetok.training import train
+
+    img, masks = two_squares()
+    scene = Scene.from_arrays(img, masks, names=["red", "blue"], class_words=["square", "cat"])
+    fast = ["preview_every=0", "checkpoint_every=0", "prior.enabled=false"]
+    tl = train(scene, tmp_path / "tl", method="textual-localization", model=str(tiny_sd), progress=False,
+               overrides=fast + ["train.steps=1"])
+    bas = train(scene, tmp_path / "bas", model=str(tiny_sd), progress=False,
+                overrides=fast + ["phase1.steps=1", "phase2.steps=0"])
+    got = generate(tl.path, "photo of a <asset0> square", n=1, steps=2, attention=True, progress=False)[0]
+    heat = got.attention["<asset0>"]
+    assert heat.shape == (256, 256) and heat.min() == 0.0 and heat.max() == pytest.approx(1.0)
+    # bilinear upsampling of an 8x8 map (tiny-sd: latent 16, nearest side to 4 is 8): neighbours barely differ
+    assert np.abs(np.diff(heat, axis=0)).max() < 0.2
+    plain = generate(bas.path, "a photo of <asset0>", n=1, steps=2, attention=True, progress=False)[0]
+    assert plain.attention["<asset0>"].shape == (8, 8)

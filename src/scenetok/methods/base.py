@@ -158,6 +158,12 @@ class Method:
         blocks = (cfg.get("attn") or {}).get("blocks") if isinstance(cfg.get("attn"), dict) else None
         return tuple(blocks) if blocks else BLOCKS
 
+    def attention_view(self, latent_size: int, available: list[int]) -> tuple[int, int] | None:
+        """How ``scenetok generate --attention`` shows this method's maps, where its paper fixes it:
+        ``(side of the layers read, side the maps are upsampled to)``; None: the generic view (the largest
+        side ≤ latent/2, at that side)."""
+        return None
+
     def data_mode(self, cfg: dict) -> str:
         """``"scene"``: train on the scene image(s) (and their mirror images); ``"collage"``: on a
         collection of collages of the masked concepts (the TI-m / DB-m / CD-m baselines)."""

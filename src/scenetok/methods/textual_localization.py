@@ -28,6 +28,7 @@ from scenetok.losses import localization_loss, masked_diffusion_loss, minmax_nor
 from scenetok.methods.base import Batch, Method, Outputs, Phase, check_blocks, cycled_init_words, nearest_size
 
 GUIDANCE = ("hard", "soft")
+FIG5_SIZE = 256  # the side of the paper's Fig. 5 attention maps
 
 
 @dataclass
@@ -96,6 +97,10 @@ class TextualLocalization(Method):
         # taken at the same side whatever δ is and runs with and without guidance compare exactly
         _check(cfg)
         return factor_sides(latent_size, available, cfg["attn"]["factors"])
+
+    def attention_view(self, latent_size: int, available: list[int]) -> tuple[int, int] | None:
+        # the paper's Fig. 5: each identifier's map at 16x16 (SD at 512 px: latent / 4), upsampled to 256
+        return nearest_size(max(1, math.ceil(latent_size / 4)), available), FIG5_SIZE
 
     def losses(self, batch: Batch, out: Outputs, cfg: dict) -> dict[str, torch.Tensor]:
         n = batch.n_instance
