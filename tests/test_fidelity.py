@@ -133,3 +133,90 @@ def test_generate_shows_textual_localization_maps_as_its_fig5(tiny_sd, tmp_path)
     assert np.abs(np.diff(heat, axis=0)).max() < 0.2
     plain = generate(bas.path, "a photo of <asset0>", n=1, steps=2, attention=True, progress=False)[0]
     assert plain.attention["<asset0>"].shape == (8, 8)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Custom Diffusion's random rescale; the loss reductions of the Custom Diffusion code
+
+
+def test_region_loss_is_the_channel_sum_per_counted_cell():
+    from scenetok.losses import masked_diffusion_loss, region_diffusion_loss
+
+    pred = torch.zeros(2, 4, 3, 3)
+    target = torch.zeros(2, 4, 3, 3)
+    target[0, :, 0, 0] = 1.0  # image 0: error 1 in every channel of cell (0, 0)
+    target[1, 0] = 2.0  # image 1: error 4 in channel 0 of every cell
+    region = torch.zeros(2, 1, 3, 3)
+    region[0, 0, 0, :2] = 1.0  # two counted cells, one with the error
+    region[1] = 1.0
+    # image 0: (4 channels x 1) / 2 cells = 2; image 1: 9 cells x 4 / 9 = 4; mean 3 — and / 4 channels as a mean
+    assert region_diffusion_loss(pred, target, region, channel_sum=True).item() == pytest.approx(3.0)
+    assert region_diffusion_loss(pred, target, region).item() == pytest.approx(0.75)
+    # without a region the mean form is the plain MSE
+    assert region_diffusion_loss(pred, target).item() == pytest.approx(masked_diffusion_loss(pred, target).item())
+
+
+@pytest.mark.parametrize("variant", ["cd", "cd-ldm"])
+def test_random_rescale_follows_the_custom_diffusion_recipe(variant):
+    from scenetok.training.data import random_rescale
+
+    size, factor = 64, 8
+    img = np.full((size, size, 3), 200, np.uint8)
+    mask = np.zeros((1, size, size), np.float32)
+    mask[0, 16:48, 16:48] = 1.0
+    rng = np.random.default_rng(0)
+    seen = {"small": 0, "large": 0, "same": 0}
+    for _ in range(300):
+        r = random_rescale(img, mask, rng, factor, variant)
+        assert r.image.shape == (3, size, size) and r.masks.shape == (1, size, size) and r.valid.shape == (8, 8)
+        assert size // 3 <= r.scale < int(1.4 * size)
+        if r.scale > size:
+            seen["large"] += 1
+            assert r.prefix in ("zoomed in ", "close up ") and r.valid.all() and r.image.min() > 0.5
+        elif r.scale < size:
+            seen["small"] += 1
+            if variant == "cd-ldm":
+                assert r.scale < 0.6 * size and r.scale % 2 == 0
+            assert r.prefix == ("" if r.scale >= 0.6 * size else r.prefix) and 0 < r.valid.mean() < 1
+            if r.scale < 0.6 * size:
+                assert r.prefix in ("a far away ", "very small ")
+            # grey canvas (0 in [-1, 1]) around the placed image, the image inside the counted cells
+            inside = torch.from_numpy(np.kron(r.valid, np.ones((factor, factor)))).bool()
+            if r.scale >= 4 * factor:  # (smaller: the fallback counts every cell the image touches)
+                assert r.image[:, inside].min() > 0.5
+            assert (r.image.abs() < 1e-6).any()
+            assert 0 < r.masks.sum() < mask.sum()  # the mask moved and shrank with the image
+        else:
+            seen["same"] += 1  # the LDM code keeps the image; the diffusers script still drops the border cells
+            assert r.prefix == "" and (r.valid.all() if variant == "cd-ldm" else r.valid.mean() == 36 / 64)
+    assert seen["large"] > 60 and seen["small"] > 60  # about 1/3 enlarged, the rest shrunk (or kept)
+    if variant == "cd-ldm":
+        assert seen["same"] > 30  # [0.6 S, S] keeps the image as it is in the LDM code
+
+
+def test_rescale_runs_in_training_and_prefixes_the_prompts(tiny_sd, tmp_path):
+    from conftest import two_squares
+
+    from scenetok.scene import Scene
+    from scenetok.training import train
+
+    img, masks = two_squares()
+    scene = Scene.from_arrays(img, masks, names=["red", "blue"], class_words=["square", "cat"])
+    seen = []
+
+    from scenetok.methods.disendiff import DisenDiff
+
+    class Spy(DisenDiff):
+        def losses(self, batch, out, cfg):
+            seen.append((list(batch.prompts), batch.loss_region, batch.class_positions))
+            terms = super().losses(batch, out, cfg)
+            assert "prior" in terms  # the reference's channel-summed prior term, not the trainer's mean
+            return terms
+
+    train(scene, tmp_path / "dd", method=Spy(), model=str(tiny_sd), progress=False,
+          overrides=["train.steps=12", "batch_size=1", "grad_accum=1", "prior.num_images=2", "prior.steps=2",
+                     f"prior.cache_dir={tmp_path / 'cache'}", "preview_every=0", "checkpoint_every=0"])
+    prompts = [p[0][0] for p in seen]
+    assert any(p.split(" photo of")[0] in ("a far away", "very small", "zoomed in", "close up") for p in prompts)
+    assert all(r is not None and r.shape == (1, 1, 16, 16) for _, r, _ in seen)
+    assert all(cp[0][0] and cp[0][1] for _, _, cp in seen)  # class nouns found after any prefix

@@ -83,6 +83,9 @@ class Batch:
     # [b][k]: token positions of concept k's class word (all its BPE pieces) after handle k in prompt b,
     # found by tokenizing; [] when the prompt does not name it there (modifier + class prompts use it)
     class_positions: list[list[list[int]]] = field(default_factory=list)
+    # (n_instance, 1, h, w): latent cells the diffusion loss counts (Custom Diffusion's rescale augmentation:
+    # the placed image of a shrunk row); None without the augmentation (every cell)
+    loss_region: torch.Tensor | None = None
 
 
 @dataclass

@@ -34,8 +34,8 @@ from scenetok.errors import ConfigError
 from scenetok.losses import (
     bind_loss,
     gaussian_smooth,
-    masked_diffusion_loss,
     minmax_normalize,
+    region_diffusion_loss,
     separate_strengthen_loss,
     soft_iou,
     suppress,
@@ -87,6 +87,13 @@ class DisenDiffConfig:
     bind: BindWeight = group(BindWeight)
     ss: SSWeight = group(SSWeight)
     attn: DisenDiffAttn = group(DisenDiffAttn)
+    loss_reduction: str = setting("reference", "diffusion loss of the scene and regularisation rows: reference (per image, "
+                                  "the squared error summed over the latent channels and averaged over the counted "
+                                  "cells, as the Custom Diffusion LDM code DisenDiff runs on: 4x a mean on SD, so "
+                                  "the 0.01 attention weights weigh 4x less) or mean (the mean squared error)")
+
+
+REDUCTIONS = ("reference", "mean")
 
 
 class DisenDiff(Method):
@@ -99,6 +106,8 @@ class DisenDiff(Method):
         "no-ss": ("DisenDiff ablation: no separate & strengthen loss (L_s&s)", ["ss.weight=0"]),
         "no-suppression": ("DisenDiff ablation: class maps are not squared (no f_m)", ["attn.suppression=0"]),
         "no-gaussian": ("DisenDiff ablation: attention maps are not Gaussian-smoothed", ["attn.gaussian=false"]),
+        "no-rescale": ("no Custom Diffusion random-rescale augmentation (the image as it is every step)",
+                       ["rescale_aug=off"]),
     }
     options = {
         "attn-scales": ("DisenDiff: read the maps of the layers at 1/4 of the latent side (quarter: SD's 16x16, "
@@ -117,6 +126,8 @@ class DisenDiff(Method):
             # Lightning's AdamW with torch defaults (wd 1e-2) and no gradient clipping in the reference
             "optim": {"grad_clip": 0.0},
             "detach_start_token_kv": True,
+            # "we use the data augmentation in [Custom Diffusion]": the reference's LDM data loader
+            "rescale_aug": "cd-ldm",
             # "a photo of a cat and a dog": 200 images, one regularisation image per scene image per step
             "prior": {"enabled": True, "num_images": 200, "mode": "joint", "batch_size": 2},
         }
@@ -143,7 +154,14 @@ class DisenDiff(Method):
 
     def losses(self, batch: Batch, out: Outputs, cfg: dict) -> dict[str, torch.Tensor]:
         n = batch.n_instance
-        terms = {"diffusion": masked_diffusion_loss(out.pred[:n], out.target[:n])}
+        # the reference runs the scene batch and the regularisation batch as two forward passes and adds their
+        # losses (two means), each the channel-summed squared error over the counted cells; the attention
+        # terms join the scene batch's loss, averaged over its rows
+        summed = cfg.get("loss_reduction", "reference") == "reference"
+        terms = {"diffusion": region_diffusion_loss(out.pred[:n], out.target[:n], batch.loss_region, channel_sum=summed)}
+        if n < out.pred.shape[0] and summed:
+            terms["prior"] = cfg["prior"]["weight"] * region_diffusion_loss(out.pred[n:], out.target[n:],
+                                                                            channel_sum=True)
         wb, ws = cfg["bind"]["weight"], cfg["ss"]["weight"]
         if out.store is None or (wb <= 0 and ws <= 0):
             return terms
@@ -197,6 +215,8 @@ class DisenDiff(Method):
 
 
 def _check(cfg: dict) -> None:
+    if cfg.get("loss_reduction", "reference") not in REDUCTIONS:
+        raise ConfigError(f"loss_reduction must be one of {', '.join(REDUCTIONS)}, got {cfg['loss_reduction']!r}")
     a = cfg["attn"]
     check_blocks(a.get("blocks") or ["down", "mid", "up"])
     if a["scales"] not in SCALES:

@@ -53,6 +53,10 @@ class TrainSettings:
     grad_accum: int = setting(1, "batches accumulated per optimizer step")
     mixed_precision: str = setting("no", "autocast precision: no, fp16 or bf16")
     flip_p: float = setting(0.5, "probability of training on the mirror image")
+    rescale_aug: str = setting("off", "Custom Diffusion's random-rescale augmentation (each step re-encodes the "
+                               "image): off; cd (the diffusers script: shrink to [S/3, S] or enlarge to "
+                               "[1.2 S, 1.4 S)); cd-ldm (the original LDM code, DisenDiff's: shrink only below "
+                               "0.6 S, even sides)")
     mask_resize: str = setting("nearest", "how masks shrink to the latent side (masked loss) and to the attention-loss "
                                "side: nearest (binary, the Break-A-Scene reference) or area (soft edges: the "
                                "covered fraction)")
@@ -68,6 +72,7 @@ class TrainSettings:
 
 
 MASK_RESIZE = ("nearest", "area")
+RESCALE_AUG = ("off", "cd", "cd-ldm")
 
 TRAIN_DEFAULTS: dict = cfglib.to_dict(TrainSettings())
 
@@ -94,6 +99,8 @@ def validate_config(cfg: dict) -> None:
         raise ConfigError("flip_p must be in [0, 1]")
     if cfg.get("mask_resize", "nearest") not in MASK_RESIZE:
         raise ConfigError(f"mask_resize must be one of {', '.join(MASK_RESIZE)}, got {cfg['mask_resize']!r}")
+    if cfg.get("rescale_aug", "off") not in RESCALE_AUG:
+        raise ConfigError(f"rescale_aug must be one of {', '.join(RESCALE_AUG)}, got {cfg['rescale_aug']!r}")
     if cfg["prior"]["mode"] not in ("joint", "per_class"):
         raise ConfigError(f"prior.mode must be joint or per_class, got {cfg['prior']['mode']!r}")
     if "adapter" in cfg:
