@@ -156,8 +156,9 @@ class DisenDiff(Method):
         n = batch.n_instance
         # the reference runs the scene batch and the regularisation batch as two forward passes and adds their
         # losses (two means), each the channel-summed squared error over the counted cells; the attention
-        # terms join the scene batch's loss, averaged over its rows
-        summed = cfg.get("loss_reduction", "reference") == "reference"
+        # terms join the scene batch's loss, averaged over its rows (a run configured before the setting existed,
+        # resumed, keeps its plain mean)
+        summed = cfg.get("loss_reduction", "mean") == "reference"
         terms = {"diffusion": region_diffusion_loss(out.pred[:n], out.target[:n], batch.loss_region, channel_sum=summed)}
         if n < out.pred.shape[0] and summed:
             terms["prior"] = cfg["prior"]["weight"] * region_diffusion_loss(out.pred[n:], out.target[n:],

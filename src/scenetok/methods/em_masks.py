@@ -168,7 +168,7 @@ class EMMasks(Method):
         mask = batch.latent_mask[:n] if cfg["masked_loss"] and ready else None
         terms = {"diffusion": masked_diffusion_loss(out.pred[:n], out.target[:n], mask)}
         if ready and out.store is not None and cfg["attn"]["weight"] > 0:
-            terms["attn"] = cfg["attn"]["weight"] * attention_term(batch, out, cfg.get("mask_resize", "nearest"))
+            terms["attn"] = cfg["attn"]["weight"] * attention_term(batch, out, cfg.get("mask_resize", "area"))
         return terms
 
     # ------------------------------------------------------------------------------------------------

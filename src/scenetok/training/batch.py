@@ -51,8 +51,9 @@ def make_batch(run: Run, cfg: dict) -> tuple[Batch, torch.Tensor, torch.Tensor]:
     valid = torch.zeros(bs, n_concepts, dtype=torch.bool)
     for b, c in enumerate(chosen):
         valid[b, c] = True
-    # binary (nearest) by default, as the Break-A-Scene reference; mask_resize=area gives soft edges
-    lat_masks = resize_masks(masks, run.latent_size, mode=cfg.get("mask_resize", "nearest"))  # (B, N, h, w)
+    # binary (nearest) by default, as the Break-A-Scene reference; mask_resize=area gives soft edges (and is
+    # what a run configured before the setting existed used: a resumed old run keeps it)
+    lat_masks = resize_masks(masks, run.latent_size, mode=cfg.get("mask_resize", "area"))  # (B, N, h, w)
     union = (lat_masks * valid[:, :, None, None].to(lat_masks)).amax(dim=1, keepdim=True)
     ids = m.token_ids(prompts)
     positions = token_positions(m.tokenizer, prompts, run.handles.ids)
