@@ -123,13 +123,13 @@ def test_maps_to_masks_recovers_the_squares_and_the_background():
     truth = np.stack(masks)
     maps = torch.stack([_blob(8, 3.0, 2.0, 1.4), _blob(8, 4.5, 5.75, 1.8, 1.1), torch.full((8, 8), 0.3)])
     bg = [False, False, True]
-    soft, scores = maps_to_masks(img, maps, bg, AttentionMaskConfig(unary="soft"))
+    soft, scores = maps_to_masks(img, maps, bg, AttentionMaskConfig(unary="soft", background="complement"))
     assert soft.shape == (3, 64, 64) and soft.dtype == bool
     np.testing.assert_array_equal(soft[:2], truth)
     np.testing.assert_array_equal(soft[2], ~truth.any(0))
     assert np.all(scores > 0) and np.all(scores <= 1)
-    plain, _ = maps_to_masks(img, maps, bg, AttentionMaskConfig(crf=False))
-    binary, _ = maps_to_masks(img, maps, bg, AttentionMaskConfig(unary="binary"))
+    plain, _ = maps_to_masks(img, maps, bg, AttentionMaskConfig(crf=False, background="complement"))
+    binary, _ = maps_to_masks(img, maps, bg, AttentionMaskConfig(unary="binary", background="complement"))
     for k in range(2):
         assert iou(binary[k], truth[k]) > iou(plain[k], truth[k]) + 0.1 and iou(plain[k], truth[k]) < 0.85
 

@@ -88,7 +88,7 @@ def test_given_masks_score_the_estimates_and_are_never_trained_on(tiny_sd, tmp_p
     scene = Scene.from_arrays(img, masks, names=["red", "blue"], background=True)
     out = tmp_path / "eval"
     train(scene, out, method="em-masks", model=str(tiny_sd), progress=False,
-          overrides=FAST + ["em.steps=2", "em.every=1", "joint.steps=0"])
+          overrides=FAST + ["em.steps=2", "em.every=1", "joint.steps=0", "masks.background=complement"])
     events = _events(out)
     assert [e["global_step"] for e in events] == [0, 1, 2]
     keys = ["<asset0> red", "<asset1> blue", "<asset2> background"]
@@ -99,7 +99,7 @@ def test_given_masks_score_the_estimates_and_are_never_trained_on(tiny_sd, tmp_p
     for k, key in enumerate(keys):
         assert events[-1]["mask_iou"][key] == pytest.approx(iou(est[k], truth[k]), abs=1e-4)
     assert events[-1]["mask_iou_mean"] == pytest.approx(np.mean([iou(est[k], truth[k]) for k in range(3)]), abs=1e-4)
-    # the background concept takes what no object mask takes
+    # with masks.background=complement the background concept takes what no object mask takes
     np.testing.assert_array_equal(est[2], ~(est[0] | est[1]))
     assert (out / "previews" / "mask_iou.png").is_file()
 

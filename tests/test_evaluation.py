@@ -616,3 +616,73 @@ def test_references_from_a_scene_replace_the_bundle_masks(trained_bundle):
     assert (refs["masks"]["<asset0>"] == own["masks"]["<asset1>"]).all()
     with pytest.raises(ConfigError, match="has 1 concepts but bundle"):
         _load_reference_scene(Scene.from_arrays(img, masks[:1]), b)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the papers' protocols, and prompts in the form the bundle's method trained
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_paper_protocols_count_their_prompts(k):
+    tokens = [f"<asset{i}>" for i in range(k)]
+    cw = {t: "cat" for t in tokens}
+    dd = prompts.build_prompt_set(tokens, cw, protocol="disendiff", n=2)
+    tl = prompts.build_prompt_set(tokens, cw, protocol="tl", n=1)
+    combined = 10 if k > 1 else 0
+    assert len(dd) == combined + 10 * k and len(tl) == combined + 10 * k  # 2 concepts: 30 (DisenDiff), 30 (TL)
+    assert sum(p.handles == tuple(tokens) for p in dd) == (10 if k > 1 else 10)
+    assert all(len(p.handles) in (1, k) for p in dd)
+    bas = prompts.build_prompt_set(tokens, cw, protocol="bas", n=1)
+    assert len(bas) == 10 * (2 ** k - 1)
+
+
+def test_protocol_numbers_become_the_options_unless_given():
+    from scenetok.evaluation.options import EvalOptions
+
+    o = EvalOptions(protocol="disendiff")
+    assert (o.n, o.steps, o.guidance) == (16, 50, 6.0)
+    o = EvalOptions(protocol="tl", n=3)
+    assert (o.n, o.steps, o.guidance) == (3, 50, 7.5)  # TL's paper gives no step count or guidance
+    assert (EvalOptions().n, EvalOptions().guidance) == (4, 7.5)
+    with pytest.raises(Exception, match="--protocol and --prompts"):
+        EvalOptions(protocol="tl", prompts="x.txt")
+
+
+def test_method_joiner_gives_each_method_its_trained_form():
+    phrase = {"<asset0>": "cat", "<asset1>": "dog"}
+    for name, want in (("disendiff", "a photo of <asset0> cat and <asset1> dog in the snow"),
+                       ("textual-localization", "a photo of a <asset0> cat and a <asset1> dog in the snow"),
+                       ("break-a-scene", "a photo of <asset0> and <asset1> in the snow")):
+        from scenetok.methods import get_method
+
+        m = get_method(name)
+        tokens, words = list(phrase), list(phrase.values())
+        join = lambda hs, m=m: m.token_phrase(tokens, [tokens.index(h) for h in hs], m.defaults(), words)  # noqa: E731
+        ps = prompts.build_prompt_set(tokens, phrase, templates=["a photo of {tokens} in the snow"], join=join, n=1)
+        assert ps[-1].prompt == want, name
+        assert ps[-1].class_prompt.replace(" an ", " a ") in ("a photo of a cat and a dog in the snow",), name
+
+
+def test_eval_of_a_disendiff_bundle_asks_for_the_class_nouns(tiny_sd, tiny_models, tmp_path):
+    from conftest import two_squares
+
+    from scenetok.cli import main
+    from scenetok.scene import Scene
+    from scenetok.training import train
+
+    img, masks = two_squares()
+    scene = Scene.from_arrays(img, masks, names=["red", "blue"], class_words=["square", "cat"])
+    bundle = train(scene, tmp_path / "dd", method="disendiff", model=str(tiny_sd), progress=False,
+                   overrides=["train.steps=1", "batch_size=1", "grad_accum=1", "prior.enabled=false",
+                              "preview_every=0", "checkpoint_every=0"]).path
+    out = tmp_path / "eval"
+    assert main(["eval", str(bundle), "-o", str(out), "--protocol", "disendiff", "-n", "1", "--steps", "1",
+                 "--metrics", "clip_t", "--quiet", *_model_args(tiny_models)]) == 0
+    res = json.loads((out / "eval.json").read_text())
+    ps = res["bundles"][0]["prompts"]
+    assert len(ps) == 30 and res["options"]["protocol"] == "disendiff" and res["options"]["guidance"] == 6.0
+    noun = {"<asset0>": "square", "<asset1>": "cat"}
+    for p in ps:
+        for h in p["handles"]:
+            assert f"{h} {noun[h]}" in p["prompt"], p["prompt"]  # the trained form: handle, then its class noun
+            assert f" {noun[h]}" in p["class_prompt"] and "<" not in p["class_prompt"]

@@ -155,9 +155,16 @@ def cross_attention_layers(unet, latent_size: int) -> dict[str, int]:
     return out
 
 
-def available_sizes(unet, latent_size: int) -> list[int]:
-    """Distinct sides of the cross-attention maps for this latent side, ascending."""
-    return sorted(set(cross_attention_layers(unet, latent_size).values()))
+def available_sizes(unet, latent_size: int, blocks=("down", "mid", "up")) -> list[int]:
+    """Distinct sides of the cross-attention maps for this latent side in ``blocks`` (any of "down", "mid",
+    "up"), ascending."""
+    if isinstance(blocks, str):
+        blocks = (blocks,)
+    unknown = [b for b in blocks if b not in _BLOCK_PREFIX]
+    if unknown:
+        raise ValueError(f"unknown block kind(s) {unknown}; use any of {sorted(_BLOCK_PREFIX)}")
+    prefixes = tuple(_BLOCK_PREFIX[b] for b in blocks)
+    return sorted({v for k, v in cross_attention_layers(unet, latent_size).items() if k.startswith(prefixes)})
 
 
 def nearest_size(target: int, available: list[int]) -> int:

@@ -18,6 +18,7 @@ __all__ = [
     "gaussian_smooth",
     "localization_loss",
     "masked_diffusion_loss",
+    "region_diffusion_loss",
     "minmax_normalize",
     "resize_masks",
     "separate_strengthen_loss",
@@ -78,6 +79,32 @@ def masked_diffusion_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.
             )
         diff = diff * m.to(diff.device)
     return diff.square().mean()
+
+
+def region_diffusion_loss(pred: torch.Tensor, target: torch.Tensor, region: torch.Tensor | None = None,
+                          channel_sum: bool = False) -> torch.Tensor:
+    """Custom Diffusion's diffusion loss: per image, the squared error summed over the latent cells of
+    ``region`` (``(B, 1, h, w)`` in [0, 1]; None: every cell) divided by the number of counted cells, then
+    averaged over the images.
+
+    ``channel_sum=True`` keeps the channels summed, as the Custom Diffusion code does (its mask has one
+    channel, so the error of all C latent channels is divided by the cell count: C × a mean);
+    ``channel_sum=False`` divides by C too, i.e. the mean squared error over the region.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"pred and target shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}")
+    err = (pred.float() - target.float()).square()
+    if region is None:
+        region = err.new_ones(err.shape[0], 1, *err.shape[-2:])
+    r = region.float().to(err.device)
+    if r.ndim == err.ndim - 1:
+        r = r.unsqueeze(1)
+    if r.shape[0] != err.shape[0] or r.shape[1] != 1 or r.shape[-2:] != err.shape[-2:]:
+        raise ValueError(f"region of shape {tuple(region.shape)} does not fit predictions of shape {tuple(pred.shape)}")
+    per = (err * r).sum(dim=(1, 2, 3)) / r.sum(dim=(1, 2, 3)).clamp_min(1e-8)
+    if not channel_sum:
+        per = per / err.shape[1]
+    return per.mean()
 
 
 def bas_attention_loss(maps: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor | None = None,

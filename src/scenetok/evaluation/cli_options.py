@@ -17,10 +17,16 @@ def add_eval_arguments(p: argparse.ArgumentParser, prompts: bool = True) -> None
                          help="prompt file: one prompt per line; {tokens} expands over every handle subset")
         src.add_argument("--templates", default="bas", choices=["bas"],
                          help="built-in templates × every non-empty handle subset (bas: Break-A-Scene's 10)")
-    g.add_argument("-n", "--num-images", dest="n", type=int, default=4, help="samples per prompt")
+        src.add_argument("--protocol", default=None, choices=["bas", "disendiff", "tl"],
+                         help="a paper's evaluation protocol: bas (Break-A-Scene), disendiff (10 combined + 10 per "
+                         "concept prompts, 16 samples, DDIM 50, guidance 6), tl (Textual Localization: 10 prompts per "
+                         "concept and for the group, 50 samples); -n/--steps/--guidance override its numbers")
+    g.add_argument("-n", "--num-images", dest="n", type=int, default=None,
+                   help="samples per prompt (default: the protocol's, else 4)")
     g.add_argument("--seed", type=int, default=0, help="sample i of prompt k uses seed + k*n + i")
-    g.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    g.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the protocol's, else 50)")
+    g.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the protocol's, else 7.5)")
     g.add_argument("--batch-size", type=int, default=4, help="images generated at once")
     g.add_argument("--size", type=int, default=None, help="image side (default: the bundle's resolution)")
     g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="generation dtype (default fp32)")
@@ -54,5 +60,6 @@ def eval_options(args) -> dict:
     if hasattr(args, "prompts"):
         out["prompts"] = args.prompts
         out["templates"] = args.templates
+        out["protocol"] = getattr(args, "protocol", None)
     out["progress"] = not getattr(args, "quiet", False)
     return out

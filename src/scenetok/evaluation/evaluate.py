@@ -68,7 +68,8 @@ def evaluate_bundles(bundles: Sequence, out_dir, *, scenes: Sequence | None = No
     plans = []
     for i, (b, sc, nm) in enumerate(zip(bundles, scenes, names)):
         prompts = build_prompt_set([h.token for h in b.handles], {h.token: h.class_word for h in b.handles},
-                                   templates=opts.templates, prompts_file=opts.prompts, n=opts.n, seed=opts.seed)
+                                   templates=opts.templates, prompts_file=opts.prompts, n=opts.n, seed=opts.seed,
+                                   protocol=opts.protocol, join=method_joiner(b))
         plans.append(_Plan(index=i, name=nm, bundle=b, prompts=prompts, scene=_load_reference_scene(sc, b),
                            out_dir=out_dir if _single else out_dir / nm))
     items = [(p.index, q.index) for p in plans for q in p.prompts]
@@ -99,6 +100,27 @@ def evaluate_bundles(bundles: Sequence, out_dir, *, scenes: Sequence | None = No
         return result
     finally:
         ctx.close()
+
+
+def method_joiner(bundle):
+    """How ``{tokens}`` of an evaluation template is filled for ``bundle``: its method's own form of the
+    handle phrase (:meth:`scenetok.methods.Method.token_phrase` with the bundle's settings), so that a
+    DisenDiff bundle is asked for "<asset0> cat and <asset1> dog", as it was trained. None (bare handles)
+    for a method this installation does not know."""
+    from scenetok.methods import available_methods, get_method
+
+    if bundle.method not in available_methods():
+        return None
+    method = get_method(bundle.method)
+    cfg = dict(bundle.config or {})
+    tokens = [h.token for h in bundle.handles]
+    class_words = [h.class_word for h in bundle.handles]
+    index = {t: i for i, t in enumerate(tokens)}
+
+    def join(handles) -> str:
+        return method.token_phrase(tokens, [index[h] for h in handles], cfg, class_words)
+
+    return join
 
 
 def _unique_names(names: list[str]) -> list[str]:

@@ -9,7 +9,7 @@ from typing import Any
 
 from scenetok.errors import ConfigError
 from scenetok.evaluation.metrics import DEFAULT_CLIP, DEFAULT_DINO
-from scenetok.evaluation.prompts import EvalPrompt
+from scenetok.evaluation.prompts import EvalPrompt, get_protocol
 from scenetok.evaluation.segment import DEFAULT_MASKFORMER, SEGMENTERS
 
 
@@ -26,10 +26,11 @@ class EvalOptions:
 
     templates: str | list[str] | None = "bas"  # template set name or list of templates (ignored with prompts)
     prompts: str | None = None  # prompt file (one prompt per line)
-    n: int = 4  # samples per prompt
+    protocol: str | None = None  # a paper's protocol (prompts.PROTOCOLS): its prompts and, unless given, n/steps/guidance
+    n: int | None = None  # samples per prompt (None: the protocol's, else 4)
     seed: int = 0  # sample i of prompt k uses seed + k*n + i
-    steps: int = 50
-    guidance: float = 7.5
+    steps: int | None = None  # DDIM steps (None: the protocol's, else 50)
+    guidance: float | None = None  # guidance scale (None: the protocol's, else 7.5)
     batch_size: int = 4  # images generated at once
     size: int | None = None  # image side (default: the bundle's resolution)
     scheduler: str = "ddim"
@@ -55,6 +56,13 @@ class EvalOptions:
     progress: bool = True
 
     def __post_init__(self):
+        proto = get_protocol(self.protocol) if self.protocol is not None else None
+        if proto is not None and self.prompts is not None:
+            raise ConfigError("--protocol and --prompts both choose the prompts", hint="give one of them")
+        for name, fallback in (("n", 4), ("steps", 50), ("guidance", 7.5)):
+            if getattr(self, name) is None:
+                value = getattr(proto, name) if proto is not None else None
+                setattr(self, name, fallback if value is None else value)
         m = self.metrics
         if m is None:
             m = list(DEFAULT_METRICS) + (["lpips"] if self.lpips_weights else [])

@@ -279,9 +279,11 @@ def _resolve(bundle_or_pipe):
 class _AttentionAccumulator:
     """Sums the conditional-half cross-attention maps at the handle positions over denoising steps."""
 
-    def __init__(self, store, size: int, positions: dict[str, list[int]], batch: int, cfg: bool):
+    def __init__(self, store, size: int, positions: dict[str, list[int]], batch: int, cfg: bool,
+                 display: int | None = None):
         self.store = store
         self.size = size
+        self.display = display  # upsample each averaged map (bilinear) to this side, e.g. TL's 256
         self.positions = positions
         self.batch = batch
         self.cfg = cfg
@@ -299,16 +301,35 @@ class _AttentionAccumulator:
         return {}
 
     def result(self, j: int) -> dict[str, np.ndarray]:
-        return {tok: normalize_map(s[j] / max(self.steps, 1)).astype(np.float32) for tok, s in self.sums.items()}
+        out = {}
+        for tok, s in self.sums.items():
+            m = s[j] / max(self.steps, 1)
+            if self.display and m.shape[-1] != self.display:
+                m = torch.nn.functional.interpolate(m[None, None], size=(self.display, self.display), mode="bilinear",
+                                                    align_corners=False)[0, 0]
+            out[tok] = normalize_map(m).astype(np.float32)
+        return out
 
 
-def _attention_size(pipe, latent: int) -> tuple[int, list[str]]:
+def _attention_size(pipe, latent: int, method: str | None = None) -> tuple[int, list[str], int | None]:
+    """``(side, layers, display side)`` of the maps ``generate(attention=True)`` shows: the view the bundle's
+    method's paper uses (Textual Localization: latent/4, upsampled to 256, its Fig. 5), else the largest side
+    ≤ latent/2 at that side."""
     sizes = sorted(available_sizes(pipe.unet, latent))
     if not sizes:
         raise ConfigError("this UNet has no cross-attention layers to read maps from")
-    small = [s for s in sizes if s <= latent // 2]
-    size = max(small) if small else min(sizes)
-    return size, select_layers(pipe.unet, latent, sizes=[size])
+    view = None
+    if method:
+        from scenetok.methods import available_methods, get_method
+
+        if method in available_methods():
+            view = get_method(method).attention_view(latent, sizes)
+    if view is not None:
+        size, display = view
+    else:
+        small = [s for s in sizes if s <= latent // 2]
+        size, display = (max(small) if small else min(sizes)), None
+    return size, select_layers(pipe.unet, latent, sizes=[size]), display
 
 
 def generate(
@@ -333,7 +354,8 @@ def generate(
     ``(pipe, bundle)`` pair from :func:`load_pipeline`, or a bare pipeline. ``height``/``width`` default
     to the bundle's resolution. ``attention=True`` also returns, per handle in the prompt, its
     cross-attention map (conditional half of classifier-free guidance, averaged over steps and layers at
-    the largest map size ≤ latent/2). ``out_dir`` receives ``{i:02d}_seed{s}.png``, the overlays
+    the largest map size ≤ latent/2; for a Textual Localization bundle the paper's Fig. 5 view: the
+    latent/4 layers (SD at 512 px: 16×16) upsampled bilinearly to 256×256). ``out_dir`` receives ``{i:02d}_seed{s}.png``, the overlays
     ``{i:02d}_seed{s}_asset0.png``, ``grid.png`` and ``prompts.jsonl`` (one appended row per image).
     """
     check_generate_options(n=n, steps=steps, guidance=guidance, batch_size=batch_size, size=height, seed=seed)
@@ -365,7 +387,8 @@ def generate(
         tokens = [t for t in dict.fromkeys(HANDLE_RE.findall(prompt)) if t in added]
     positions = handle_positions(pipe.tokenizer, prompt, tokens) if attention else {}
     if attention:
-        size, layers = _attention_size(pipe, height // vae_factor)
+        size, layers, display = _attention_size(pipe, height // vae_factor,
+                                                bundle.method if bundle is not None else None)
     cfg = guidance > 1.0 and pipe.unet.config.time_cond_proj_dim is None
     pipe.set_progress_bar_config(disable=not progress)
 
@@ -387,7 +410,7 @@ def generate(
         if attention and positions:
 
             with capture_attention(pipe.unet, layers) as store:
-                acc = _AttentionAccumulator(store, size, positions, count, cfg)
+                acc = _AttentionAccumulator(store, size, positions, count, cfg, display)
                 with torch.no_grad():
                     images = pipe(**kwargs, callback_on_step_end=acc).images
             maps = [acc.result(j) for j in range(count)]

@@ -20,7 +20,10 @@ Pipeline, per image (every choice below is an argument; defaults and the evidenc
 4. threshold at ``threshold`` → binary masks; the paper's CRF unary is a softmax over the stack
    [background, mask_1 … mask_K] (``unary="binary"``; ``"soft"`` uses the normalised maps instead, with
    the threshold as the background's score); dense CRF with CutLER's parameters; each pixel takes its
-   most probable label. A concept named ``background`` gets the background label;
+   most probable label. A concept named ``background`` gets what no object takes (the CRF's background
+   label; ``background="complement"``, the mask source's default) or is estimated from its own token's
+   map like every other concept (``background="attention"``: the EM paper's Fig. 2/3c, the em-masks
+   default). A photo whose only concepts are background gets the whole image;
 5. a concept never ends up empty: if the CRF leaves it no pixel, its thresholded map is used, and if that
    is empty too, the top ``min_fraction`` of its map.
 """
@@ -62,6 +65,9 @@ class AttentionMaskConfig:
     crf_params: dict = field(default_factory=dict)  # overrides of scenetok.masks.crf.CUTLER fields
     batch_size: int = 10  # timesteps per UNet forward
     min_fraction: float = 0.01  # the smallest share of the image a concept is given (fallback)
+    # "complement" (what no object takes: a full background mask for the masks command) or "attention" (its
+    # own token's map, as every concept: the EM paper, whose method sets it)
+    background: str = "complement"
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "AttentionMaskConfig":
@@ -96,6 +102,8 @@ class AttentionMaskConfig:
             raise ConfigError("masks.timesteps and masks.batch_size must be at least 1")
         if not 0.0 < self.threshold < 1.0:
             raise ConfigError(f"masks.threshold must be in (0, 1), got {self.threshold}")
+        if self.background not in ("attention", "complement"):
+            raise ConfigError(f"masks.background must be 'attention' or 'complement', got {self.background!r}")
         if self.unary not in ("binary", "soft"):
             raise ConfigError(f"masks.unary must be 'binary' or 'soft', got {self.unary!r}")
         if self.crf_backend not in ("torch", "pydensecrf"):
@@ -185,7 +193,9 @@ def maps_to_masks(image: np.ndarray, maps: torch.Tensor, background: Sequence[bo
     """Binary masks ``bool (K, H, W)`` and scores ``(K,)`` from attention maps ``(K, s, s)``.
 
     ``image``: ``uint8 (H, W, 3)`` (the masks' size; the maps are stretched to it). ``background[k]``:
-    concept k is the background (it receives the CRF's background label instead of its own map).
+    concept k is the background: with ``config.background="attention"`` its mask comes from its own map like
+    every other concept's; with ``"complement"`` it receives the CRF's background label (what no object
+    takes) instead. Only background concepts: each gets the whole image.
     """
 
     cfg = (config or AttentionMaskConfig()).validate()
@@ -200,7 +210,10 @@ def maps_to_masks(image: np.ndarray, maps: torch.Tensor, background: Sequence[bo
     if not objects:  # only background concepts: the whole image
         masks[:] = True
         return masks, np.ones(K, np.float32)
-    obj = full[objects]
+    # the concepts whose masks come from their own maps (the CRF labels 1..): every concept, or only the
+    # objects when the background is their complement
+    own = list(range(K)) if cfg.background == "attention" else objects
+    obj = full[own]
     binary = obj >= cfg.threshold
     if cfg.crf:
         params = CUTLER if not cfg.crf_params else type(CUTLER)(**{**CUTLER.as_dict(), **cfg.crf_params})
@@ -215,7 +228,7 @@ def maps_to_masks(image: np.ndarray, maps: torch.Tensor, background: Sequence[bo
         winner = torch.where(binary, obj, torch.full_like(obj, -1.0)).argmax(0)
         labels = np.where(binary.any(0).cpu().numpy(), winner.cpu().numpy() + 1, 0)
     obj_np, binary_np = obj.cpu(), binary.cpu().numpy()
-    for j, k in enumerate(objects):
+    for j, k in enumerate(own):
         m = labels == j + 1
         if not m.any():
             m = binary_np[j]
@@ -223,12 +236,13 @@ def maps_to_masks(image: np.ndarray, maps: torch.Tensor, background: Sequence[bo
             m = _top_fraction(obj_np[j], cfg.min_fraction)
         masks[k] = m
     union = masks[objects].any(0)
-    rest = 1.0 - obj_np.amax(0).numpy()
-    for k in range(K):
-        if bg[k]:
-            masks[k] = ~union if (~union).any() else _top_fraction(torch.from_numpy(rest), cfg.min_fraction)
     full_np = full.cpu().numpy()
-    scores = np.array([float((rest if bg[k] else full_np[k])[masks[k]].mean()) for k in range(K)], np.float32)
+    rest = 1.0 - full_np[objects].max(0)
+    complement = [k for k in range(K) if bg[k] and k not in own]
+    for k in complement:
+        masks[k] = ~union if (~union).any() else _top_fraction(torch.from_numpy(rest), cfg.min_fraction)
+    scores = np.array([float((rest if k in complement else full_np[k])[masks[k]].mean()) for k in range(K)],
+                      np.float32)
     return masks, scores
 
 

@@ -26,12 +26,22 @@ import numpy as np
 import torch
 
 from scenetok import config as cfglib
+from scenetok.errors import ConfigError
 from scenetok.attention import (
     AttentionStore,
     nearest_size,  # noqa: F401 (re-exported for the methods)
 )
 
 TRAINABLE = ("handles", "unet", "text_encoder", "unet_kv", "unet_q")
+BLOCKS = ("down", "mid", "up")  # the UNet block kinds whose cross-attention layers a loss may read
+
+
+def check_blocks(blocks, key: str = "attn.blocks") -> None:
+    """``blocks`` must be a non-empty list of distinct "down" / "mid" / "up"."""
+    if (not isinstance(blocks, (list, tuple)) or not blocks or any(b not in BLOCKS for b in blocks)
+            or len(set(blocks)) != len(blocks)):
+        raise ConfigError(f"{key} must be a non-empty list of distinct {', '.join(BLOCKS)}, got {blocks!r}",
+                          hint='e.g. --set attn.blocks=[down,up] (Break-A-Scene\'s choice)')
 
 
 @dataclass
@@ -73,6 +83,9 @@ class Batch:
     # [b][k]: token positions of concept k's class word (all its BPE pieces) after handle k in prompt b,
     # found by tokenizing; [] when the prompt does not name it there (modifier + class prompts use it)
     class_positions: list[list[list[int]]] = field(default_factory=list)
+    # (n_instance, 1, h, w): latent cells the diffusion loss counts (Custom Diffusion's rescale augmentation:
+    # the placed image of a shrunk row); None without the augmentation (every cell)
+    loss_region: torch.Tensor | None = None
 
 
 @dataclass
@@ -142,6 +155,18 @@ class Method:
     def attention_size(self, cfg: dict, latent_size: int, available: list[int]) -> int | None:
         return None
 
+    def attention_blocks(self, cfg: dict) -> tuple[str, ...]:
+        """Which UNet blocks ("down", "mid", "up") the losses read maps from: ``attn.blocks`` when the
+        method has it, else all three. ``available`` in :meth:`attention_sizes` lists only their sides."""
+        blocks = (cfg.get("attn") or {}).get("blocks") if isinstance(cfg.get("attn"), dict) else None
+        return tuple(blocks) if blocks else BLOCKS
+
+    def attention_view(self, latent_size: int, available: list[int]) -> tuple[int, int] | None:
+        """How ``scenetok generate --attention`` shows this method's maps, where its paper fixes it:
+        ``(side of the layers read, side the maps are upsampled to)``; None: the generic view (the largest
+        side ≤ latent/2, at that side)."""
+        return None
+
     def data_mode(self, cfg: dict) -> str:
         """``"scene"``: train on the scene image(s) (and their mirror images); ``"collage"``: on a
         collection of collages of the masked concepts (the TI-m / DB-m / CD-m baselines)."""
@@ -153,6 +178,12 @@ class Method:
 
     def prompt(self, tokens: list[str], chosen: list[int], cfg: dict, class_words: list[str] | None = None) -> str:
         return cfg.get("prompt_template", "a photo of {tokens}").format(tokens=" and ".join(tokens[i] for i in chosen))
+
+    def token_phrase(self, tokens: list[str], chosen: list[int], cfg: dict, class_words: list[str] | None = None) -> str:
+        """The part of :meth:`prompt` that names the chosen concepts, without the template around it
+        ("<asset0> and <asset1>"; "<asset0> cat and <asset1> dog" for modifier + class methods): what an
+        evaluation template's ``{tokens}`` becomes, so that evaluation prompts have the trained form."""
+        return self.prompt(tokens, chosen, {**cfg, "prompt_template": "{tokens}"}, class_words)
 
     def init_words(self, concepts: list, cfg: dict, tokenizer=None) -> list[str | int]:
         """What each handle's embedding starts from, one per concept: a word, or a token id of

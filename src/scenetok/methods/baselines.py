@@ -41,7 +41,7 @@ import torch
 
 from scenetok.config import group, setting
 from scenetok.errors import ConfigError, ScenetokError
-from scenetok.losses import masked_diffusion_loss
+from scenetok.losses import masked_diffusion_loss, region_diffusion_loss
 from scenetok.methods.base import Batch, Method, Outputs, Phase
 
 
@@ -86,6 +86,9 @@ class CDConfig(TIConfig):
     train: CDTrain = group(CDTrain)
     handles_init: str = setting("rare", "what the handles start from: word (each concept's init word) or rare "
                                 "(distinct rare tokens)")
+    loss_reduction: str = setting("reference", "collage rows' diffusion loss: reference (per image, the squared error "
+                                  "summed over the latent channels and averaged over the counted cells, as the "
+                                  "Custom Diffusion script; its prior loss stays a plain mean) or mean")
 
 
 class CollageBaseline(Method):
@@ -131,8 +134,19 @@ class CollageBaseline(Method):
 
     def losses(self, batch: Batch, out: Outputs, cfg: dict) -> dict[str, torch.Tensor]:
         n = batch.n_instance
-        mask = batch.latent_mask[:n] if cfg["masked_loss"] else None
-        return {"diffusion": masked_diffusion_loss(out.pred[:n], out.target[:n], mask)}
+        region = batch.loss_region
+        if cfg["masked_loss"]:
+            mask = batch.latent_mask[:n]
+            if region is not None:
+                mask = mask * region.to(mask)
+            return {"diffusion": masked_diffusion_loss(out.pred[:n], out.target[:n], mask)}
+        reduction = cfg.get("loss_reduction", "mean")
+        if reduction not in ("reference", "mean"):
+            raise ConfigError(f"loss_reduction must be reference or mean, got {reduction!r}")
+        if region is None and reduction == "mean":
+            return {"diffusion": masked_diffusion_loss(out.pred[:n], out.target[:n])}
+        return {"diffusion": region_diffusion_loss(out.pred[:n], out.target[:n], region,
+                                                   channel_sum=reduction == "reference")}
 
 
 def rare_token_ids(tokenizer, n: int, below: int) -> list[int]:
@@ -180,8 +194,11 @@ class CustomDiffusionM(CollageBaseline):
     phase_name = "cd"
     config_class = CDConfig
 
+    switches = {"no-rescale": ("no Custom Diffusion random-rescale augmentation (each collage as it is)",
+                               ["rescale_aug=off"])}
+
     def training_defaults(self) -> dict:
-        return {"detach_start_token_kv": True,
+        return {"detach_start_token_kv": True, "rescale_aug": "cd",  # Custom Diffusion's augmentation, on by default
                 "prior": {"enabled": True, "num_images": 50, "mode": "per_class", "weight": 1.0}}
 
     def trainable(self, cfg):

@@ -15,7 +15,7 @@ import torch
 
 from scenetok.config import group, setting
 from scenetok.losses import bas_attention_loss, masked_diffusion_loss, resize_masks
-from scenetok.methods.base import Batch, Method, Outputs, Phase, nearest_size, union_sample
+from scenetok.methods.base import Batch, Method, Outputs, Phase, check_blocks, nearest_size, union_sample
 
 
 @dataclass
@@ -34,6 +34,8 @@ class Phase2:
 class AttnLoss:
     weight: float = setting(0.01, "weight of the cross-attention loss (0: off)")
     downscale: int = setting(4, "the loss reads the maps at latent side / downscale (SD: 16x16 at 512 px)")
+    blocks: list = setting(["down", "up"], "UNet blocks whose cross-attention layers the loss reads (the reference: "
+                           "down and up, never the mid block)")
 
 
 @dataclass
@@ -66,6 +68,7 @@ class BreakAScene(Method):
         ]
 
     def attention_size(self, cfg, latent_size, available):
+        check_blocks(self.attention_blocks(cfg))
         if cfg["attn"]["weight"] <= 0:
             return None
         return nearest_size(max(1, latent_size // cfg["attn"]["downscale"]), available)
@@ -80,14 +83,15 @@ class BreakAScene(Method):
         mask = batch.latent_mask[:n] if cfg["masked_loss"] else None
         terms = {"diffusion": masked_diffusion_loss(out.pred[:n], out.target[:n], mask)}
         if out.store is not None and cfg["attn"]["weight"] > 0:
-            terms["attn"] = cfg["attn"]["weight"] * attention_term(batch, out)
+            terms["attn"] = cfg["attn"]["weight"] * attention_term(batch, out, cfg.get("mask_resize", "area"))
         return terms
 
 
-def attention_term(batch: Batch, out: Outputs) -> torch.Tensor:
-    """Break-A-Scene's L_attn on the scene rows: each chosen handle's map vs its mask."""
+def attention_term(batch: Batch, out: Outputs, mask_resize: str = "nearest") -> torch.Tensor:
+    """Break-A-Scene's L_attn on the scene rows: each chosen handle's map vs its mask, the mask resized to
+    the map side with ``mask_resize`` (nearest: binary, as the reference; area: soft edges)."""
     n = batch.n_instance
     size = out.attention_size
     handle_maps = out.store.token_maps(batch.positions[:n], size, native=size).float()  # (n, N, s, s)
-    masks = resize_masks(batch.masks[:n], size, mode="area").to(handle_maps.device)
+    masks = resize_masks(batch.masks[:n], size, mode=mask_resize).to(handle_maps.device)
     return bas_attention_loss(handle_maps, masks, batch.valid[:n].to(handle_maps.device))

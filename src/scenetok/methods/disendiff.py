@@ -34,13 +34,13 @@ from scenetok.errors import ConfigError
 from scenetok.losses import (
     bind_loss,
     gaussian_smooth,
-    masked_diffusion_loss,
     minmax_normalize,
+    region_diffusion_loss,
     separate_strengthen_loss,
     soft_iou,
     suppress,
 )
-from scenetok.methods.base import Batch, Method, Outputs, Phase, cycled_init_words, nearest_size
+from scenetok.methods.base import Batch, Method, Outputs, Phase, check_blocks, cycled_init_words, nearest_size
 from scenetok.tokens import token_positions, word_positions
 
 SCALES = ("quarter", "all")
@@ -72,6 +72,8 @@ class DisenDiffAttn:
     gaussian: bool = setting(True, "smooth the maps with a Gaussian kernel first")
     kernel_size: int = setting(3, "side of the Gaussian kernel")
     sigma: float = setting(round(REFERENCE_SIGMA, 4), "sigma of the Gaussian kernel (the reference's effective 0.707)")
+    blocks: list = setting(["down", "mid", "up"], "UNet blocks whose layers at the chosen side are read (the paper: "
+                           "every 16x16 unit; SD has them in down and up blocks, none in the mid block)")
     suppression: int = setting(1, "1: square the class maps before the losses (the paper's f_m); 0: off")
 
 
@@ -85,6 +87,13 @@ class DisenDiffConfig:
     bind: BindWeight = group(BindWeight)
     ss: SSWeight = group(SSWeight)
     attn: DisenDiffAttn = group(DisenDiffAttn)
+    loss_reduction: str = setting("reference", "diffusion loss of the scene and regularisation rows: reference (per image, "
+                                  "the squared error summed over the latent channels and averaged over the counted "
+                                  "cells, as the Custom Diffusion LDM code DisenDiff runs on: 4x a mean on SD, so "
+                                  "the 0.01 attention weights weigh 4x less) or mean (the mean squared error)")
+
+
+REDUCTIONS = ("reference", "mean")
 
 
 class DisenDiff(Method):
@@ -97,6 +106,8 @@ class DisenDiff(Method):
         "no-ss": ("DisenDiff ablation: no separate & strengthen loss (L_s&s)", ["ss.weight=0"]),
         "no-suppression": ("DisenDiff ablation: class maps are not squared (no f_m)", ["attn.suppression=0"]),
         "no-gaussian": ("DisenDiff ablation: attention maps are not Gaussian-smoothed", ["attn.gaussian=false"]),
+        "no-rescale": ("no Custom Diffusion random-rescale augmentation (the image as it is every step)",
+                       ["rescale_aug=off"]),
     }
     options = {
         "attn-scales": ("DisenDiff: read the maps of the layers at 1/4 of the latent side (quarter: SD's 16x16, "
@@ -115,6 +126,8 @@ class DisenDiff(Method):
             # Lightning's AdamW with torch defaults (wd 1e-2) and no gradient clipping in the reference
             "optim": {"grad_clip": 0.0},
             "detach_start_token_kv": True,
+            # "we use the data augmentation in [Custom Diffusion]": the reference's LDM data loader
+            "rescale_aug": "cd-ldm",
             # "a photo of a cat and a dog": 200 images, one regularisation image per scene image per step
             "prior": {"enabled": True, "num_images": 200, "mode": "joint", "batch_size": 2},
         }
@@ -141,7 +154,15 @@ class DisenDiff(Method):
 
     def losses(self, batch: Batch, out: Outputs, cfg: dict) -> dict[str, torch.Tensor]:
         n = batch.n_instance
-        terms = {"diffusion": masked_diffusion_loss(out.pred[:n], out.target[:n])}
+        # the reference runs the scene batch and the regularisation batch as two forward passes and adds their
+        # losses (two means), each the channel-summed squared error over the counted cells; the attention
+        # terms join the scene batch's loss, averaged over its rows (a run configured before the setting existed,
+        # resumed, keeps its plain mean)
+        summed = cfg.get("loss_reduction", "mean") == "reference"
+        terms = {"diffusion": region_diffusion_loss(out.pred[:n], out.target[:n], batch.loss_region, channel_sum=summed)}
+        if n < out.pred.shape[0] and summed:
+            terms["prior"] = cfg["prior"]["weight"] * region_diffusion_loss(out.pred[n:], out.target[n:],
+                                                                            channel_sum=True)
         wb, ws = cfg["bind"]["weight"], cfg["ss"]["weight"]
         if out.store is None or (wb <= 0 and ws <= 0):
             return terms
@@ -171,11 +192,12 @@ class DisenDiff(Method):
         Measured on the full prompt and the scene at a few fixed timesteps, whatever the loss weights."""
 
         m = run.model
-        sides = map_sides(run.cfg, run.latent_size, available_sizes(m.unet, run.latent_size))
+        blocks = self.attention_blocks(run.cfg)
+        sides = map_sides(run.cfg, run.latent_size, available_sizes(m.unet, run.latent_size, blocks))
         k = len(run.handles.tokens)
         class_words = [c.class_word for c in run.concepts]
         prompt = self.prompt(run.handles.tokens, list(range(k)), run.cfg, class_words)
-        maps = run.prompt_attention(prompt, max(sides), native=sides).float()  # (T, s, s)
+        maps = run.prompt_attention(prompt, max(sides), native=sides, blocks=blocks).float()  # (T, s, s)
         hpos = token_positions(m.tokenizer, [prompt], run.handles.ids)[0]
         mods, clss = [], []
         for i, word in enumerate(class_words):
@@ -194,7 +216,10 @@ class DisenDiff(Method):
 
 
 def _check(cfg: dict) -> None:
+    if cfg.get("loss_reduction", "reference") not in REDUCTIONS:
+        raise ConfigError(f"loss_reduction must be one of {', '.join(REDUCTIONS)}, got {cfg['loss_reduction']!r}")
     a = cfg["attn"]
+    check_blocks(a.get("blocks") or ["down", "mid", "up"])
     if a["scales"] not in SCALES:
         raise ConfigError(f"attn.scales must be one of {', '.join(SCALES)}, got {a['scales']!r}",
                           hint="quarter: the layers at 1/4 of the latent side (SD's 16x16); all: every layer")

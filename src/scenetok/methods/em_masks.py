@@ -42,7 +42,7 @@ from scenetok.masks.attention import (
     token_attention,
 )
 from scenetok.masks.crf import iou
-from scenetok.methods.base import Batch, Method, Outputs, Phase, nearest_size, union_sample
+from scenetok.methods.base import Batch, Method, Outputs, Phase, check_blocks, nearest_size, union_sample
 from scenetok.methods.break_a_scene import attention_term
 from scenetok.scene import load_scene
 from scenetok.tokens import token_positions
@@ -78,6 +78,8 @@ class EMJoint:
 class EMAttn:
     weight: float = setting(0.01, "weight of the cross-attention loss toward the estimated masks (0: off)")
     downscale: int = setting(4, "the loss reads the maps at latent side / downscale")
+    blocks: list = setting(["down", "up"], "UNet blocks whose cross-attention layers the loss reads (Break-A-Scene's: "
+                           "down and up; the mask estimates read every layer, see masks.layers)")
 
 
 @dataclass
@@ -104,6 +106,8 @@ class EMMaskSettings:
     unary_scale: float = setting(1.0, "multiplies the maps before the CRF's softmax")
     batch_size: int = setting(10, "noise levels per UNet forward pass")
     min_fraction: float = setting(0.01, "the smallest share of the image a concept is given (fallback)")
+    background: str = setting("attention", "the background concept's mask: attention (its own token's map, like "
+                              "every concept: the paper) or complement (what no object mask takes)")
     crf: EMCRF = group(EMCRF)
 
 
@@ -149,6 +153,7 @@ class EMMasks(Method):
         ]
 
     def attention_size(self, cfg, latent_size, available):
+        check_blocks(self.attention_blocks(cfg))
         if cfg["attn"]["weight"] <= 0:
             return None
         return nearest_size(max(1, latent_size // cfg["attn"]["downscale"]), available)
@@ -163,7 +168,7 @@ class EMMasks(Method):
         mask = batch.latent_mask[:n] if cfg["masked_loss"] and ready else None
         terms = {"diffusion": masked_diffusion_loss(out.pred[:n], out.target[:n], mask)}
         if ready and out.store is not None and cfg["attn"]["weight"] > 0:
-            terms["attn"] = cfg["attn"]["weight"] * attention_term(batch, out)
+            terms["attn"] = cfg["attn"]["weight"] * attention_term(batch, out, cfg.get("mask_resize", "area"))
         return terms
 
     # ------------------------------------------------------------------------------------------------

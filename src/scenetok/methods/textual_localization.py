@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from scenetok.config import group, setting
 from scenetok.errors import ConfigError
 from scenetok.losses import localization_loss, masked_diffusion_loss, minmax_normalize, resize_masks
-from scenetok.methods.base import Batch, Method, Outputs, Phase, cycled_init_words, nearest_size
+from scenetok.methods.base import Batch, Method, Outputs, Phase, check_blocks, cycled_init_words, nearest_size
 
 GUIDANCE = ("hard", "soft")
+FIG5_SIZE = 256  # the side of the paper's Fig. 5 attention maps
 
 
 @dataclass
@@ -43,6 +44,8 @@ class TLAttn:
     weight: float = setting(1.0, "weight of the localization loss (the paper's delta; 0: off)")
     factors: list = setting([2, 4, 8], "maps of the layers at latent side / factor, for each factor")
     size: int = setting(256, "side the maps are upsampled to before the loss (256 in the paper)")
+    blocks: list = setting(["down", "mid", "up"], "UNet blocks whose layers at those sides are read (the paper: every "
+                           "layer at the factors; SD's 8x8 layer at 512 px is the mid block's)")
 
 
 @dataclass
@@ -95,6 +98,10 @@ class TextualLocalization(Method):
         _check(cfg)
         return factor_sides(latent_size, available, cfg["attn"]["factors"])
 
+    def attention_view(self, latent_size: int, available: list[int]) -> tuple[int, int] | None:
+        # the paper's Fig. 5: each identifier's map at 16x16 (SD at 512 px: latent / 4), upsampled to 256
+        return nearest_size(max(1, math.ceil(latent_size / 4)), available), FIG5_SIZE
+
     def losses(self, batch: Batch, out: Outputs, cfg: dict) -> dict[str, torch.Tensor]:
         n = batch.n_instance
         terms = {"diffusion": masked_diffusion_loss(out.pred[:n], out.target[:n])}
@@ -111,6 +118,7 @@ class TextualLocalization(Method):
 
 
 def _check(cfg: dict) -> None:
+    check_blocks(cfg["attn"].get("blocks") or ["down", "mid", "up"])
     if cfg["guidance"] not in GUIDANCE:
         raise ConfigError(f"guidance must be hard or soft, got {cfg['guidance']!r}",
                           hint="hard: attention matches the mask; soft: only attention outside it is penalised")

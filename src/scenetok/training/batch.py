@@ -3,11 +3,13 @@ flip; the latents sampled from the cached VAE distribution; prior-preservation r
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from scenetok.losses import resize_masks
 from scenetok.methods import Batch
 from scenetok.tokens import token_positions, word_positions
+from scenetok.training.data import random_rescale
 from scenetok.training.run import Run
 
 
@@ -17,7 +19,8 @@ def make_batch(run: Run, cfg: dict) -> tuple[Batch, torch.Tensor, torch.Tensor]:
     m, n_concepts = run.model, len(run.concepts)
     bs = cfg["batch_size"]
     class_words = [c.class_word for c in run.concepts]
-    chosen, prompts, flips, picked = [], [], [], []
+    aug = cfg.get("rescale_aug", "off")
+    chosen, prompts, flips, picked, rescaled = [], [], [], [], []
     for _ in range(bs):
         si = 0 if len(run.sources) == 1 else int(run.np_rng.integers(len(run.sources)))
         c = run.method.sample_concepts(run.np_rng, run.sources[si].present, cfg)
@@ -25,16 +28,32 @@ def make_batch(run: Run, cfg: dict) -> tuple[Batch, torch.Tensor, torch.Tensor]:
         prompts.append(run.method.prompt(run.handles.tokens, c, cfg, class_words))
         flips.append(bool(run.np_rng.random() < cfg["flip_p"]))
         picked.append(si)
-    means = torch.cat([run.sources[si].latents[f][0] for si, f in zip(picked, flips)])
-    stds = torch.cat([run.sources[si].latents[f][1] for si, f in zip(picked, flips)])
+        if aug != "off":  # Custom Diffusion's random rescale (its own draws: other runs' streams are unchanged)
+            src = run.sources[si]
+            image = src.image[:, ::-1] if flips[-1] else src.image
+            r = random_rescale(np.ascontiguousarray(image), src.masks[flips[-1]].float().cpu().numpy(), run.np_rng,
+                               m.vae_factor, aug)
+            prompts[-1] = r.prefix + prompts[-1]
+            rescaled.append(r)
+    if rescaled:  # the augmented images are new: encode them now
+        with torch.no_grad():
+            means, stds = m.encode_images(torch.stack([r.image for r in rescaled]).to(run.device))
+        masks = torch.stack([torch.from_numpy(r.masks) for r in rescaled]).to(run.device)
+        region = torch.stack([torch.from_numpy(r.valid) for r in rescaled])[:, None].to(run.device)
+    else:
+        means = torch.cat([run.sources[si].latents[f][0] for si, f in zip(picked, flips)])
+        stds = torch.cat([run.sources[si].latents[f][1] for si, f in zip(picked, flips)])
+        masks = torch.stack([run.sources[si].masks[f] for si, f in zip(picked, flips)])  # (B, N, H, W)
+        region = None
     eps = torch.randn(means.shape, generator=run.torch_gen).to(run.device)
     latents = means + stds * eps
     latents = m.scale_latents(latents)
-    masks = torch.stack([run.sources[si].masks[f] for si, f in zip(picked, flips)])  # (B, N, H, W)
     valid = torch.zeros(bs, n_concepts, dtype=torch.bool)
     for b, c in enumerate(chosen):
         valid[b, c] = True
-    lat_masks = resize_masks(masks, run.latent_size, mode="area")  # (B, N, h, w)
+    # binary (nearest) by default, as the Break-A-Scene reference; mask_resize=area gives soft edges (and is
+    # what a run configured before the setting existed used: a resumed old run keeps it)
+    lat_masks = resize_masks(masks, run.latent_size, mode=cfg.get("mask_resize", "area"))  # (B, N, h, w)
     union = (lat_masks * valid[:, :, None, None].to(lat_masks)).amax(dim=1, keepdim=True)
     ids = m.token_ids(prompts)
     positions = token_positions(m.tokenizer, prompts, run.handles.ids)
@@ -49,7 +68,7 @@ def make_batch(run: Run, cfg: dict) -> tuple[Batch, torch.Tensor, torch.Tensor]:
     batch = Batch(
         prompts=prompts, chosen=chosen, valid=valid, positions=positions, masks=masks, latent_mask=union,
         timesteps=torch.empty(0), n_instance=bs, input_ids=ids, sources=picked, flips=flips,
-        class_positions=class_positions,
+        class_positions=class_positions, loss_region=region,
     )
     return batch, latents, ids
 

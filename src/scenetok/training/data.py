@@ -122,3 +122,74 @@ def scene_sources(model: Model, scenes: list[Scene], device, flips: bool = True)
 def collage_sources(model: Model, scene: Scene, n: int, seed: int, device, flips: bool = True) -> list[Source]:
     rng = np.random.default_rng([int(seed), 7])
     return encode_items(model, collage_items(scene, n, rng), device, flips=flips)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Custom Diffusion's random-rescale augmentation
+
+
+@dataclass
+class Rescaled:
+    """One training image after Custom Diffusion's random rescale (see :func:`random_rescale`)."""
+
+    image: torch.Tensor  # (3, S, S) in [-1, 1]; 0 (mid grey) where a shrunk image leaves room
+    masks: np.ndarray  # (N, S, S) float: the concept masks moved with the image
+    valid: np.ndarray  # (S // f, S // f) float: latent cells the diffusion loss counts
+    prefix: str  # caption prefix: "a far away " / "very small " (shrunk), "zoomed in " / "close up " (enlarged)
+    scale: int
+
+
+def random_rescale(image: np.ndarray, masks: np.ndarray, rng: np.random.Generator, factor: int,
+                   variant: str = "cd") -> Rescaled:
+    """Custom Diffusion's augmentation of one ``uint8 (S, S, 3)`` image and its ``(N, S, S)`` masks.
+
+    With probability 2/3 a side is drawn in ``[S/3, S]``, otherwise in ``[1.2 S, 1.4 S)``. A smaller side
+    shrinks the image onto a random spot of a mid-grey canvas (``variant="cd"``, the diffusers script:
+    any side below S; ``"cd-ldm"``, the original LDM code that DisenDiff builds on: only sides below 0.6 S,
+    rounded up to even; sides in [0.6 S, S] leave the image as it is). A larger side enlarges it and crops
+    a random S × S window. Only the latent cells (``factor`` pixels each) inside a shrunk image count for
+    the loss — one cell in from each of its edges, as in the recipe (all cells it touches when that leaves
+    none, on tiny latents; the diffusers script leaves the border cells out even at side S). The prompt gets a prefix when the side is below 0.6 S ("a far away " / "very
+    small ") or above S ("zoomed in " / "close up ").
+    """
+    from PIL import Image
+
+    if variant not in ("cd", "cd-ldm"):
+        raise ValueError(f"variant must be cd or cd-ldm, got {variant!r}")
+    size = image.shape[0]
+    if rng.uniform() < 2 / 3:
+        scale = int(rng.integers(size // 3, size + 1))
+    else:
+        scale = int(rng.integers(int(1.2 * size), int(1.4 * size)))
+    if variant == "cd-ldm":
+        scale += scale % 2
+        if 0.6 * size <= scale <= size:
+            scale = size
+    outer, inner = (scale, size) if scale > size else (size, scale)
+    top, left = int(rng.integers(0, outer - inner + 1)), int(rng.integers(0, outer - inner + 1))
+    img = np.asarray(Image.fromarray(image).resize((scale, scale), Image.Resampling.BILINEAR), np.float32) / 127.5 - 1
+    msk = np.stack([np.asarray(Image.fromarray((m > 0.5).astype(np.uint8) * 255).resize(
+        (scale, scale), Image.Resampling.NEAREST)) > 127 for m in masks]).astype(np.float32) if len(masks) else \
+        np.zeros((0, scale, scale), np.float32)
+    cells = size // factor
+    valid = np.zeros((cells, cells), np.float32)
+    if scale > size or (variant == "cd-ldm" and scale == size):  # enlarged and cropped, or kept as it is
+        out_img = img[top:top + inner, left:left + inner]
+        out_masks = msk[:, top:top + inner, left:left + inner]
+        valid[:] = 1.0
+    else:
+        out_img = np.zeros((size, size, 3), np.float32)
+        out_img[top:top + scale, left:left + scale] = img
+        out_masks = np.zeros((len(masks), size, size), np.float32)
+        out_masks[:, top:top + scale, left:left + scale] = msk
+        valid[top // factor + 1:(top + scale) // factor - 1, left // factor + 1:(left + scale) // factor - 1] = 1.0
+        if not valid.any():
+            valid[top // factor:-(-(top + scale) // factor), left // factor:-(-(left + scale) // factor)] = 1.0
+    if scale < 0.6 * size:
+        prefix = str(rng.choice(["a far away ", "very small "]))
+    elif scale > size:
+        prefix = str(rng.choice(["zoomed in ", "close up "]))
+    else:
+        prefix = ""
+    tensor = torch.from_numpy(np.ascontiguousarray(out_img)).permute(2, 0, 1)
+    return Rescaled(image=tensor, masks=np.ascontiguousarray(out_masks), valid=valid, prefix=prefix, scale=scale)

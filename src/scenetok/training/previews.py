@@ -23,11 +23,12 @@ def preview_maps(run: Run, timesteps=PREVIEW_TIMESTEPS) -> dict[str, np.ndarray]
     Uses its own fixed random numbers, so previews never change the training run's random stream.
     """
     m = run.model
+    blocks = run.method.attention_blocks(run.cfg)
     size = run.attention_size or max(1, run.latent_size // 4)
-    size = nearest_size(size, available_sizes(m.unet, run.latent_size))
+    size = nearest_size(size, available_sizes(m.unet, run.latent_size, blocks))
     prompt = run.method.prompt(run.handles.tokens, list(range(len(run.handles.tokens))), run.cfg,
                                [c.class_word for c in run.concepts])
-    acc = run.prompt_attention(prompt, size, native=size, timesteps=timesteps)
+    acc = run.prompt_attention(prompt, size, native=size, timesteps=timesteps, blocks=blocks)
     pos = token_positions(m.tokenizer, [prompt], run.handles.ids)[0]
     return {tok: acc[int(p)].cpu().numpy() for tok, p in zip(run.handles.tokens, pos) if p >= 0}
 

@@ -100,20 +100,23 @@ class Run:
         return self.scene_latent_cache
 
     @torch.no_grad()
-    def prompt_attention(self, prompt: str, size: int, native=None, timesteps=PREVIEW_TIMESTEPS) -> torch.Tensor:
+    def prompt_attention(self, prompt: str, size: int, native=None, timesteps=PREVIEW_TIMESTEPS,
+                         blocks=("down", "mid", "up")) -> torch.Tensor:
         """``(T, size, size)`` cross-attention maps of every token of ``prompt`` on the (unflipped) scene,
-        averaged over the layers working at the side(s) ``native`` (None: every cross-attention layer,
-        resized to ``size``) and over a few timesteps (fractions of the schedule).
+        averaged over the layers of ``blocks`` working at the side(s) ``native`` (None: every
+        cross-attention layer of those blocks, resized to ``size``) and over a few timesteps (fractions of
+        the schedule).
 
         Uses its own fixed random numbers, so it never changes the training run's random stream.
         """
         m = self.model
-        sides = available_sizes(m.unet, self.latent_size) if native is None else (
+        blocks = tuple(blocks)
+        sides = available_sizes(m.unet, self.latent_size, blocks) if native is None else (
             [int(native)] if isinstance(native, (int, np.integer)) else [int(s) for s in native])
-        key = (prompt, int(size), tuple(sides), tuple(timesteps))
+        key = (prompt, int(size), tuple(sides), tuple(timesteps), blocks)
         if self.attention_memo is not None and key in self.attention_memo:
             return self.attention_memo[key]
-        layers = select_layers(m.unet, self.latent_size, sizes=sides)
+        layers = select_layers(m.unet, self.latent_size, sizes=sides, blocks=blocks)
         gen = torch.Generator("cpu").manual_seed(1234)
         mean, std = self.scene_latent()
         lat = m.scale_latents(mean + std * torch.randn(mean.shape, generator=gen).to(self.device))
@@ -185,9 +188,10 @@ def setup_run(scenes: list[Scene], method: Method, cfg: dict, model: str | Path 
         m.unet.enable_gradient_checkpointing()
         m.text_encoder.gradient_checkpointing_enable()
 
-    sizes = available_sizes(m.unet, latent_size)
+    blocks = method.attention_blocks(cfg)
+    sizes = available_sizes(m.unet, latent_size, blocks)
     attention_sizes = list(dict.fromkeys(method.attention_sizes(cfg, latent_size, sizes)))
-    layers = select_layers(m.unet, latent_size, sizes=attention_sizes) if attention_sizes else []
+    layers = select_layers(m.unet, latent_size, sizes=attention_sizes, blocks=blocks) if attention_sizes else []
 
     flips = cfg["flip_p"] > 0
     if method.data_mode(cfg) == "collage":

@@ -54,6 +54,13 @@ class TrainSettings:
     grad_accum: int = setting(1, "batches accumulated per optimizer step")
     mixed_precision: str = setting("no", "autocast precision: no, fp16 or bf16")
     flip_p: float = setting(0.5, "probability of training on the mirror image")
+    rescale_aug: str = setting("off", "Custom Diffusion's random-rescale augmentation (each step re-encodes the "
+                               "image): off; cd (the diffusers script: shrink to [S/3, S] or enlarge to "
+                               "[1.2 S, 1.4 S)); cd-ldm (the original LDM code, DisenDiff's: shrink only below "
+                               "0.6 S, even sides)")
+    mask_resize: str = setting("nearest", "how masks shrink to the latent side (masked loss) and to the attention-loss "
+                               "side: nearest (binary, the Break-A-Scene reference) or area (soft edges: the "
+                               "covered fraction)")
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass (less memory)")
     optim: OptimSettings = group(OptimSettings)
     checkpoint_every: int = setting(100, "steps between resumable checkpoints (0: none)")
@@ -66,6 +73,9 @@ class TrainSettings:
     # LoRA instead of full/partial weights for the phases that train unet, text_encoder, unet_kv, unet_q
     adapter: loralib.AdapterSettings = group(loralib.AdapterSettings)
 
+
+MASK_RESIZE = ("nearest", "area")
+RESCALE_AUG = ("off", "cd", "cd-ldm")
 
 TRAIN_DEFAULTS: dict = cfglib.to_dict(TrainSettings())
 
@@ -90,6 +100,10 @@ def validate_config(cfg: dict) -> None:
         raise ConfigError(f"mixed_precision must be no, fp16 or bf16, got {cfg['mixed_precision']!r}")
     if not 0.0 <= cfg["flip_p"] <= 1.0:
         raise ConfigError("flip_p must be in [0, 1]")
+    if cfg.get("mask_resize", "nearest") not in MASK_RESIZE:
+        raise ConfigError(f"mask_resize must be one of {', '.join(MASK_RESIZE)}, got {cfg['mask_resize']!r}")
+    if cfg.get("rescale_aug", "off") not in RESCALE_AUG:
+        raise ConfigError(f"rescale_aug must be one of {', '.join(RESCALE_AUG)}, got {cfg['rescale_aug']!r}")
     if cfg["prior"]["mode"] not in ("joint", "per_class"):
         raise ConfigError(f"prior.mode must be joint or per_class, got {cfg['prior']['mode']!r}")
     if "adapter" in cfg:

@@ -229,7 +229,7 @@ def _train_step(run: Run, phase: Phase, optimizer, store, global_step: int) -> d
         out = Outputs(pred=pred.float(), target=target.float(), store=store, attention_size=run.attention_size,
                       attention_sizes=tuple(run.attention_sizes))
         terms = run.method.losses(batch, out, cfg)
-        if batch.n_instance < pred.shape[0]:
+        if batch.n_instance < pred.shape[0] and "prior" not in terms:  # a method may weigh its prior rows itself
             n = batch.n_instance
             terms["prior"] = cfg["prior"]["weight"] * F.mse_loss(out.pred[n:], out.target[n:])
         loss = sum(terms.values())
