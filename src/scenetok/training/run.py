@@ -120,17 +120,19 @@ class Run:
         total = m.scheduler.config.num_train_timesteps
         ts = torch.tensor([int(frac * (total - 1)) for frac in timesteps])
         noises = torch.cat([torch.randn(lat.shape, generator=gen) for _ in timesteps])  # drawn as before: one per t
-        was = (m.unet.training, m.text_encoder.training)
+        was = (m.unet.training, [te.training for _, _, te in m.text_encoders])
         m.unet.eval()
-        m.text_encoder.eval()
+        for _, _, te in m.text_encoders:
+            te.eval()
         try:
             enc = m.encode_prompt(prompt)
             acc = average_attention(m.unet, m.scheduler, lat, enc, ts, noises, layers=layers, size=size, native=sides,
                                     autocast=self.accelerator.autocast,
-                                    extra_conditioning=m.extra_conditioning(1))
+                                    extra_conditioning=m.extra_conditioning(1, self.resolution))
         finally:
             m.unet.train(was[0])
-            m.text_encoder.train(was[1])
+            for (_, _, te), w in zip(m.text_encoders, was[1]):
+                te.train(w)
         if self.attention_memo is not None:
             self.attention_memo[key] = acc
         return acc
@@ -162,7 +164,10 @@ def setup_run(scenes: list[Scene], method: Method, cfg: dict, model: str | Path 
     concepts = [c for sc in scenes_r for c in sc.concepts]
     class_words = [c.class_word for c in concepts if not c.is_background]
 
-    for module in (m.vae, m.unet, m.text_encoder):
+    for _, _, te in m.text_encoders:
+        te.requires_grad_(False)
+        te.to(dev)
+    for module in (m.vae, m.unet):
         module.requires_grad_(False)
         module.to(dev)
     # prior images come from the base model, before any handle exists
@@ -172,18 +177,27 @@ def setup_run(scenes: list[Scene], method: Method, cfg: dict, model: str | Path 
         p_latents, p_ids = prior_latents(m, prompts, cfg, resolution, progress)
 
     tokens = [handle_token(i) for i in range(len(concepts))]
-    handles = add_handles(m.tokenizer, m.text_encoder, tokens, method.init_words(concepts, cfg, m.tokenizer))
-    m.text_encoder.to(dev)
+    init = method.init_words(concepts, cfg, m.tokenizer)
+    handles = add_handles(m.tokenizer, m.text_encoder, tokens, init)
+    for _, tok, te in m.text_encoders[1:]:  # SDXL: each handle also gets a row in the second text encoder,
+        second = add_handles(tok, te, tokens, init)  # initialised from the same word (or token id) there
+        if second.ids != handles.ids:
+            raise ConfigError(f"the two tokenizers of {m.model_id} give the handles different ids ({handles.ids} "
+                              f"and {second.ids}): their vocabularies differ, which no SDXL checkpoint does")
+    for _, _, te in m.text_encoders:
+        te.to(dev)
     lora = None
     if loralib.enabled(cfg):
         groups = {g for p in method.phases(cfg) if p.steps > 0 for g in p.train}
-        lora = loralib.add_lora(m.unet, m.text_encoder, groups, cfg["adapter"], seed=cfg["seed"])
+        lora = loralib.add_lora(m.unet, m.text_encoder, groups, cfg["adapter"], seed=cfg["seed"],
+                                text_encoder_2=m.text_encoder_2)
         if lora is None:
             raise ConfigError(f"--adapter lora: {method.name} trains no UNet or text-encoder weights with these "
                               "settings, so there is nothing to adapt", hint="drop --adapter lora")
     if cfg["gradient_checkpointing"]:
         m.unet.enable_gradient_checkpointing()
-        m.text_encoder.gradient_checkpointing_enable()
+        for _, _, te in m.text_encoders:
+            te.gradient_checkpointing_enable()
 
     sizes = available_sizes(m.unet, latent_size)
     attention_sizes = list(dict.fromkeys(method.attention_sizes(cfg, latent_size, sizes)))
