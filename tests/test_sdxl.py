@@ -237,3 +237,40 @@ def test_a_bundle_refuses_a_base_model_of_the_other_family(bas_bundle, tiny_sd, 
     with pytest.raises(BundleError) as e:
         load_pipeline(sd, base_model=str(tiny_sdxl))
     assert "Stable Diffusion XL" in str(e.value) and "Stable Diffusion 1/2" in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------------
+# memory=low
+
+
+def test_low_memory_preset_holds_frozen_weights_in_half_and_trained_ones_in_fp32(tiny_sdxl, scene, tmp_path):
+    from scenetok.methods import get_method
+    from scenetok.training.run import setup_run
+    from scenetok.training.settings import method_config
+
+    method = get_method("cd-m")  # trains the handles and the cross-attention K/V only
+    cfg = method_config(method, None, ["memory=low", "collage.num_images=2", "prior.enabled=false"])
+    run = setup_run([scene], method, cfg, str(tiny_sdxl), tmp_path, "cpu", progress=False)
+    m = run.model
+    assert cfg["gradient_checkpointing"] and cfg["mixed_precision"] == "bf16"
+    assert m.vae.device.type == "cpu"
+    kv = [n for n, p in m.unet.named_parameters() if p.dtype == torch.float32]
+    assert kv and all(n.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) for n in kv)
+    for _, _, te in m.text_encoders:
+        assert te.get_input_embeddings().vectors.dtype == torch.float32
+        assert te.get_input_embeddings().base.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("method,extra", [("break-a-scene", ["adapter.type=lora"]),
+                                          ("disendiff", [])])
+def test_low_memory_runs_train_and_generate(method, extra, tiny_sdxl, scene, tmp_path):
+    from scenetok.generation import generate
+
+    b = _train(scene, tmp_path / "low", tiny_sdxl, method, ["memory=low", *extra])
+    assert b.config["memory"] == "low" and b.config["gradient_checkpointing"]
+    for comp, folder in b.component_dirs().items():  # fine-tuned weights are saved in fp32
+        from safetensors.torch import load_file
+
+        f = next(folder.glob("*.safetensors"))
+        assert {v.dtype for v in load_file(str(f)).values()} == {torch.float32}, comp
+    assert generate(b.path, PROMPT, n=1, steps=2, progress=False)[0].image.size == (32, 32)

@@ -24,6 +24,7 @@ from scenetok.model import Model, load_model
 from scenetok.scene import Concept, Scene
 from scenetok.tokens import Handles, add_handles, handle_token
 from scenetok.training.data import Source, collage_sources, scene_sources
+from scenetok.training.memory import apply_low_memory_precision, cast_frozen_weights, half_dtype
 from scenetok.training.prior import prior_latents
 
 PREVIEW_TIMESTEPS = (0.3, 0.5, 0.7)  # fractions of the schedule at which previews average the maps
@@ -151,6 +152,7 @@ def setup_run(scenes: list[Scene], method: Method, cfg: dict, model: str | Path 
     # keeps a process-wide state, which is reset here (the distributed part, PartialState, is kept)
     AcceleratorState._reset_state(reset_partial_state=False)
     # gradient accumulation is done by the loop itself (it divides the loss), not by accelerate
+    apply_low_memory_precision(cfg, torch.device("cpu" if cpu else "cuda"))
     accelerator = Accelerator(mixed_precision=cfg["mixed_precision"], cpu=cpu)
     set_seed(cfg["seed"])
     m = load_model(model) if isinstance(model, (str, Path)) else model
@@ -208,6 +210,13 @@ def setup_run(scenes: list[Scene], method: Method, cfg: dict, model: str | Path 
         sources = collage_sources(m, scenes_r[0], cfg["collage"]["num_images"], cfg["seed"], dev, flips=flips)
     else:
         sources = scene_sources(m, scenes_r, dev, flips=flips)
+
+    if cfg.get("memory") == "low":  # the VAE is done (latents are cached); frozen weights in half precision
+        m.vae.to("cpu")
+        groups = {g for p in method.phases(cfg) if p.steps > 0 for g in p.train}
+        cast_frozen_weights(m, groups, lora, half_dtype(dev))
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
 
     torch_gen = torch.Generator("cpu").manual_seed(cfg["seed"])
     np_rng = np.random.default_rng(cfg["seed"])

@@ -55,6 +55,8 @@ class TrainSettings:
     mixed_precision: str = setting("no", "autocast precision: no, fp16 or bf16")
     flip_p: float = setting(0.5, "probability of training on the mirror image")
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass (less memory)")
+    memory: str = setting("normal", "normal, or low: gradient checkpointing, bf16/fp16 autocast and frozen weights "
+                          "(trained ones fp32), the VAE off the GPU after encoding (docs/benchmarks.md)")
     optim: OptimSettings = group(OptimSettings)
     checkpoint_every: int = setting(100, "steps between resumable checkpoints (0: none)")
     checkpoint_minutes: float = setting(3.0, "also checkpoint when this many minutes of training passed since the "
@@ -90,6 +92,8 @@ def validate_config(cfg: dict) -> None:
         raise ConfigError(f"mixed_precision must be no, fp16 or bf16, got {cfg['mixed_precision']!r}")
     if not 0.0 <= cfg["flip_p"] <= 1.0:
         raise ConfigError("flip_p must be in [0, 1]")
+    if cfg.get("memory", "normal") not in ("normal", "low"):
+        raise ConfigError(f"memory must be normal or low, got {cfg['memory']!r}", hint="--memory low")
     if cfg["prior"]["mode"] not in ("joint", "per_class"):
         raise ConfigError(f"prior.mode must be joint or per_class, got {cfg['prior']['mode']!r}")
     if "adapter" in cfg:
