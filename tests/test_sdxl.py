@@ -206,6 +206,23 @@ def test_sdxl_lora_bundle_in_diffusers_and_kohya_naming(tiny_sdxl, scene, tmp_pa
     pipe, _ = load_pipeline(b)
     assert "scenetok" in pipe.get_list_adapters().get("unet", [])
     assert generate((pipe, b), PROMPT, n=1, steps=2, progress=False)[0].image.size == (32, 32)
+    # diffusers reads the kohya (SGM-named) file onto the same modules as its own file
+    from diffusers import StableDiffusionXLPipeline
+
+    outs = []
+    for f in (entry["file"], entry["kohya_file"], None):
+        p = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl))
+        with torch.no_grad():
+            if f is not None:
+                p.load_lora_weights(str(f.parent), weight_name=f.name)
+            torch.manual_seed(0)
+            x, ctx = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 80)
+            cond = {"text_embeds": torch.randn(1, 16), "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]])}
+            outs.append(p.unet(x, torch.tensor([500]), ctx, added_cond_kwargs=cond).sample)
+            ids = p.tokenizer("a photo", return_tensors="pt").input_ids
+            outs.append(p.text_encoder_2(ids).text_embeds)
+    assert torch.allclose(outs[0], outs[2], atol=1e-5) and torch.allclose(outs[1], outs[3], atol=1e-5)
+    assert not torch.equal(outs[0], outs[4]) and not torch.equal(outs[1], outs[5])  # the LoRA is applied
 
 
 def test_sgm_names_of_sdxl_unet_modules():
@@ -274,3 +291,15 @@ def test_low_memory_runs_train_and_generate(method, extra, tiny_sdxl, scene, tmp
         f = next(folder.glob("*.safetensors"))
         assert {v.dtype for v in load_file(str(f)).values()} == {torch.float32}, comp
     assert generate(b.path, PROMPT, n=1, steps=2, progress=False)[0].image.size == (32, 32)
+
+
+def test_eval_scores_an_sdxl_bundle(bas_bundle, tmp_path):
+    from scenetok.evaluation import evaluate_bundle
+    from scenetok.testing import build_tiny_clip
+
+    clip = build_tiny_clip(tmp_path / "clip")
+    pf = tmp_path / "prompts.txt"
+    pf.write_text("a photo of <asset0> in the snow\n")
+    result = evaluate_bundle(bas_bundle, tmp_path / "eval", prompts=str(pf), n=1, steps=2, metrics="clip_t,clip_i",
+                             clip_model=str(clip), device="cpu", progress=False)
+    assert result is not None and (tmp_path / "eval").is_dir()
