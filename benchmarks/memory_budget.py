@@ -57,23 +57,32 @@ def param_counts() -> dict[str, int]:
     }
 
 
-def saved_activation_bytes(unet_cfg: dict, resolution: int, *, checkpointing: bool, batch: int = 1,
-                           dtype=torch.bfloat16) -> int:
-    """Bytes autograd keeps for the backward pass of one UNet forward (bf16 autocast), traced, not run."""
+def _build_unet(cfg: dict, dtype):
     from diffusers import UNet2DConditionModel
 
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # (fake tensors cannot be cast after construction)
+    try:
+        return UNet2DConditionModel(**cfg)
+    finally:
+        torch.set_default_dtype(old)
+
+
+def saved_activation_bytes(unet_cfg: dict, resolution: int, *, checkpointing: bool, batch: int = 1,
+                           dtype=torch.bfloat16) -> int:
+    """Bytes autograd keeps for the backward pass of one UNet forward (bf16 weights), traced, not run."""
     latent = resolution // 8
     saved: dict[int, int] = {}
     with FakeTensorMode(allow_non_fake_inputs=True):
-        unet = UNet2DConditionModel(**unet_cfg).to(dtype)
+        unet = _build_unet(unet_cfg, dtype)
         unet.train()
         unet.requires_grad_(True)  # full fine-tuning (phase 2): everything needs gradients
         if checkpointing:
             unet.enable_gradient_checkpointing()
-        params = {p.untyped_storage().data_ptr() for p in unet.parameters()}
+        params = {p.untyped_storage()._cdata for p in unet.parameters()}
 
         def pack(t):
-            key = t.untyped_storage().data_ptr()
+            key = t.untyped_storage()._cdata
             if key not in params:
                 saved[key] = max(saved.get(key, 0), t.untyped_storage().nbytes())
             return t
@@ -92,16 +101,14 @@ def saved_activation_bytes(unet_cfg: dict, resolution: int, *, checkpointing: bo
 def block_peak_bytes(unet_cfg: dict, resolution: int, dtype=torch.bfloat16) -> int:
     """The largest activation set one top-level block keeps (what a checkpointed block recomputes in the
     backward pass on top of the checkpoints), traced."""
-    from diffusers import UNet2DConditionModel
-
     latent = resolution // 8
     per_block: dict[str, int] = {}
     current = {"name": None}
     seen: set[int] = set()
     with FakeTensorMode(allow_non_fake_inputs=True):
-        unet = UNet2DConditionModel(**unet_cfg).to(dtype)
+        unet = _build_unet(unet_cfg, dtype)
         unet.requires_grad_(True)
-        params = {p.untyped_storage().data_ptr() for p in unet.parameters()}
+        params = {p.untyped_storage()._cdata for p in unet.parameters()}
         blocks = [(f"down{i}", b) for i, b in enumerate(unet.down_blocks)] + [("mid", unet.mid_block)]
         blocks += [(f"up{i}", b) for i, b in enumerate(unet.up_blocks)]
         for name, b in blocks:
@@ -109,7 +116,7 @@ def block_peak_bytes(unet_cfg: dict, resolution: int, dtype=torch.bfloat16) -> i
             b.register_forward_hook(lambda m, a, o: current.update(name=None))
 
         def pack(t):
-            key = t.untyped_storage().data_ptr()
+            key = t.untyped_storage()._cdata
             if current["name"] and key not in params and key not in seen:
                 seen.add(key)
                 per_block[current["name"]] = per_block.get(current["name"], 0) + t.untyped_storage().nbytes()
