@@ -303,3 +303,36 @@ def test_eval_scores_an_sdxl_bundle(bas_bundle, tmp_path):
     result = evaluate_bundle(bas_bundle, tmp_path / "eval", prompts=str(pf), n=1, steps=2, metrics="clip_t,clip_i",
                              clip_model=str(clip), device="cpu", progress=False)
     assert result is not None and (tmp_path / "eval").is_dir()
+
+
+def test_inpainting_model_of_sdxl_gets_both_handle_rows(bas_bundle, tmp_path):
+    import numpy as np
+
+    from scenetok import api
+    from scenetok.testing import TinySDXLConfig, build_tiny_sdxl
+
+    model = build_tiny_sdxl(tmp_path / "inpaint", TinySDXLConfig(resolution=32, inpaint=True, seed=1))
+    photo = np.full((32, 32, 3), 128, np.uint8)
+    out = api.edit(bas_bundle.path, photo, ["rect:4,4,20,20"], ["a photo of <asset0>"], steps=2,
+                   inpaint_model=str(model), progress=False)
+    assert len(out) == 1
+    from scenetok.generation.inpaint import load_inpaint_pipeline
+
+    pipe, _, _ = load_inpaint_pipeline(bas_bundle, str(model), device="cpu")
+    row = pipe.text_encoder_2.get_input_embeddings().weight[pipe.tokenizer_2.convert_tokens_to_ids("<asset0>")]
+    assert torch.equal(row.detach(), bas_bundle.embeddings(2)["<asset0>"])
+
+
+def test_sdxl_run_resumes_exactly(tiny_sdxl, scene, tmp_path, interrupted_train):
+    from safetensors.torch import load_file
+
+    from scenetok.training import train
+
+    args = dict(method="break-a-scene", model=str(tiny_sdxl), device="cpu", progress=False,
+                overrides=["phase1.steps=2", "phase2.steps=1", "checkpoint_every=1", "preview_every=0"])
+    straight = train(scene, tmp_path / "a", **args)
+    interrupted_train(2, scene, tmp_path / "b", **args)
+    resumed = train(scene, tmp_path / "b", resume=True, **args)
+    for form in ("diffusers", "diffusers_2"):
+        f1, f2 = straight.embedding_file("<asset0>", form), resumed.embedding_file("<asset0>", form)
+        assert torch.equal(load_file(str(f1))["<asset0>"], load_file(str(f2))["<asset0>"])

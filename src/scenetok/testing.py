@@ -142,6 +142,7 @@ class TinySDXLConfig(TinySDConfig):
     text_hidden_2: int = 48  # OpenCLIP-G stand-in
     projection_dim_2: int = 16  # the pooled embedding's size
     time_embed_dim: int = 8  # SDXL: 256 per size id
+    inpaint: bool = False  # a 9-channel UNet saved as a StableDiffusionXLInpaintPipeline
 
 
 def build_tiny_sdxl(path: str | Path, config: TinySDXLConfig | None = None) -> Path:
@@ -168,8 +169,8 @@ def build_tiny_sdxl(path: str | Path, config: TinySDXLConfig | None = None) -> P
     up = tuple("CrossAttnUpBlock2D" if b == "cross" else "UpBlock2D" for b in reversed(cfg.unet_blocks))
     heads = tuple(max(1, c // cfg.attention_head_dim) for c in cfg.unet_channels)
     unet = UNet2DConditionModel(
-        sample_size=cfg.resolution // cfg.vae_factor, in_channels=cfg.latent_channels,
-        out_channels=cfg.latent_channels, down_block_types=down, up_block_types=up,
+        sample_size=cfg.resolution // cfg.vae_factor, in_channels=2 * cfg.latent_channels + 1 if cfg.inpaint
+        else cfg.latent_channels, out_channels=cfg.latent_channels, down_block_types=down, up_block_types=up,
         block_out_channels=cfg.unet_channels, layers_per_block=cfg.layers_per_block,
         transformer_layers_per_block=cfg.transformer_layers, cross_attention_dim=cfg.text_hidden + cfg.text_hidden_2,
         attention_head_dim=heads, norm_num_groups=cfg.norm_groups, use_linear_projection=True,
@@ -186,7 +187,10 @@ def build_tiny_sdxl(path: str | Path, config: TinySDXLConfig | None = None) -> P
         hidden_act="gelu", **common))
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading")
-    pipe = StableDiffusionXLPipeline(
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    cls = StableDiffusionXLInpaintPipeline if cfg.inpaint else StableDiffusionXLPipeline
+    pipe = cls(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
         tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, add_watermarker=False,
     )
