@@ -212,7 +212,8 @@ def setup_run(scenes: list[Scene], method: Method, cfg: dict, model: str | Path 
         sources = scene_sources(m, scenes_r, dev, flips=flips)
 
     if cfg.get("memory") == "low":  # the VAE is done (latents are cached); frozen weights in half precision
-        m.vae.to("cpu")
+        if cfg.get("rescale_aug", "off") == "off":  # an augmentation that re-encodes each step keeps it here
+            m.vae.to("cpu")
         groups = {g for p in method.phases(cfg) if p.steps > 0 for g in p.train}
         cast_frozen_weights(m, groups, lora, half_dtype(dev))
         if dev.type == "cuda":
