@@ -224,8 +224,18 @@ class StableDiffusion(Family):
         )
 
 
+def _offline() -> bool:
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except (ImportError, AttributeError):  # pragma: no cover
+        return True
+
+
 def _model_index(model_id: str) -> dict | None:
-    """The ``model_index.json`` of a local folder, or of a Hub id found in the local HF cache (no network)."""
+    """The ``model_index.json`` of a local folder, or of a Hub id (from the local HF cache, else downloaded alone
+    unless ``HF_HUB_OFFLINE``)."""
     path = Path(str(model_id)).expanduser()
     f = path / "model_index.json"
     if not path.exists():
@@ -233,7 +243,11 @@ def _model_index(model_id: str) -> dict | None:
             from huggingface_hub import try_to_load_from_cache
 
             cached = try_to_load_from_cache(str(model_id), "model_index.json")
-        except Exception:  # noqa: BLE001 - a malformed id: no family information
+            if not isinstance(cached, str) and not _offline():  # not cached yet: the small index file alone
+                from huggingface_hub import hf_hub_download
+
+                cached = hf_hub_download(str(model_id), "model_index.json")
+        except Exception:  # noqa: BLE001 - a malformed id, no network: no family information
             cached = None
         f = Path(cached) if isinstance(cached, str) else None
     if f is None or not f.is_file():
