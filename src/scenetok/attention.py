@@ -490,7 +490,9 @@ def average_attention(unet, scheduler, latents: torch.Tensor, text_embeddings: t
     ``layers``; the maps (resized to ``size``; ``native``: only the layers working at these sides) are
     summed over all N runs and divided by N. ``text_embeddings``: ``(1, T, D)``. ``autocast``: a
     context-manager factory (e.g. ``accelerator.autocast``) or None. The caller draws ``timesteps`` and
-    ``noises`` (from its own generator), so this routine touches no random stream.
+    ``noises`` (from its own generator), so this routine touches no random stream. ``extra_conditioning``: the
+    denoiser's family-specific arguments for one row (:meth:`scenetok.model.Model.extra_conditioning`, e.g.
+    SDXL's pooled text embedding and size ids), expanded to each batch.
     """
     n = int(timesteps.numel())
     dev = latents.device
@@ -505,7 +507,16 @@ def average_attention(unet, scheduler, latents: torch.Tensor, text_embeddings: t
             noisy = scheduler.add_noise(latents.expand(b, -1, -1, -1), noise, t)
             store.reset()
             with ctx():
-                unet(noisy.to(unet.dtype), t, text_embeddings.expand(b, -1, -1).to(unet.dtype), **extra)
+                unet(noisy.to(unet.dtype), t, text_embeddings.expand(b, -1, -1).to(unet.dtype), **_expand(extra, b))
             maps = store.maps(size, native=native).float().sum(0)  # (T, s, s), summed over this batch
             acc = maps if acc is None else acc + maps
     return acc / n
+
+
+def _expand(extra, b: int):
+    """``extra_conditioning`` made for one row, expanded to ``b`` rows (tensors with one row; nested dicts)."""
+    if isinstance(extra, dict):
+        return {k: _expand(v, b) for k, v in extra.items()}
+    if isinstance(extra, torch.Tensor) and extra.dim() > 0 and extra.shape[0] == 1 and b != 1:
+        return extra.expand(b, *extra.shape[1:])
+    return extra

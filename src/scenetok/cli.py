@@ -137,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sam-model", default=_DEFAULT_SAM, help="SAM for --auto-masks: Hub id or local folder")
     p.add_argument("--detector-model", default=_DEFAULT_DETECTOR,
                    help="GroundingDINO for --auto-masks: Hub id or local folder")
+    p.add_argument("--memory", choices=["normal", "low"], default=None,
+                   help="low: gradient checkpointing, bf16/fp16 frozen weights (trained ones fp32), VAE off the GPU "
+                   "after encoding (= --set memory=low; budgets in docs/benchmarks.md); add --set optim.use_8bit=true "
+                   "for 8-bit AdamW (pip install 'scenetok[lowmem]')")
     p.add_argument("--adapter", choices=["none", "lora"], default=None,
                    help="lora: train LoRA adapters instead of the UNet/text-encoder weights a method fine-tunes "
                    "(= --set adapter.type=lora; see docs/lora.md)")
@@ -454,7 +458,8 @@ def _cmd_extract(args) -> int:
             print(f"no --model given: using the shipped toy model ({model}), which only knows coloured shapes; "
                   "pass --model for a Stable Diffusion checkpoint")
     bundle = api.extract(
-        args.scene, args.output, method=args.method, model=model, config=args.config, overrides=args.overrides,
+        args.scene, args.output, method=args.method, model=model, config=args.config,
+        overrides=list(args.overrides) + ([f"memory={args.memory}"] if args.memory else []),
         switches=switches, options=options, mixed_precision=args.mixed_precision, adapter=args.adapter,
         rank=args.rank, concepts=args.concepts, background=args.background, policy=args.policy,
         auto_masks=args.auto_masks, sam_model=args.sam_model, detector_model=args.detector_model, resume=args.resume,

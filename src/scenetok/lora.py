@@ -166,9 +166,10 @@ def _reinit(module, names: list[str], rank: int, seed: int) -> None:
                 p.zero_()
 
 
-def add_lora(unet, text_encoder, groups, acfg: dict, seed: int = 0) -> LoraSet | None:
+def add_lora(unet, text_encoder, groups, acfg: dict, seed: int = 0, text_encoder_2=None) -> LoraSet | None:
     """Inject LoRA adapters for the trainable ``groups`` (see the module docstring); ``None`` when no
-    group has adapters. Every adapter starts at zero (the model's output is unchanged)."""
+    group has adapters. Every adapter starts at zero (the model's output is unchanged). ``text_encoder_2``
+    (SDXL's second encoder) gets adapters too when the ``text_encoder`` group trains."""
     rank, alpha = int(acfg["rank"]), alpha_of(acfg)
     lora = LoraSet(rank=rank, alpha=alpha)
     unet_targets: list[str] = []
@@ -195,10 +196,12 @@ def add_lora(unet, text_encoder, groups, acfg: dict, seed: int = 0) -> LoraSet |
             if group in groups:
                 wanted = tuple(f"{t}." for t in _cross_attention_targets(unet, projs))
                 lora.params[group] = [params[n] for n in names if n.startswith(wanted)]
-    if "text_encoder" in groups:
+    encoders = [("text_encoder", text_encoder)] + ([("text_encoder_2", text_encoder_2)] if text_encoder_2 is not None
+                                                   else [])
+    for i, (comp, te) in enumerate(encoders if "text_encoder" in groups else []):
         cfg = _config(rank, alpha, acfg["dropout"], list(acfg["text_encoder_targets"]))
         try:
-            text_encoder.add_adapter(cfg, adapter_name=ADAPTER_NAME)
+            te.add_adapter(cfg, adapter_name=ADAPTER_NAME)
         except ValueError as e:
             if "version of PEFT" in str(e):  # transformers' PEFT integration refuses the installed peft
                 raise ConfigError(f"text-encoder LoRA: the installed transformers and peft do not work together ({e})",
@@ -207,11 +210,11 @@ def add_lora(unet, text_encoder, groups, acfg: dict, seed: int = 0) -> LoraSet |
                               f"text-encoder module: {e}",
                               hint="name linear layers of the text encoder, e.g. "
                               "[q_proj, k_proj, v_proj, out_proj]") from None
-        lora.configs["text_encoder"], lora.modules["text_encoder"] = cfg, text_encoder
-        names = [n for n, _ in text_encoder.named_parameters() if _is_lora_param(n)]
-        _reinit(text_encoder, names, rank, seed + 1)
-        params = dict(text_encoder.named_parameters())
-        lora.params["text_encoder"] = [params[n] for n in names]
+        lora.configs[comp], lora.modules[comp] = cfg, te
+        names = [n for n, _ in te.named_parameters() if _is_lora_param(n)]
+        _reinit(te, names, rank, seed + 1 + i)
+        params = dict(te.named_parameters())
+        lora.params["text_encoder"] = lora.params.get("text_encoder", []) + [params[n] for n in names]
     if not lora.modules:
         return None
     for comp, module in lora.modules.items():  # adapters live where the base weights live
@@ -222,53 +225,82 @@ def add_lora(unet, text_encoder, groups, acfg: dict, seed: int = 0) -> LoraSet |
 # ------------------------------------------------------------------------------------------- export
 
 
-def _kohya_module(comp: str, module: str) -> str:
+def sgm_unet_module(module: str, layers_per_block: int = 2) -> str:
+    """The original (SGM / kohya sd-scripts) name of a diffusers SDXL UNet attention module:
+    ``down_blocks.1.attentions.0.…`` → ``input_blocks.4.1.…``, ``mid_block.attentions.0.…`` →
+    ``middle_block.1.…``, ``up_blocks.0.attentions.2.…`` → ``output_blocks.2.1.…`` (``to_out.0`` →
+    ``to_out.0`` stays). ``layers_per_block``: the UNet's (SDXL: 2; an up block has one more)."""
+    parts = module.split(".")
+    n = int(layers_per_block)
+    if parts[0] == "down_blocks" and parts[2] == "attentions":
+        head = ["input_blocks", str(1 + int(parts[1]) * (n + 1) + int(parts[3])), "1"]
+    elif parts[0] == "mid_block" and parts[1] == "attentions":
+        return ".".join(["middle_block", "1", *parts[3:]])
+    elif parts[0] == "up_blocks" and parts[2] == "attentions":
+        head = ["output_blocks", str(int(parts[1]) * (n + 1) + int(parts[3])), "1"]
+    else:
+        raise ValueError(f"no SGM name for the UNet module {module!r}")
+    return ".".join(head + parts[4:])
+
+
+def _kohya_module(comp: str, module: str, family: str = "sd", layers_per_block: int = 2) -> str:
     """kohya's name of one adapted module: ``lora_unet_down_blocks_0_..._to_q`` /
     ``lora_te_text_model_encoder_layers_0_self_attn_q_proj`` (dots become underscores; the text
-    encoder's modules are named as in the original CLIP checkpoint, under ``text_model``)."""
+    encoder's modules are named as in the original CLIP checkpoint, under ``text_model``). SDXL (as
+    kohya's sd-scripts write it): UNet modules by their SGM names (``lora_unet_input_blocks_4_1_…``,
+    :func:`sgm_unet_module`), the text encoders as ``lora_te1_…`` and ``lora_te2_…``."""
     if comp == "unet":
+        if family == "sdxl":
+            module = sgm_unet_module(module, layers_per_block)
         return "lora_unet_" + module.replace(".", "_")
-    if comp == "text_encoder":
+    if comp in ("text_encoder", "text_encoder_2"):
         if not module.startswith("text_model."):
             module = "text_model." + module  # transformers 5 names CLIPTextModel's modules without it
-        return "lora_te_" + module.replace(".", "_")
+        prefix = "lora_te" if family != "sdxl" else ("lora_te1" if comp == "text_encoder" else "lora_te2")
+        return prefix + "_" + module.replace(".", "_")
     raise ValueError(f"no kohya name for component {comp!r}")
 
 
-def to_kohya(states: dict[str, dict[str, torch.Tensor]], alpha: float) -> dict[str, torch.Tensor]:
+def to_kohya(states: dict[str, dict[str, torch.Tensor]], alpha: float, family: str = "sd",
+             layers_per_block: int = 2) -> dict[str, torch.Tensor]:
     """peft-format LoRA state dicts (``{"unet": {...lora_A.weight}, "text_encoder": {...}}``) in the
-    kohya key format (``<module>.lora_down.weight`` = A, ``.lora_up.weight`` = B, ``.alpha``)."""
+    kohya key format (``<module>.lora_down.weight`` = A, ``.lora_up.weight`` = B, ``.alpha``); ``family``
+    ``sdxl`` names modules as kohya's SDXL LoRAs do (see :func:`_kohya_module`)."""
     out: dict[str, torch.Tensor] = {}
     for comp, sd in states.items():
         for key, value in sd.items():
             module, sep, rest = key.rpartition(".lora_")
             if not sep or rest not in ("A.weight", "B.weight"):
                 raise ValueError(f"not a peft LoRA key: {key!r}")
-            name = _kohya_module(comp, module)
+            name = _kohya_module(comp, module, family, layers_per_block)
             out[f"{name}.lora_{'down' if rest[0] == 'A' else 'up'}.weight"] = value.contiguous()
             out[f"{name}.alpha"] = torch.tensor(float(alpha))
     return out
 
 
 def write_lora_dir(folder: str | Path, states: dict[str, dict[str, torch.Tensor]], configs: dict,
-                   rank: int, alpha: float, base_model: str = "") -> list[str]:
+                   rank: int, alpha: float, base_model: str = "", family: str = "sd",
+                   layers_per_block: int = 2) -> list[str]:
     """Write the diffusers LoRA (:data:`DIFFUSERS_FILE`) and its kohya export (:data:`KOHYA_FILE`) into
-    ``folder``; returns the file names. ``states`` / ``configs`` map ``"unet"`` / ``"text_encoder"`` to a
-    peft state dict (see :meth:`LoraSet.peft_state`) and its ``LoraConfig``."""
-    from diffusers import StableDiffusionPipeline
+    ``folder``; returns the file names. ``states`` / ``configs`` map ``"unet"`` / ``"text_encoder"`` (SDXL:
+    also ``"text_encoder_2"``) to a peft state dict (see :meth:`LoraSet.peft_state`) and its ``LoraConfig``.
+    ``family="sdxl"`` writes with ``StableDiffusionXLPipeline.save_lora_weights`` and kohya's SDXL names."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     kwargs = {}
-    if "unet" in states:
-        kwargs["unet_lora_layers"] = convert_state_dict_to_diffusers(states["unet"])
-        kwargs["unet_lora_adapter_metadata"] = configs["unet"].to_dict()
-    if "text_encoder" in states:
-        kwargs["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(states["text_encoder"])
-        kwargs["text_encoder_lora_adapter_metadata"] = configs["text_encoder"].to_dict()
-    StableDiffusionPipeline.save_lora_weights(str(folder), weight_name=DIFFUSERS_FILE, **kwargs)
+    comps = ("unet", "text_encoder") + (("text_encoder_2",) if family == "sdxl" else ())
+    for comp in comps:
+        if comp in states:
+            kwargs[f"{comp}_lora_layers"] = convert_state_dict_to_diffusers(states[comp])
+            kwargs[f"{comp}_lora_adapter_metadata"] = configs[comp].to_dict()
+    pipeline = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    pipeline.save_lora_weights(str(folder), weight_name=DIFFUSERS_FILE, **kwargs)
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": f"{alpha:g}",
             "scenetok_base_model": str(base_model)}
-    atomic_save_safetensors(to_kohya(states, alpha), folder / KOHYA_FILE, metadata=meta)
+    if family == "sdxl":
+        meta["ss_base_model_version"] = "sdxl_base_v1-0"
+    atomic_save_safetensors(to_kohya(states, alpha, family, layers_per_block), folder / KOHYA_FILE, metadata=meta)
     return [DIFFUSERS_FILE, KOHYA_FILE]

@@ -9,8 +9,9 @@ Everything else asks a :class:`Model` to do the family-specific jobs:
 - the denoiser call with the family's extra conditioning (:meth:`Model.predict`).
 
 A family is a small :class:`Family` subclass registered in :data:`FAMILIES`; Stable Diffusion 1.x/2.x is
-:class:`StableDiffusion`. SDXL would be one more subclass (two tokenizers and text encoders, pooled text
-embeddings and ``added_cond_kwargs`` as extra conditioning) without a change anywhere else.
+:class:`StableDiffusion`, SDXL is :class:`StableDiffusionXL` (two tokenizers and text encoders, the prompt's
+pooled embedding and the size/crop ids as ``added_cond_kwargs``). The family of a checkpoint is detected from
+its ``model_index.json`` (or a ``text_encoder_2`` folder).
 """
 
 from __future__ import annotations
@@ -115,9 +116,15 @@ class Family:
         raise NotImplementedError
 
     @staticmethod
-    def extra_conditioning(model: "Model", batch_size: int) -> dict[str, Any]:
-        """Keyword arguments the denoiser needs beyond latents, timesteps and text (none for SD 1/2)."""
+    def extra_conditioning(model: "Model", batch_size: int, height: int, width: int) -> dict[str, Any]:
+        """Keyword arguments the denoiser needs beyond latents, timesteps and text (none for SD 1/2), for
+        ``batch_size`` rows of ``height × width`` pixel images, given the latest :meth:`Model.encode_prompt`."""
         return {}
+
+    @staticmethod
+    def token_ids(model: "Model", prompts: list[str]) -> torch.Tensor:
+        """Token ids of ``prompts`` as :meth:`encode_prompt` takes them (``(B, L)`` for one tokenizer)."""
+        return token_ids(model.tokenizer, prompts)
 
     @classmethod
     def load_tokenizer(cls, model_id: str) -> Any:  # pragma: no cover - overridden
@@ -217,7 +224,148 @@ class StableDiffusion(Family):
         )
 
 
-FAMILIES: dict[str, type[Family]] = {StableDiffusion.name: StableDiffusion}
+def _offline() -> bool:
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except (ImportError, AttributeError):  # pragma: no cover
+        return True
+
+
+def _model_index(model_id: str) -> dict | None:
+    """The ``model_index.json`` of a local folder, or of a Hub id (from the local HF cache, else downloaded alone
+    unless ``HF_HUB_OFFLINE``)."""
+    path = Path(str(model_id)).expanduser()
+    f = path / "model_index.json"
+    if not path.exists():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(str(model_id), "model_index.json")
+            if not isinstance(cached, str) and not _offline():  # not cached yet: the small index file alone
+                from huggingface_hub import hf_hub_download
+
+                cached = hf_hub_download(str(model_id), "model_index.json")
+        except Exception:  # noqa: BLE001 - a malformed id, no network: no family information
+            cached = None
+        f = Path(cached) if isinstance(cached, str) else None
+    if f is None or not f.is_file():
+        return None
+    try:
+        data = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class StableDiffusionXL(Family):
+    """Stable Diffusion XL: two CLIP tokenizers and text encoders (CLIP-L 768-d, OpenCLIP-G 1280-d), whose
+    penultimate hidden states are concatenated (2048-d) as the UNet's cross-attention context; the second
+    encoder's pooled, projected output and the six size/crop ids (original size, crop top-left, target size)
+    enter the UNet as ``added_cond_kwargs`` (``text_embeds``, ``time_ids``).
+
+    Token ids of a prompt are ``(B, 2, L)``: one row per tokenizer (their padding differs). The pooled
+    embedding of the latest :meth:`Model.encode_prompt` call is kept on the model
+    (:attr:`Model.pooled_prompt`) and :meth:`Model.extra_conditioning` turns it into the UNet's keyword
+    arguments, so every caller runs ``encode_prompt`` and then the UNet, as with SD 1/2.
+    Training images are square crops of the whole photo, so the size/crop ids are
+    ``(res, res, 0, 0, res, res)``, what SDXL was trained to read as "uncropped, at this size".
+    """
+
+    name = "sdxl"
+
+    @classmethod
+    def matches(cls, model_id: str) -> bool:
+        index = _model_index(model_id)
+        if index is not None:
+            return "text_encoder_2" in index or str(index.get("_class_name", "")).startswith("StableDiffusionXL")
+        path = Path(str(model_id)).expanduser()
+        return path.is_dir() and (path / "text_encoder_2").is_dir()
+
+    @classmethod
+    def load(cls, model_id: str) -> "Model":
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        check_model_source(model_id, "base model", "--model")
+        check_weight_files(model_id, what="base model")
+        try:
+            return Model(
+                model_id=str(model_id),
+                tokenizer=CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer"),
+                text_encoder=CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder"),
+                vae=AutoencoderKL.from_pretrained(model_id, subfolder="vae"),
+                unet=UNet2DConditionModel.from_pretrained(model_id, subfolder="unet"),
+                scheduler=DDPMScheduler.from_pretrained(model_id, subfolder="scheduler"),
+                family=cls,
+                tokenizer_2=CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer_2"),
+                text_encoder_2=CLIPTextModelWithProjection.from_pretrained(model_id, subfolder="text_encoder_2"),
+            )
+        except (OSError, ValueError, EnvironmentError) as exc:
+            raise ConfigError(
+                f"cannot load the SDXL base model {model_id!r}: {str(exc).splitlines()[0]}",
+                hint="give a local diffusers SDXL folder or a Hub id such as stabilityai/stable-diffusion-xl-base-1.0 "
+                "(Hub ids need the network or a filled HF cache)",
+            ) from None
+
+    @staticmethod
+    def token_ids(model: "Model", prompts: list[str]) -> torch.Tensor:
+        return torch.stack([token_ids(model.tokenizer, prompts), token_ids(model.tokenizer_2, prompts)], dim=1)
+
+    @staticmethod
+    def encode_prompt(model: "Model", ids: torch.Tensor) -> torch.Tensor:
+        if ids.dim() != 3 or ids.shape[1] != 2:
+            raise ValueError(f"SDXL token ids are (B, 2, L), one row per tokenizer; got {tuple(ids.shape)}")
+        out1 = model.text_encoder(ids[:, 0], output_hidden_states=True)
+        out2 = model.text_encoder_2(ids[:, 1].to(model.text_encoder_2.device), output_hidden_states=True)
+        model.pooled_prompt = out2.text_embeds
+        h2 = out2.hidden_states[-2]
+        return torch.cat([out1.hidden_states[-2].to(h2.device, h2.dtype), h2], dim=-1)
+
+    @staticmethod
+    def extra_conditioning(model: "Model", batch_size: int, height: int, width: int) -> dict[str, Any]:
+        pooled = model.pooled_prompt
+        if pooled is None:
+            raise RuntimeError("SDXL needs the prompt's pooled embedding: call encode_prompt before the UNet")
+        if pooled.shape[0] != batch_size:
+            if pooled.shape[0] != 1:
+                raise ValueError(f"the latest prompt batch has {pooled.shape[0]} rows, the UNet batch {batch_size}")
+            pooled = pooled.expand(batch_size, -1)
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=pooled.dtype, device=pooled.device)
+        return {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.expand(batch_size, -1)}}
+
+    @classmethod
+    def load_tokenizer(cls, model_id: str) -> Any:
+        return StableDiffusion.load_tokenizer(model_id)
+
+    @classmethod
+    def load_pipeline(cls, model_id: str, **components) -> Any:
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline.from_pretrained(model_id, add_watermarker=False, **components)
+
+    @classmethod
+    def load_inpaint_pipeline(cls, model_id: str, **components) -> Any:
+        from diffusers import DDIMScheduler, StableDiffusionXLInpaintPipeline
+
+        pipe = StableDiffusionXLInpaintPipeline.from_pretrained(model_id, add_watermarker=False, **components)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        return pipe
+
+    @staticmethod
+    def pipeline(model: "Model", scheduler) -> Any:
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline(
+            vae=model.vae, text_encoder=model.text_encoder, text_encoder_2=model.text_encoder_2,
+            tokenizer=model.tokenizer, tokenizer_2=model.tokenizer_2, unet=model.unet, scheduler=scheduler,
+            add_watermarker=False,
+        )
+
+
+# detection order: the first family whose ``matches`` is true (SD 1/2 matches everything, so it comes last)
+FAMILIES: dict[str, type[Family]] = {StableDiffusionXL.name: StableDiffusionXL, StableDiffusion.name: StableDiffusion}
 
 
 @dataclass
@@ -231,6 +379,17 @@ class Model:
     unet: torch.nn.Module
     scheduler: Any
     family: type[Family] = field(default=StableDiffusion)
+    tokenizer_2: Any = None  # SDXL's second tokenizer and text encoder (None for SD 1/2)
+    text_encoder_2: torch.nn.Module | None = None
+    pooled_prompt: torch.Tensor | None = field(default=None, repr=False)  # SDXL: pooled embedding of the latest prompt
+
+    @property
+    def text_encoders(self) -> list[tuple[str, Any, torch.nn.Module]]:
+        """``(component name, tokenizer, text encoder)`` of every text encoder (two for SDXL)."""
+        out = [("text_encoder", self.tokenizer, self.text_encoder)]
+        if self.text_encoder_2 is not None:
+            out.append(("text_encoder_2", self.tokenizer_2, self.text_encoder_2))
+        return out
 
     @property
     def vae_factor(self) -> int:
@@ -243,8 +402,9 @@ class Model:
     # --- text ---------------------------------------------------------------------------------------
 
     def token_ids(self, prompts: str | list[str]) -> torch.Tensor:
-        """``(B, L)`` token ids of ``prompts`` (padded to the text encoder's length)."""
-        return token_ids(self.tokenizer, prompts)
+        """Token ids of ``prompts`` (padded to the text encoder's length): ``(B, L)``, or ``(B, 2, L)`` for
+        SDXL's two tokenizers. Handle positions are those of the first tokenizer."""
+        return self.family.token_ids(self, [prompts] if isinstance(prompts, str) else list(prompts))
 
     def encode_prompt(self, prompts_or_ids) -> torch.Tensor:
         """Text embeddings ``(B, L, D)`` of prompts (str / list of str) or of token ids ``(B, L)``; the ids
@@ -284,8 +444,12 @@ class Model:
 
     # --- the denoiser -------------------------------------------------------------------------------
 
-    def extra_conditioning(self, batch_size: int) -> dict[str, Any]:
-        return self.family.extra_conditioning(self, batch_size)
+    def extra_conditioning(self, batch_size: int, height: int | None = None, width: int | None = None) -> dict[str, Any]:
+        """The denoiser's family-specific keyword arguments for ``batch_size`` rows of ``height × width``
+        pixel images (default: the native resolution), for the latest :meth:`encode_prompt` (SDXL: its pooled
+        embedding and the size/crop ids; nothing for SD 1/2)."""
+        height = int(height or self.native_resolution)
+        return self.family.extra_conditioning(self, batch_size, height, int(width or height))
 
     def pipeline(self, scheduler: str = "ddim") -> Any:
         """A text-to-image pipeline sharing the model's parts (``scheduler``: ``"ddim"``)."""
@@ -297,7 +461,8 @@ class Model:
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """The denoiser's prediction for ``noisy`` latents at ``timesteps`` given text embeddings."""
-        extra = self.extra_conditioning(noisy.shape[0])
+        h, w = (int(x) * self.vae_factor for x in noisy.shape[-2:])
+        extra = self.extra_conditioning(noisy.shape[0], h, w)
         return self.unet(noisy, timesteps, text, **extra).sample
 
 
@@ -335,5 +500,7 @@ def as_model(obj) -> Model:
     if missing:
         raise TypeError(f"expected a Stable Diffusion pipeline or model parts, missing {missing}")
     name = getattr(getattr(obj, "config", None), "_name_or_path", None) or getattr(obj, "model_id", "")
+    te2 = getattr(obj, "text_encoder_2", None)
     return Model(model_id=str(name), tokenizer=obj.tokenizer, text_encoder=obj.text_encoder, vae=obj.vae,
-                 unet=obj.unet, scheduler=obj.scheduler)
+                 unet=obj.unet, scheduler=obj.scheduler, family=StableDiffusionXL if te2 is not None else StableDiffusion,
+                 tokenizer_2=getattr(obj, "tokenizer_2", None) if te2 is not None else None, text_encoder_2=te2)

@@ -127,6 +127,80 @@ def build_tiny_sd(path: str | Path, config: TinySDConfig | None = None) -> Path:
     return path
 
 
+@dataclass
+class TinySDXLConfig(TinySDConfig):
+    """Shape of a random SDXL-like model: SDXL's layout in miniature. Like SDXL, the first UNet level has
+    no attention, the deeper ones have cross-attention with several transformer layers at the lowest side
+    (``transformer_layers``, SDXL: 1, 2, 10), and the UNet reads two text encoders' hidden states
+    (concatenated) plus the pooled embedding and six size ids (``addition_embed_type="text_time"``)."""
+
+    resolution: int = 32
+    unet_channels: tuple[int, ...] = (32, 32, 64)
+    unet_blocks: tuple[str, ...] = ("plain", "cross", "cross")
+    transformer_layers: tuple[int, ...] = (1, 1, 2)
+    text_hidden: int = 32  # CLIP-L stand-in
+    text_hidden_2: int = 48  # OpenCLIP-G stand-in
+    projection_dim_2: int = 16  # the pooled embedding's size
+    time_embed_dim: int = 8  # SDXL: 256 per size id
+    inpaint: bool = False  # a 9-channel UNet saved as a StableDiffusionXLInpaintPipeline
+
+
+def build_tiny_sdxl(path: str | Path, config: TinySDXLConfig | None = None) -> Path:
+    """Build a random SDXL pipeline with ``config`` and save it (safetensors) at ``path``: loads with
+    ``StableDiffusionXLPipeline.from_pretrained(path)`` like a real SDXL checkpoint."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    cfg = config or TinySDXLConfig()
+    path = Path(path)
+    torch.manual_seed(cfg.seed)
+    tok_dir = write_clip_tokenizer(path / "_tok_tmp", cfg.words)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
+    tokenizer_2 = CLIPTokenizer.from_pretrained(str(tok_dir), pad_token="!")  # as SDXL's second tokenizer
+    n = len(cfg.vae_channels)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=cfg.vae_channels,
+        latent_channels=cfg.latent_channels, layers_per_block=1, norm_num_groups=min(8, cfg.vae_channels[0]),
+        sample_size=cfg.resolution, scaling_factor=0.13025,
+    )
+    down = tuple("CrossAttnDownBlock2D" if b == "cross" else "DownBlock2D" for b in cfg.unet_blocks)
+    up = tuple("CrossAttnUpBlock2D" if b == "cross" else "UpBlock2D" for b in reversed(cfg.unet_blocks))
+    heads = tuple(max(1, c // cfg.attention_head_dim) for c in cfg.unet_channels)
+    unet = UNet2DConditionModel(
+        sample_size=cfg.resolution // cfg.vae_factor, in_channels=2 * cfg.latent_channels + 1 if cfg.inpaint
+        else cfg.latent_channels, out_channels=cfg.latent_channels, down_block_types=down, up_block_types=up,
+        block_out_channels=cfg.unet_channels, layers_per_block=cfg.layers_per_block,
+        transformer_layers_per_block=cfg.transformer_layers, cross_attention_dim=cfg.text_hidden + cfg.text_hidden_2,
+        attention_head_dim=heads, norm_num_groups=cfg.norm_groups, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=cfg.time_embed_dim,
+        projection_class_embeddings_input_dim=6 * cfg.time_embed_dim + cfg.projection_dim_2,
+    )
+    common = dict(vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                  num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads)
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=cfg.text_hidden, intermediate_size=cfg.text_hidden * 4,
+                                                projection_dim=cfg.text_hidden, **common))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        hidden_size=cfg.text_hidden_2, intermediate_size=cfg.text_hidden_2 * 4, projection_dim=cfg.projection_dim_2,
+        hidden_act="gelu", **common))
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    cls = StableDiffusionXLInpaintPipeline if cfg.inpaint else StableDiffusionXLPipeline
+    pipe = cls(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, add_watermarker=False,
+    )
+    pipe.save_pretrained(str(path), safe_serialization=True)
+    for f in tok_dir.iterdir():
+        f.unlink()
+    tok_dir.rmdir()
+    return path
+
+
 # ======================================================================================================
 # Tiny random segmentation models (SAM, GroundingDINO) for the tests of scenetok.masks
 # ------------------------------------------------------------------------------------------------------

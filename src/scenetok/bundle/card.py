@@ -25,6 +25,8 @@ def model_card(manifest: dict, folder_name: str = "my-bundle") -> str:
     lora = manifest.get("lora") or None
     example = "a photo of " + " and ".join(tokens)
     b = folder_name
+    sdxl = manifest.get("family") == "sdxl"
+    pipeline_class = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
     lines = [
         f"# scenetok bundle: {', '.join(h['name'] for h in handles)}",
         "",
@@ -74,30 +76,36 @@ def model_card(manifest: dict, folder_name: str = "my-bundle") -> str:
         "## Use with diffusers",
         "",
         "```python",
-        "from diffusers import StableDiffusionPipeline" + (", UNet2DConditionModel" if "unet" in comps else ""),
+        f"from diffusers import {pipeline_class}" + (", UNet2DConditionModel" if "unet" in comps else ""),
     ]
     if any(c.startswith("text_encoder") for c in comps):
-        lines.append("from transformers import CLIPTextModel")
-    lines += ["", f'pipe = StableDiffusionPipeline.from_pretrained("{base}")']
+        lines.append("from transformers import CLIPTextModel" + (", CLIPTextModelWithProjection" if sdxl else ""))
+    lines += ["", f'pipe = {pipeline_class}.from_pretrained("{base}")']
     if lora:
         lines.append(f'pipe.load_lora_weights("{b}/{lora["dir"]}")')
     for c in comps:  # changed components first: the handles are added to the text encoder in use
         if c == "unet":
             lines.append(f'pipe.unet = UNet2DConditionModel.from_pretrained("{b}/weights/unet")')
         elif c.startswith("text_encoder"):
-            lines.append(f'pipe.{c} = CLIPTextModel.from_pretrained("{b}/weights/{c}")')
+            cls = "CLIPTextModelWithProjection" if c == "text_encoder_2" else "CLIPTextModel"
+            lines.append(f'pipe.{c} = {cls}.from_pretrained("{b}/weights/{c}")')
         else:
             lines.append(f"# also replace pipe.{c} with the folder {b}/weights/{c}")
     for h in handles:
         lines.append(f'pipe.load_textual_inversion("{b}/{h["file"]}")')
+        if sdxl and h.get("file_2"):
+            lines.append(f'pipe.load_textual_inversion("{b}/{h["file_2"]}", text_encoder=pipe.text_encoder_2, '
+                         "tokenizer=pipe.tokenizer_2)")
     lines += [
         f'image = pipe("{example}", num_inference_steps=50, guidance_scale=7.5).images[0]',
         "```",
         "",
         "## Use with AUTOMATIC1111 / ComfyUI",
         "",
-        f"The files in `{EMBEDDINGS_DIR}/{A1111_DIR}/` hold `{{\"emb_params\": (1, D)}}`, the embedding format "
-        "those tools read. The prompt word is the file name:",
+        f"The files in `{EMBEDDINGS_DIR}/{A1111_DIR}/` hold "
+        + ('`{"clip_l": (1, 768), "clip_g": (1, 1280)}`, the SDXL embedding format' if sdxl
+           else '`{"emb_params": (1, D)}`, the embedding format')
+        + " those tools read. The prompt word is the file name:",
         "",
         "- AUTOMATIC1111: copy them into `stable-diffusion-webui/embeddings/` and write e.g. "
         f"`a photo of {file_stem(tokens[0])}`.",

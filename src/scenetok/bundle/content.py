@@ -14,6 +14,7 @@ MANIFEST_VERSION = 1
 MANIFEST = "manifest.json"
 EMBEDDINGS_DIR = "embeddings"
 A1111_DIR = "a1111"
+TEXT_ENCODER_2_DIR = "text_encoder_2"  # embeddings/text_encoder_2/: SDXL's second-encoder rows (diffusers form)
 WEIGHTS_DIR = "weights"
 MASKS_DIR = "masks"
 INPUT_IMAGE = "input.png"
@@ -68,6 +69,8 @@ class BundleContent:
     scene_images: list[np.ndarray] | None = None
     mask_scenes: list[int] | None = None
     extra: dict = field(default_factory=dict)
+    family: str = "sd"  # the base model's family (scenetok.model.FAMILIES key)
+    embeddings_2: dict[str, torch.Tensor] | None = None  # SDXL: each handle's row in the second text encoder
 
 
 

@@ -45,6 +45,11 @@ class Bundle:
         return self.manifest.get("hyperparameters", {})
 
     @property
+    def family(self) -> str:
+        """The base model's family (``sd`` for bundles written before SDXL support)."""
+        return str(self.manifest.get("family") or "sd")
+
+    @property
     def resolution(self) -> int:
         return int(self.manifest["resolution"])
 
@@ -53,19 +58,24 @@ class Bundle:
         return [h.token for h in self.handles]
 
     def embedding_file(self, token: str, form: str = "diffusers") -> Path:
-        """The textual-inversion file of ``token``: ``form`` is ``"diffusers"`` or ``"a1111"``."""
+        """The textual-inversion file of ``token``: ``form`` is ``"diffusers"``, ``"a1111"`` (SDXL: the
+        ``clip_l`` / ``clip_g`` file A1111 and ComfyUI read) or ``"diffusers_2"`` (SDXL's second encoder)."""
+        key = {"diffusers": "file", "a1111": "a1111_file", "diffusers_2": "file_2"}[form]
         for entry in self.manifest["handles"]:
             if entry["token"] == token:
-                return self.path / entry["file" if form == "diffusers" else "a1111_file"]
+                if key not in entry:
+                    raise BundleError(f"bundle {self.path} has no {form} embedding of {token} (a {self.family} bundle)")
+                return self.path / entry[key]
         raise KeyError(token)
 
-    def embeddings(self) -> dict[str, torch.Tensor]:
-        """token → ``(D,)`` float tensor, read from the diffusers-form textual-inversion files."""
+    def embeddings(self, encoder: int = 1) -> dict[str, torch.Tensor]:
+        """token → ``(D,)`` float tensor, read from the diffusers-form textual-inversion files (``encoder=2``:
+        the rows of SDXL's second text encoder)."""
         from safetensors.torch import load_file
 
         out = {}
         for h in self.handles:
-            f = self.embedding_file(h.token)
+            f = self.embedding_file(h.token, "diffusers" if encoder == 1 else "diffusers_2")
             try:
                 state = load_file(str(f))
             except Exception as e:  # safetensors raises its own error type for a damaged file
@@ -273,7 +283,7 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
                                       init_word=entry["init_word"], is_background=bool(entry.get("is_background"))))
         except (KeyError, TypeError) as e:
             raise BundleError(f"{mfile}: a handle entry lacks {e}", hint="the bundle is damaged") from None
-        for key in ("file", "a1111_file"):
+        for key in ("file", "a1111_file", "file_2"):
             rel = entry.get(key)
             if key == "file" and not rel:
                 raise BundleError(f"{mfile}: handle {entry['token']} names no embedding file")

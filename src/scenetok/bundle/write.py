@@ -26,6 +26,7 @@ from scenetok.bundle.content import (
     MASKS_DIR,
     MODEL_CARD,
     PARTIAL_SUFFIX,
+    TEXT_ENCODER_2_DIR,
     TRAINER_DIRS,
     TRAINER_FILES,
     WEIGHTS_DIR,
@@ -122,7 +123,9 @@ def write_bundle(out_dir: str | os.PathLike, content: BundleContent, *, overwrit
     ``inputs/scene<i>.png``; ``image`` is scene 0) and, per mask, the scene it belongs to in ``mask_scenes``.
     ``lora`` (``{"states": {component: peft state dict}, "configs": {component: LoraConfig}, "rank",
     "alpha"}``) holds LoRA adapters, written to ``weights/lora/`` as a diffusers LoRA and a kohya export
-    (:func:`scenetok.lora.write_lora_dir`).
+    (:func:`scenetok.lora.write_lora_dir`). ``family`` names the base model's family; for SDXL
+    ``embeddings_2`` holds each handle's row in the second text encoder (``embeddings/text_encoder_2/``) and the
+    A1111 file holds both rows as ``clip_l`` / ``clip_g``.
     Files the trainer put in ``out_dir`` (previews, logs) are kept; the files this function owns are
     replaced, and the manifest is written last. ``check=False`` skips :func:`check_output_dir` (for the
     trainer, which writes into its own fresh run folder and swaps it in afterwards).
@@ -146,6 +149,9 @@ def write_bundle(out_dir: str | os.PathLike, content: BundleContent, *, overwrit
     missing = [t for t in tokens if t not in embeddings]
     if missing:
         raise ValueError(f"no embedding given for {missing}")
+    embeddings_2 = c.embeddings_2
+    if embeddings_2 is not None and [t for t in tokens if t not in embeddings_2]:
+        raise ValueError(f"no second-encoder embedding given for {[t for t in tokens if t not in embeddings_2]}")
     stems = [file_stem(t) for t in tokens]
     if len(set(stems)) != len(stems):
         raise ValueError(f"handle tokens {tokens} map to clashing file names {stems}")
@@ -176,9 +182,19 @@ def write_bundle(out_dir: str | os.PathLike, content: BundleContent, *, overwrit
         rel_a1111 = f"{EMBEDDINGS_DIR}/{A1111_DIR}/{stem}.safetensors"
         meta = {"token": h.token, "name": h.name, "base_model": str(base_model), "method": method}
         atomic_save_safetensors({h.token: vec}, out / rel, metadata=meta)
-        atomic_save_safetensors({"emb_params": vec.reshape(1, -1).clone()}, out / rel_a1111, metadata=meta)
+        entry = {**asdict(h), "file": rel, "a1111_file": rel_a1111, "dim": int(vec.numel())}
+        if embeddings_2 is None:
+            atomic_save_safetensors({"emb_params": vec.reshape(1, -1).clone()}, out / rel_a1111, metadata=meta)
+        else:  # SDXL: the second encoder's row in diffusers form, and both rows in the A1111 / ComfyUI form
+            vec2 = embeddings_2[h.token].detach().float().cpu().reshape(-1).contiguous()
+            rel_2 = f"{EMBEDDINGS_DIR}/{TEXT_ENCODER_2_DIR}/{stem}.safetensors"
+            atomic_save_safetensors({h.token: vec2}, out / rel_2, metadata=meta)
+            atomic_save_safetensors({"clip_l": vec.reshape(1, -1).clone(), "clip_g": vec2.reshape(1, -1).clone()},
+                                    out / rel_a1111, metadata=meta)
+            written.append(rel_2)
+            entry.update(file_2=rel_2, dim_2=int(vec2.numel()))
         written += [rel, rel_a1111]
-        handle_entries.append({**asdict(h), "file": rel, "a1111_file": rel_a1111, "dim": int(vec.numel())})
+        handle_entries.append(entry)
 
     for name, module in components.items():
         dst = out / WEIGHTS_DIR / name
@@ -199,7 +215,8 @@ def write_bundle(out_dir: str | os.PathLike, content: BundleContent, *, overwrit
 
         dst = out / WEIGHTS_DIR / LORA_DIR
         atomic_save_dir(dst, lambda tmp: loralib.write_lora_dir(
-            tmp, lora["states"], lora["configs"], lora["rank"], lora["alpha"], base_model=str(base_model)))
+            tmp, lora["states"], lora["configs"], lora["rank"], lora["alpha"], base_model=str(base_model),
+            family=str(c.family), layers_per_block=int(lora.get("layers_per_block", 2))))
         written += [p.relative_to(out).as_posix() for p in sorted(dst.rglob("*")) if p.is_file()]
         lora_entry = {
             "dir": f"{WEIGHTS_DIR}/{LORA_DIR}", "file": f"{WEIGHTS_DIR}/{LORA_DIR}/{loralib.DIFFUSERS_FILE}",
@@ -233,6 +250,7 @@ def write_bundle(out_dir: str | os.PathLike, content: BundleContent, *, overwrit
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "method": method,
         "base_model": str(base_model),
+        "family": str(c.family),
         "resolution": int(resolution),
         "handles": handle_entries,
         "components": sorted(components),

@@ -93,6 +93,11 @@ def load_inpaint_pipeline(bundle, inpaint_model: str, *, base_model: str | None 
         raise ConfigError(f"could not load the inpainting model {inpaint_model}: {str(e).splitlines()[0]}",
                           hint="give a local diffusers folder or a Hub id of an inpainting checkpoint "
                           "(e.g. stabilityai/stable-diffusion-2-inpainting)") from None
+    fam = "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"
+    if fam != bundle.family:
+        raise BundleError(f"bundle {bundle.path} is a {bundle.family} bundle but the inpainting model {inpaint_model} "
+                          f"is {fam}: its handles and weights do not fit",
+                          hint=f"use an inpainting model of the bundle's family ({bundle.base_model})")
     in_ch = int(pipe.unet.config.in_channels)
     if in_ch != 9:
         raise ConfigError(f"{inpaint_model} is not an inpainting model: its UNet takes {in_ch} input channels, not 9",
@@ -131,6 +136,9 @@ def load_inpaint_pipeline(bundle, inpaint_model: str, *, base_model: str | None 
             raise BundleError(f"handle {token} has {vec.numel()} dimensions but the text encoder of {inpaint_model} "
                               f"has {dim}", hint=f"use an inpainting model of the bundle's family ({bundle.base_model})")
     pipe.load_textual_inversion([str(bundle.embedding_file(t)) for t in embeddings], token=list(embeddings))
+    if bundle.family == "sdxl" and getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: the second rows too
+        pipe.load_textual_inversion([str(bundle.embedding_file(t, "diffusers_2")) for t in embeddings],
+                                    token=list(embeddings), text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
     report.applied.append(f"handles {', '.join(embeddings)}")
 
     if report.dropped:

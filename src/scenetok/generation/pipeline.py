@@ -115,11 +115,18 @@ def load_pipeline(bundle, base_model: str | None = None, device=None, dtype=None
         check_weight_files(base, what="base model")
     check_bundle_files(bundle)
 
+    family = family_of(base)
+    if family.name != bundle.family:
+        raise BundleError(f"bundle {bundle.path} was trained on a {_FAMILY_NAMES.get(bundle.family, bundle.family)} "
+                          f"model, but the base model {base} is {_FAMILY_NAMES.get(family.name, family.name)}: its "
+                          "handles and weights do not fit",
+                          hint=f"use a {_FAMILY_NAMES.get(bundle.family, bundle.family)} base model "
+                               f"(it was trained on {bundle.base_model})")
     overrides = {}
     for name, folder in bundle.component_dirs().items():
         overrides[name] = _component_class(folder).from_pretrained(str(folder))
     try:
-        pipe = family_of(base).load_pipeline(base, **overrides)
+        pipe = family.load_pipeline(base, **overrides)
     except (OSError, ValueError) as e:
         raise BundleError(f"could not load the base model {base}: {e}",
                           hint="check the path or Hub id, or pass another with --base-model") from None
@@ -151,8 +158,32 @@ def load_pipeline(bundle, base_model: str | None = None, device=None, dtype=None
         finally:
             dlogging.set_verbosity(level)
 
-    dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    _check_embeddings(pipe.text_encoder, bundle.embeddings(), bundle, base, base_model)
+    if family.name == "sdxl":
+        _check_embeddings(pipe.text_encoder_2, bundle.embeddings(2), bundle, base, base_model)
     embeddings = bundle.embeddings()
+    known = [t for t in embeddings if t in pipe.tokenizer.get_vocab()]
+    if known:
+        raise BundleError(f"the base model's tokenizer already has the token(s) {known}",
+                          hint="load the bundle on a fresh base pipeline")
+    files = [str(bundle.embedding_file(t)) for t in embeddings]
+    pipe.load_textual_inversion(files, token=list(embeddings))
+    if family.name == "sdxl":  # each handle's row in the second text encoder (same token)
+        files = [str(bundle.embedding_file(t, "diffusers_2")) for t in embeddings]
+        pipe.load_textual_inversion(files, token=list(embeddings), text_encoder=pipe.text_encoder_2,
+                                    tokenizer=pipe.tokenizer_2)
+    pipe.to(device or default_device())
+    if dtype is not None:
+        pipe.to(dtype=dtype)
+    return pipe, bundle
+
+
+_FAMILY_NAMES = {"sd": "Stable Diffusion 1/2 (sd)", "sdxl": "Stable Diffusion XL (sdxl)"}
+
+
+def _check_embeddings(text_encoder, embeddings: dict, bundle: Bundle, base: str, base_model) -> None:
+    """Refuse handle embeddings whose size is not the text encoder's, saying whose fault it is."""
+    dim = text_encoder.get_input_embeddings().weight.shape[1]
     sizes = {vec.numel() for vec in embeddings.values()}
     for token, vec in embeddings.items():
         if vec.numel() == dim:
@@ -167,16 +198,6 @@ def load_pipeline(bundle, base_model: str | None = None, device=None, dtype=None
             f"handle {token} has {vec.numel()} dimensions but the text encoder of {base} has {dim}",
             hint=f"this bundle was made for {bundle.base_model}; use that base model",
         )
-    known = [t for t in embeddings if t in pipe.tokenizer.get_vocab()]
-    if known:
-        raise BundleError(f"the base model's tokenizer already has the token(s) {known}",
-                          hint="load the bundle on a fresh base pipeline")
-    files = [str(bundle.embedding_file(t)) for t in embeddings]
-    pipe.load_textual_inversion(files, token=list(embeddings))
-    pipe.to(device or default_device())
-    if dtype is not None:
-        pipe.to(dtype=dtype)
-    return pipe, bundle
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -148,14 +148,16 @@ def mask_layers(unet, latent_size: int, layers: str | Sequence[int] = "all") -> 
 def token_attention(unet, scheduler, latents: torch.Tensor, text_embeddings: torch.Tensor,
                     positions: Sequence[Sequence[int]], *, layers: list[str], size: int, timesteps: int = 50,
                     t_range: tuple[float, float] = (0.0, 1.0), batch_size: int = 10,
-                    generator: torch.Generator | None = None, autocast=None) -> torch.Tensor:
+                    generator: torch.Generator | None = None, autocast=None,
+                    extra_conditioning: dict | None = None) -> torch.Tensor:
     """Cross-attention maps ``(K, size, size)`` of K tokens, averaged over ``timesteps`` noise levels.
 
     ``latents``: the clean, scaled latent ``(1, C, h, w)``. ``text_embeddings``: ``(1, T, D)``.
     ``positions[k]``: the token position(s) of concept k in the prompt (several: their maps are averaged).
     Timesteps are drawn uniformly at random within ``timesteps`` equal strata of ``t_range`` (fractions of
     ``scheduler.config.num_train_timesteps``); noise and timesteps come from ``generator`` (CPU).
-    ``autocast``: a context-manager factory (e.g. ``accelerator.autocast``) or None.
+    ``autocast``: a context-manager factory (e.g. ``accelerator.autocast``) or None. ``extra_conditioning``:
+    the model's family-specific UNet arguments for one row (SDXL), see :meth:`scenetok.model.Model.extra_conditioning`.
     """
 
     if any(len(p) == 0 for p in positions):
@@ -168,7 +170,8 @@ def token_attention(unet, scheduler, latents: torch.Tensor, text_embeddings: tor
     ts = (edges[:-1] + u * (edges[1:] - edges[:-1])).round().long().clamp(0, total - 1)
     noises = torch.randn((timesteps,) + tuple(latents.shape[1:]), generator=gen)  # drawn at once: the batch
     acc = average_attention(unet, scheduler, latents, text_embeddings, ts, noises, layers=layers, size=size,
-                            batch_size=batch_size, autocast=autocast)  # size changes nothing
+                            batch_size=batch_size, autocast=autocast,
+                            extra_conditioning=extra_conditioning)  # size changes nothing
     return torch.stack([acc[list(p)].mean(0) for p in positions])
 
 
@@ -305,7 +308,7 @@ def attention_masks(model, image, words: Sequence[str], *, prompt: str | None = 
     from PIL import Image
 
     square = np.asarray(Image.fromarray(img).resize((res, res), Image.Resampling.LANCZOS))
-    for m in (vae, unet, parts.text_encoder):
+    for m in (vae, unet, *(te for _, _, te in parts.text_encoders)):
         m.to(dev)
     lat = parts.scale_latents(parts.encode_images(image_to_tensor(square))[0])
     text = prompt if prompt is not None else "a photo of " + " and ".join(words)
@@ -319,7 +322,7 @@ def attention_masks(model, image, words: Sequence[str], *, prompt: str | None = 
     try:
         maps = token_attention(unet, parts.scheduler, lat, enc, positions, layers=layers, size=size,
                                timesteps=cfg.timesteps, t_range=cfg.t_range, batch_size=cfg.batch_size,
-                               generator=gen)
+                               generator=gen, extra_conditioning=parts.extra_conditioning(1, res))
     finally:
         unet.train(was)
     bg = [is_background_word(w) or is_background_word(n) for w, n in zip(words, names)]

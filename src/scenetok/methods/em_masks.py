@@ -232,7 +232,8 @@ class EMMasks(Method):
                 lat = m.scale_latents(src.latents[False][0])
                 maps = token_attention(m.unet, m.scheduler, lat, enc, [[int(p)] for p in pos], layers=layers,
                                        size=size, timesteps=mc.timesteps, t_range=mc.t_range,
-                                       batch_size=mc.batch_size, generator=gen, autocast=run.accelerator.autocast)
+                                       batch_size=mc.batch_size, generator=gen, autocast=run.accelerator.autocast,
+                                       extra_conditioning=m.extra_conditioning(1, run.resolution))
                 bg = [is_background_concept(run.concepts[k]) for k in present]
                 masks, _ = maps_to_masks(src.image, maps, bg, mc)
                 full = np.zeros((len(run.concepts), run.resolution, run.resolution), np.float32)

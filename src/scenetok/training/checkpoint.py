@@ -139,6 +139,8 @@ def trainable_state(run: Run, phase_idx: int) -> dict[str, torch.Tensor]:
     when a method has estimated them."""
     m = run.model
     state = {"handles": run.handles.vectors(m.text_encoder).detach().clone()}
+    if m.text_encoder_2 is not None:
+        state["handles_2"] = run.handles.vectors(m.text_encoder_2).detach().clone()
     trained = trained_parts(run, phase_idx)
     if run.lora is not None:  # adapters only (the base weights never change)
         state.update({f"lora.{k}": v for k, v in run.lora.state().items()})
@@ -148,8 +150,8 @@ def trainable_state(run: Run, phase_idx: int) -> dict[str, torch.Tensor]:
     else:
         state.update({f"unet_partial.{k}": v for k, v in paramlib.partial_state(m.unet, trained).items()})
     if "text_encoder" in trained:
-        state.update({f"text_encoder.{k}": v for k, v in m.text_encoder.state_dict().items()
-                      if "token_embedding" not in k})
+        for comp, _, te in m.text_encoders:
+            state.update({f"{comp}.{k}": v for k, v in te.state_dict().items() if "token_embedding" not in k})
     if run.masks_estimated:
         state.update({f"masks.{i}": src.masks[False].detach().cpu() for i, src in enumerate(run.sources)})
     return state
@@ -159,17 +161,20 @@ def load_trainable(run: Run, state: dict[str, torch.Tensor]) -> None:
     m = run.model
     with torch.no_grad():
         run.handles.vectors(m.text_encoder).copy_(state["handles"])
+        if m.text_encoder_2 is not None:
+            run.handles.vectors(m.text_encoder_2).copy_(state["handles_2"])
     unet_sd = {k[5:]: v for k, v in state.items() if k.startswith("unet.")}
     if unet_sd:
         m.unet.load_state_dict(unet_sd, strict=True)
     partial = {k[len("unet_partial."):]: v for k, v in state.items() if k.startswith("unet_partial.")}
     if partial:
         paramlib.load_partial_state(m.unet, partial)
-    te_sd = {k[13:]: v for k, v in state.items() if k.startswith("text_encoder.")}
-    if te_sd:
-        missing, unexpected = m.text_encoder.load_state_dict(te_sd, strict=False)
-        if unexpected or any("token_embedding" not in k for k in missing):
-            raise ScenetokError("the checkpoint's text encoder does not match the base model")
+    for comp, _, te in m.text_encoders:
+        te_sd = {k[len(comp) + 1:]: v for k, v in state.items() if k.startswith(comp + ".")}
+        if te_sd:
+            missing, unexpected = te.load_state_dict(te_sd, strict=False)
+            if unexpected or any("token_embedding" not in k for k in missing):
+                raise ScenetokError(f"the checkpoint's {comp.replace('_', ' ')} does not match the base model")
     adapter_state = {k[5:]: v for k, v in state.items() if k.startswith("lora.")}
     if run.lora is not None:
         run.lora.load_state(adapter_state)

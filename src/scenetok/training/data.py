@@ -106,7 +106,7 @@ def encode_items(model: Model, items: list[Item], device, flips: bool = True, ba
             x = torch.cat([image_to_tensor(it.image) for it in chunk])
             if flip:
                 x = x.flip(-1)
-            mean, std = model.encode_images(x.to(device))
+            mean, std = (t.to(device) for t in model.encode_images(x.to(device)))  # the VAE may be off the device
             for j, it in enumerate(chunk):
                 src = sources[start + j]
                 src.latents[flip] = (mean[j:j + 1], std[j:j + 1])

@@ -15,11 +15,13 @@ def bundle_content(run: Run) -> BundleContent:
     m = run.model
     trained = trained_parts(run)
     embeddings = run.handles.as_dict(m.text_encoder)
+    embeddings_2 = run.handles.as_dict(m.text_encoder_2) if m.text_encoder_2 is not None else None
     base_vocab = min(run.handles.ids)
     components, partial, lora = {}, {}, None
     if run.lora is not None:
         lora = {"states": {c: run.lora.peft_state(c) for c in run.lora.modules}, "configs": run.lora.configs,
-                "rank": run.lora.rank, "alpha": run.lora.alpha}
+                "rank": run.lora.rank, "alpha": run.lora.alpha,
+                "layers_per_block": _first(getattr(m.unet.config, "layers_per_block", 2))}
         trained = trained & {"handles"}
     if "unet" in trained:
         components["unet"] = m.unet
@@ -27,8 +29,9 @@ def bundle_content(run: Run) -> BundleContent:
         groups = sorted(g for g in trained if g in paramlib.PARTIAL_GROUPS)
         partial["unet"] = (groups, paramlib.partial_state(m.unet, groups))
     if "text_encoder" in trained:
-        run.handles.detach(m.text_encoder)
-        components["text_encoder"] = m.text_encoder
+        for comp, _, te in m.text_encoders:
+            run.handles.detach(te)
+            components[comp] = te
     handles = [
         HandleInfo(token=t, name=c.name, class_word=c.class_word, init_word=w, is_background=c.is_background)
         for t, c, w in zip(run.handles.tokens, run.concepts, run.handles.init_words)
@@ -38,6 +41,7 @@ def bundle_content(run: Run) -> BundleContent:
              ("given" if masks_known else "none")}
     return BundleContent(
         method=run.method.name, base_model=m.model_id, handles=handles, embeddings=embeddings,
+        family=m.family.name, embeddings_2=embeddings_2,
         components=components or None, partial_weights=partial or None, lora=lora,
         text_encoder_vocab_size=base_vocab, config=run.cfg, resolution=run.resolution,
         input_hashes=run.scene.input_hashes, image=run.scene.image,
@@ -46,6 +50,10 @@ def bundle_content(run: Run) -> BundleContent:
         scene_images=[sc.image for sc in run.scenes[1:]] or None,
         mask_scenes=[i for i, sc in enumerate(run.scenes) for _ in sc.concepts] if masks_known else None,
     )
+
+
+def _first(value) -> int:
+    return int(value[0] if isinstance(value, (list, tuple)) else value)
 
 
 def write_run_bundle(run: Run) -> Bundle:

@@ -14,13 +14,17 @@ def setup_phase(run: Run, phase: Phase) -> torch.optim.Optimizer:
     """Freeze everything, unfreeze what ``phase`` trains, and build its optimizer."""
     m, cfg = run.model, run.cfg
     m.unet.requires_grad_(False)
-    m.text_encoder.requires_grad_(False)
-    vectors = run.handles.vectors(m.text_encoder)
-    vectors.requires_grad_(False)
+    encoders = [te for _, _, te in m.text_encoders]  # SDXL: both, each with its own handle rows
+    for te in encoders:
+        te.requires_grad_(False)
+    vectors = [run.handles.vectors(te) for te in encoders]
+    for v in vectors:
+        v.requires_grad_(False)
     params = []
     if "handles" in phase.train:
-        vectors.requires_grad_(True)
-        params.append(vectors)
+        for v in vectors:
+            v.requires_grad_(True)
+            params.append(v)
     # with LoRA (adapter.type=lora) the weight groups train through their adapters only
     adapters = run.lora.parameters(phase.train) if run.lora is not None else []
     for p in adapters:
@@ -34,12 +38,14 @@ def setup_phase(run: Run, phase: Phase) -> torch.optim.Optimizer:
             p.requires_grad_(True)
         params += partial
     if "text_encoder" in phase.train and run.lora is None:
-        m.text_encoder.requires_grad_(True)
-        base = run.handles.module(m.text_encoder).base.weight
-        base.requires_grad_(False)  # the vocabulary never changes
-        params += [p for p in m.text_encoder.parameters() if p is not vectors and p is not base]
+        for te, vec in zip(encoders, vectors):  # the text_encoder group is every text encoder (SDXL: both)
+            te.requires_grad_(True)
+            base = run.handles.module(te).base.weight
+            base.requires_grad_(False)  # the vocabulary never changes
+            params += [p for p in te.parameters() if p is not vec and p is not base]
     m.unet.train("unet" in phase.train)
-    m.text_encoder.train("text_encoder" in phase.train)
+    for te in encoders:
+        te.train("text_encoder" in phase.train)
     o = cfg["optim"]
     kwargs = dict(lr=phase.lr, betas=(o["beta1"], o["beta2"]), weight_decay=o["weight_decay"], eps=o["eps"])
     groups = [{"params": params}] if params else []

@@ -24,6 +24,7 @@ from scenetok.model import Model, load_model
 from scenetok.scene import Concept, Scene
 from scenetok.tokens import Handles, add_handles, handle_token
 from scenetok.training.data import Source, collage_sources, scene_sources
+from scenetok.training.memory import apply_low_memory_precision, cast_frozen_weights, half_dtype
 from scenetok.training.prior import prior_latents
 
 PREVIEW_TIMESTEPS = (0.3, 0.5, 0.7)  # fractions of the schedule at which previews average the maps
@@ -123,17 +124,19 @@ class Run:
         total = m.scheduler.config.num_train_timesteps
         ts = torch.tensor([int(frac * (total - 1)) for frac in timesteps])
         noises = torch.cat([torch.randn(lat.shape, generator=gen) for _ in timesteps])  # drawn as before: one per t
-        was = (m.unet.training, m.text_encoder.training)
+        was = (m.unet.training, [te.training for _, _, te in m.text_encoders])
         m.unet.eval()
-        m.text_encoder.eval()
+        for _, _, te in m.text_encoders:
+            te.eval()
         try:
             enc = m.encode_prompt(prompt)
             acc = average_attention(m.unet, m.scheduler, lat, enc, ts, noises, layers=layers, size=size, native=sides,
                                     autocast=self.accelerator.autocast,
-                                    extra_conditioning=m.extra_conditioning(1))
+                                    extra_conditioning=m.extra_conditioning(1, self.resolution))
         finally:
             m.unet.train(was[0])
-            m.text_encoder.train(was[1])
+            for (_, _, te), w in zip(m.text_encoders, was[1]):
+                te.train(w)
         if self.attention_memo is not None:
             self.attention_memo[key] = acc
         return acc
@@ -152,6 +155,7 @@ def setup_run(scenes: list[Scene], method: Method, cfg: dict, model: str | Path 
     # keeps a process-wide state, which is reset here (the distributed part, PartialState, is kept)
     AcceleratorState._reset_state(reset_partial_state=False)
     # gradient accumulation is done by the loop itself (it divides the loss), not by accelerate
+    apply_low_memory_precision(cfg, torch.device("cpu" if cpu else "cuda"))
     accelerator = Accelerator(mixed_precision=cfg["mixed_precision"], cpu=cpu)
     set_seed(cfg["seed"])
     m = load_model(model) if isinstance(model, (str, Path)) else model
@@ -165,7 +169,10 @@ def setup_run(scenes: list[Scene], method: Method, cfg: dict, model: str | Path 
     concepts = [c for sc in scenes_r for c in sc.concepts]
     class_words = [c.class_word for c in concepts if not c.is_background]
 
-    for module in (m.vae, m.unet, m.text_encoder):
+    for _, _, te in m.text_encoders:
+        te.requires_grad_(False)
+        te.to(dev)
+    for module in (m.vae, m.unet):
         module.requires_grad_(False)
         module.to(dev)
     # prior images come from the base model, before any handle exists
@@ -175,18 +182,27 @@ def setup_run(scenes: list[Scene], method: Method, cfg: dict, model: str | Path 
         p_latents, p_ids = prior_latents(m, prompts, cfg, resolution, progress)
 
     tokens = [handle_token(i) for i in range(len(concepts))]
-    handles = add_handles(m.tokenizer, m.text_encoder, tokens, method.init_words(concepts, cfg, m.tokenizer))
-    m.text_encoder.to(dev)
+    init = method.init_words(concepts, cfg, m.tokenizer)
+    handles = add_handles(m.tokenizer, m.text_encoder, tokens, init)
+    for _, tok, te in m.text_encoders[1:]:  # SDXL: each handle also gets a row in the second text encoder,
+        second = add_handles(tok, te, tokens, init)  # initialised from the same word (or token id) there
+        if second.ids != handles.ids:
+            raise ConfigError(f"the two tokenizers of {m.model_id} give the handles different ids ({handles.ids} "
+                              f"and {second.ids}): their vocabularies differ, which no SDXL checkpoint does")
+    for _, _, te in m.text_encoders:
+        te.to(dev)
     lora = None
     if loralib.enabled(cfg):
         groups = {g for p in method.phases(cfg) if p.steps > 0 for g in p.train}
-        lora = loralib.add_lora(m.unet, m.text_encoder, groups, cfg["adapter"], seed=cfg["seed"])
+        lora = loralib.add_lora(m.unet, m.text_encoder, groups, cfg["adapter"], seed=cfg["seed"],
+                                text_encoder_2=m.text_encoder_2)
         if lora is None:
             raise ConfigError(f"--adapter lora: {method.name} trains no UNet or text-encoder weights with these "
                               "settings, so there is nothing to adapt", hint="drop --adapter lora")
     if cfg["gradient_checkpointing"]:
         m.unet.enable_gradient_checkpointing()
-        m.text_encoder.gradient_checkpointing_enable()
+        for _, _, te in m.text_encoders:
+            te.gradient_checkpointing_enable()
 
     blocks = method.attention_blocks(cfg)
     sizes = available_sizes(m.unet, latent_size, blocks)
@@ -198,6 +214,14 @@ def setup_run(scenes: list[Scene], method: Method, cfg: dict, model: str | Path 
         sources = collage_sources(m, scenes_r[0], cfg["collage"]["num_images"], cfg["seed"], dev, flips=flips)
     else:
         sources = scene_sources(m, scenes_r, dev, flips=flips)
+
+    if cfg.get("memory") == "low":  # the VAE is done (latents are cached); frozen weights in half precision
+        if cfg.get("rescale_aug", "off") == "off":  # an augmentation that re-encodes each step keeps it here
+            m.vae.to("cpu")
+        groups = {g for p in method.phases(cfg) if p.steps > 0 for g in p.train}
+        cast_frozen_weights(m, groups, lora, half_dtype(dev))
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
 
     torch_gen = torch.Generator("cpu").manual_seed(cfg["seed"])
     np_rng = np.random.default_rng(cfg["seed"])

@@ -62,6 +62,8 @@ class TrainSettings:
                                "side: nearest (binary, the Break-A-Scene reference) or area (soft edges: the "
                                "covered fraction)")
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass (less memory)")
+    memory: str = setting("normal", "normal, or low: gradient checkpointing, bf16/fp16 autocast and frozen weights "
+                          "(trained ones fp32), the VAE off the GPU after encoding (docs/benchmarks.md)")
     optim: OptimSettings = group(OptimSettings)
     checkpoint_every: int = setting(100, "steps between resumable checkpoints (0: none)")
     checkpoint_minutes: float = setting(3.0, "also checkpoint when this many minutes of training passed since the "
@@ -104,6 +106,8 @@ def validate_config(cfg: dict) -> None:
         raise ConfigError(f"mask_resize must be one of {', '.join(MASK_RESIZE)}, got {cfg['mask_resize']!r}")
     if cfg.get("rescale_aug", "off") not in RESCALE_AUG:
         raise ConfigError(f"rescale_aug must be one of {', '.join(RESCALE_AUG)}, got {cfg['rescale_aug']!r}")
+    if cfg.get("memory", "normal") not in ("normal", "low"):
+        raise ConfigError(f"memory must be normal or low, got {cfg['memory']!r}", hint="--memory low")
     if cfg["prior"]["mode"] not in ("joint", "per_class"):
         raise ConfigError(f"prior.mode must be joint or per_class, got {cfg['prior']['mode']!r}")
     if "adapter" in cfg:

@@ -1,0 +1,75 @@
+"""The ``memory=low`` preset (CLI ``--memory low``): what lets an SDXL Break-A-Scene phase 2 fit a 24 GB GPU.
+
+With ``memory=low`` the run
+
+- recomputes activations in the backward pass (``gradient_checkpointing``) in the UNet and text encoders;
+- autocasts to bf16 (fp16 where the GPU has no bf16) when ``mixed_precision`` is ``no``;
+- holds every *frozen* weight in that half precision: a module no phase trains in full (the VAE aside)
+  is cast; weights some phase trains stay fp32, and so do the handle rows and LoRA adapters. A module
+  that a later phase fine-tunes stays fp32 from the start: casting it down and back up would round the
+  base weights;
+- moves the VAE to the CPU once the training images (and prior images) are encoded: it never runs in a step.
+
+The frozen text encoders still run in every step (the handles' gradients pass through them), in half
+precision. 8-bit AdamW is a separate switch (``--set optim.use_8bit=true``, needs ``pip install
+'scenetok[lowmem]'``, i.e. bitsandbytes). docs/benchmarks.md gives the memory budget this reaches.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from scenetok import params as paramlib
+
+MEMORY_MODES = ("normal", "low")
+
+
+def half_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the device computes in it (CPU, Ampere and newer GPUs), else fp16."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def apply_low_memory_precision(cfg: dict, device: torch.device) -> None:
+    """``memory=low`` sets ``gradient_checkpointing`` and, when it is ``no``, ``mixed_precision`` (in place)."""
+    if cfg.get("memory", "normal") != "low":
+        return
+    cfg["gradient_checkpointing"] = True
+    if cfg["mixed_precision"] == "no":
+        cfg["mixed_precision"] = "bf16" if half_dtype(device) == torch.bfloat16 else "fp16"
+
+
+def cast_frozen_weights(model, groups: set[str], lora, dtype: torch.dtype) -> dict[str, str]:
+    """Cast the weights no phase trains to ``dtype``; keep trained weights, handles and adapters fp32.
+
+    ``groups``: every weight group some phase of the run trains (``unet``, ``text_encoder``, ``unet_kv`` …);
+    ``lora``: the run's :class:`scenetok.lora.LoraSet` or None (then the groups train through it). Returns
+    ``{component: dtype name}`` for the log."""
+    full = set() if lora is not None else set(groups)
+    keep_fp32: set[int] = set()
+    if lora is not None:
+        for comp, module in lora.modules.items():
+            keep_fp32.update(id(p) for n, p in module.named_parameters() if ".lora_" in n)
+    elif any(g in paramlib.PARTIAL_GROUPS for g in groups):
+        keep_fp32.update(id(p) for p in paramlib.partial_parameters(model.unet, groups).values())
+    out = {}
+    parts = [("unet", model.unet, "unet" in full)]
+    parts += [(comp, te, "text_encoder" in full) for comp, _, te in model.text_encoders]
+    for comp, module, trained in parts:
+        if trained:
+            out[comp] = "float32"
+            continue
+        with torch.no_grad():
+            for p in module.parameters():
+                if id(p) not in keep_fp32 and p.is_floating_point():
+                    p.data = p.data.to(dtype)
+            for b in module.buffers():
+                if b.is_floating_point():
+                    b.data = b.data.to(dtype)
+        out[comp] = str(dtype).replace("torch.", "") + (" (trained tensors float32)" if keep_fp32 else "")
+    for _, _, te in model.text_encoders:  # the handle rows are trained in every phase: fp32
+        emb = te.get_input_embeddings()
+        if hasattr(emb, "vectors"):
+            emb.vectors.data = emb.vectors.data.float()
+    return out
