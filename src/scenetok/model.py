@@ -472,6 +472,7 @@ def family_of(model_id: str | Path, family: str | None = None) -> type[Family]:
         if family not in FAMILIES:
             raise ConfigError(f"unknown model family {family!r}", hint=f"one of: {', '.join(FAMILIES)}")
         return FAMILIES[family]
+    check_model_source(model_id, "base model", "--model")  # detection may read the Hub: fail fast first
     for fam in FAMILIES.values():
         if fam.matches(str(model_id)):
             return fam
