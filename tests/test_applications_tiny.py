@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -197,6 +199,18 @@ def test_variations_never_replace_files(bundle, tmp_path):
     assert (out / "00_seed0.png").read_bytes() == before
     again = api.variations(bundle, n=1, seed=1, steps=2, progress=False)  # image 1 alone, from its seed
     np.testing.assert_array_equal(np.asarray(again[0].image), np.asarray(first[1].image))
+    # --overwrite replaces this command's own earlier files (keeping the record of the others) ...
+    api.variations(bundle, n=1, seed=0, steps=3, out_dir=out, overwrite=True, progress=False)
+    rows = [json.loads(x) for x in (out / "variations.jsonl").read_text().splitlines()]
+    assert sorted(r["file"] for r in rows) == ["00_seed0.png", "01_seed1.png"]
+    assert (out / "00_seed0.png").read_bytes() != before
+    # ... but never a file someone else put there
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "00_seed0.png").write_bytes(b"my own picture")
+    with pytest.raises(ScenetokError, match="did not write"):
+        api.variations(bundle, n=1, seed=0, steps=2, out_dir=mine, overwrite=True, progress=False)
+    assert (mine / "00_seed0.png").read_bytes() == b"my own picture"
 
 
 # --------------------------------------------------------------------------------------------- inpainting

@@ -347,7 +347,7 @@ def variations(bundle: str | Path | Bundle, *, n: int = 8, handles: Sequence[int
     prompt = variation_prompt(b, handles, background, suffix)
     names = [f"{i:02d}_seed{seed + i}.png" for i in range(n)] + ["contact_sheet.png", "variations.jsonl"]
     if out_dir is not None:
-        claim(out_dir, names, overwrite=overwrite)
+        claim(out_dir, names, overwrite=overwrite, record="variations.jsonl")
     say(f"prompt: {prompt}")
     pipe, b = _pipeline_with_loras(b, base_model, device, lora, lora_scale)
     results = _generate((pipe, b), prompt, n=n, seed=seed, steps=steps, guidance=guidance,
@@ -420,7 +420,7 @@ def edit(bundle: str | Path | Bundle, image, masks: Sequence, prompts: Sequence[
         names.append(f"edit_{i:02d}_seed{seed + i}.png")
     names += ["edit_sheet.png", "edits.jsonl"]
     if out_dir is not None:
-        claim(out_dir, names, overwrite=overwrite)
+        claim(out_dir, names, overwrite=overwrite, record="edits.jsonl")
     if inpaint_model is not None:
         for f in _lora_list(lora):
             read_lora_layers(f)
