@@ -155,15 +155,20 @@ def cross_attention_layers(unet, latent_size: int) -> dict[str, int]:
     return out
 
 
-def available_sizes(unet, latent_size: int, blocks=("down", "mid", "up")) -> list[int]:
-    """Distinct sides of the cross-attention maps for this latent side in ``blocks`` (any of "down", "mid",
-    "up"), ascending."""
+def _block_prefixes(blocks) -> tuple[str, ...]:
+    """Layer-name prefixes of ``blocks`` (one of, or a sequence of, "down", "mid", "up")."""
     if isinstance(blocks, str):
         blocks = (blocks,)
     unknown = [b for b in blocks if b not in _BLOCK_PREFIX]
     if unknown:
         raise ValueError(f"unknown block kind(s) {unknown}; use any of {sorted(_BLOCK_PREFIX)}")
-    prefixes = tuple(_BLOCK_PREFIX[b] for b in blocks)
+    return tuple(_BLOCK_PREFIX[b] for b in blocks)
+
+
+def available_sizes(unet, latent_size: int, blocks=("down", "mid", "up")) -> list[int]:
+    """Distinct sides of the cross-attention maps for this latent side in ``blocks`` (any of "down", "mid",
+    "up"), ascending."""
+    prefixes = _block_prefixes(blocks)
     return sorted({v for k, v in cross_attention_layers(unet, latent_size).items() if k.startswith(prefixes)})
 
 
@@ -180,12 +185,7 @@ def select_layers(unet, latent_size: int, sizes=None, blocks=("down", "mid", "up
     ``blocks`` is any of "down", "mid", "up". Raises ``ValueError`` (listing the sides there are)
     when nothing matches.
     """
-    if isinstance(blocks, str):
-        blocks = (blocks,)
-    unknown = [b for b in blocks if b not in _BLOCK_PREFIX]
-    if unknown:
-        raise ValueError(f"unknown block kind(s) {unknown}; use any of {sorted(_BLOCK_PREFIX)}")
-    prefixes = tuple(_BLOCK_PREFIX[b] for b in blocks)
+    prefixes = _block_prefixes(blocks)
     layers = {k: v for k, v in cross_attention_layers(unet, latent_size).items() if k.startswith(prefixes)}
     wanted = None if sizes is None else {int(s) for s in ([sizes] if isinstance(sizes, int) else sizes)}
     chosen = [k for k, v in layers.items() if wanted is None or v in wanted]

@@ -738,33 +738,23 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # the disk, not the program: full, read-only, permissions
         if args.debug:
             raise
-        print(f"error: {_os_error_line(exc)}", file=sys.stderr)
-        print(f"hint: {_os_error_hint(exc, args)}", file=sys.stderr)
+        from scenetok.errors import os_error_report
+
+        print(os_error_report(exc, _resume_note(args)), file=sys.stderr)
         return EXIT_USER_ERROR
 
 
-def _os_error_line(exc: OSError) -> str:
-    where = exc.filename or ""
-    what = exc.strerror or str(exc)
-    return f"{what}: {where}" if where else what
-
-
-def _os_error_hint(exc: OSError, args) -> str:
-    import errno
-
+def _resume_note(args) -> str:
+    """For an `extract` that stopped with a checkpoint: how to continue it (for the error's hint)."""
     out = getattr(args, "output", None)
-    resume = ""
-    if args.command == "extract" and out:
-        from scenetok.training import run_dir
-        from scenetok.training.checkpoint import has_checkpoint
+    if args.command != "extract" or not out:
+        return ""
+    from scenetok.training import run_dir
+    from scenetok.training.checkpoint import has_checkpoint
 
-        if has_checkpoint(run_dir(out)):
-            resume = f"; the run continues from its last checkpoint with --resume (kept in {run_dir(out)})"
-    if exc.errno == errno.ENOSPC:
-        return "free some disk space" + resume + "; nothing written before was changed"
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return "choose an output folder you can write to" + resume
-    return "check the path and the disk" + resume
+    if not has_checkpoint(run_dir(out)):
+        return ""
+    return f"; the run continues from its last checkpoint with --resume (kept in {run_dir(out)})"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -60,16 +60,17 @@ def shorten(value, limit: int = 60) -> str:
     return f"{text[:limit - 1]}… ({size})"
 
 
-def os_error_report(exc: OSError) -> str:
+def os_error_report(exc: OSError, resume: str = "") -> str:
     """An OSError (disk full, read-only, permissions: the disk, not the program) as the two lines the
-    command line prints for it (``error: WHAT: PATH`` / ``hint: …``)."""
+    command line prints for it (``error: WHAT: PATH`` / ``hint: …``); ``resume``: how an interrupted run
+    continues, added to the hint (e.g. "; the run continues … with --resume")."""
     import errno
 
     where, what = exc.filename or "", exc.strerror or str(exc)
     if exc.errno == errno.ENOSPC:
-        hint = "free some disk space; nothing written before was changed"
+        hint = "free some disk space" + resume + "; nothing written before was changed"
     elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        hint = "choose an output folder you can write to"
+        hint = "choose an output folder you can write to" + resume
     else:
-        hint = "check the path and the disk"
+        hint = "check the path and the disk" + resume
     return f"error: {what}: {where}\nhint: {hint}" if where else f"error: {what}\nhint: {hint}"

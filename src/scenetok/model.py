@@ -148,6 +148,29 @@ class Family:
         raise NotImplementedError
 
 
+def _load_parts(family: type["Family"], model_id: str, what: str, hint: str, **extra) -> "Model":
+    """The SD parts of ``model_id`` (tokenizer, text encoder, VAE, UNet, scheduler) plus ``extra`` parts
+    (``name=(class, subfolder)``), with the real ``from_pretrained`` loaders; one-line error on failure."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    check_model_source(model_id, "base model", "--model")
+    check_weight_files(model_id, what="base model")
+    try:
+        return Model(
+            model_id=str(model_id),
+            tokenizer=CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer"),
+            text_encoder=CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder"),
+            vae=AutoencoderKL.from_pretrained(model_id, subfolder="vae"),
+            unet=UNet2DConditionModel.from_pretrained(model_id, subfolder="unet"),
+            scheduler=DDPMScheduler.from_pretrained(model_id, subfolder="scheduler"),
+            family=family,
+            **{name: klass.from_pretrained(model_id, subfolder=sub) for name, (klass, sub) in extra.items()},
+        )
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise ConfigError(f"cannot load {what} {model_id!r}: {str(exc).splitlines()[0]}", hint=hint) from None
+
+
 class StableDiffusion(Family):
     """Stable Diffusion 1.x / 2.x (and the toy model): one CLIP tokenizer + text encoder, a VAE, a UNet."""
 
@@ -159,27 +182,8 @@ class StableDiffusion(Family):
 
     @classmethod
     def load(cls, model_id: str) -> "Model":
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
-
-        check_model_source(model_id, "base model", "--model")
-        check_weight_files(model_id, what="base model")
-        try:
-            return Model(
-                model_id=str(model_id),
-                tokenizer=CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer"),
-                text_encoder=CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder"),
-                vae=AutoencoderKL.from_pretrained(model_id, subfolder="vae"),
-                unet=UNet2DConditionModel.from_pretrained(model_id, subfolder="unet"),
-                scheduler=DDPMScheduler.from_pretrained(model_id, subfolder="scheduler"),
-                family=cls,
-            )
-        except (OSError, ValueError, EnvironmentError) as exc:
-            raise ConfigError(
-                f"cannot load the base model {model_id!r}: {str(exc).splitlines()[0]}",
-                hint="give a local diffusers folder or a Hub id such as stabilityai/stable-diffusion-2-1-base "
-                "(Hub ids need the network or a filled HF cache)",
-            ) from None
+        return _load_parts(cls, model_id, "the base model", "give a local diffusers folder or a Hub id such as "
+                           "stabilityai/stable-diffusion-2-1-base (Hub ids need the network or a filled HF cache)")
 
     @staticmethod
     def encode_prompt(model: "Model", ids: torch.Tensor) -> torch.Tensor:
@@ -285,29 +289,12 @@ class StableDiffusionXL(Family):
 
     @classmethod
     def load(cls, model_id: str) -> "Model":
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-        check_model_source(model_id, "base model", "--model")
-        check_weight_files(model_id, what="base model")
-        try:
-            return Model(
-                model_id=str(model_id),
-                tokenizer=CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer"),
-                text_encoder=CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder"),
-                vae=AutoencoderKL.from_pretrained(model_id, subfolder="vae"),
-                unet=UNet2DConditionModel.from_pretrained(model_id, subfolder="unet"),
-                scheduler=DDPMScheduler.from_pretrained(model_id, subfolder="scheduler"),
-                family=cls,
-                tokenizer_2=CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer_2"),
-                text_encoder_2=CLIPTextModelWithProjection.from_pretrained(model_id, subfolder="text_encoder_2"),
-            )
-        except (OSError, ValueError, EnvironmentError) as exc:
-            raise ConfigError(
-                f"cannot load the SDXL base model {model_id!r}: {str(exc).splitlines()[0]}",
-                hint="give a local diffusers SDXL folder or a Hub id such as stabilityai/stable-diffusion-xl-base-1.0 "
-                "(Hub ids need the network or a filled HF cache)",
-            ) from None
+        return _load_parts(cls, model_id, "the SDXL base model", "give a local diffusers SDXL folder or a Hub id "
+                           "such as stabilityai/stable-diffusion-xl-base-1.0 (Hub ids need the network or a filled "
+                           "HF cache)", tokenizer_2=(CLIPTokenizer, "tokenizer_2"),
+                           text_encoder_2=(CLIPTextModelWithProjection, "text_encoder_2"))
 
     @staticmethod
     def token_ids(model: "Model", prompts: list[str]) -> torch.Tensor:
