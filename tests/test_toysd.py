@@ -200,3 +200,21 @@ def test_arch_presets_build_their_latent_sizes():
             lat = pipe.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
         assert lat.shape == (1, 4, side, side)
     assert ARCHS["v2"].unet_blocks[0] == "plain"
+
+
+def test_min_snr_weights_cap_the_clean_timesteps():
+    import torch
+
+    from scenetok.toyworld.train import min_snr_weights
+
+    acp = torch.tensor([0.0, 0.5, 5 / 6, 0.99])  # SNR 0, 1, 5, 99
+    w = min_snr_weights(acp, 5.0)
+    assert torch.allclose(w, torch.tensor([0.0, 0.5, 5 / 6, 5 / 100]), atol=1e-6)
+
+
+def test_train_with_snr_gamma_changes_the_weights_and_is_recorded(tmp_path):
+    plain = _weights(_tiny_train(tmp_path / "plain", checkpoint_every_minutes=None))
+    snr = _weights(_tiny_train(tmp_path / "snr", checkpoint_every_minutes=None, snr_gamma=5.0))
+    assert max((plain[k].float() - snr[k].float()).abs().max().item() for k in plain if k.startswith("unet.")) > 0
+    info = json.loads((tmp_path / "snr" / "training_info.json").read_text())
+    assert info["snr_gamma"] == 5.0

@@ -117,6 +117,15 @@ def _to_tensor(images: np.ndarray):
 
 
 # -------------------------------------------------------------------------------------------- helpers
+def min_snr_weights(alphas_cumprod_t, gamma: float):
+    """Per-sample min-SNR-γ weights for a v-prediction loss: ``min(SNR, γ) / (SNR + 1)``.
+
+    In x0 terms a v-prediction loss already weighs each timestep by ``SNR + 1``; this makes the effective
+    weight ``min(SNR, γ)``, capping the nearly clean timesteps at γ."""
+    snr = alphas_cumprod_t / (1 - alphas_cumprod_t).clamp_min(1e-8)
+    return snr.clamp(max=gamma) / (snr + 1)
+
+
 def _lr_lambda(warmup: int, total_ref: list[int], floor: float = 0.1):
     def f(step: int) -> float:
         if step < warmup:
@@ -244,6 +253,7 @@ def train_toy_sd(
     init_from: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    snr_gamma: float | None = None,
 ) -> Path:
     """Train toy-sd from scratch and save it (diffusers folder, safetensors) at ``out_dir``.
 
@@ -255,7 +265,11 @@ def train_toy_sd(
 
     ``init_from`` warm-starts from a trained toy-sd folder of the same arch: its VAE is kept (stage 1 is
     skipped) and its UNet and text encoder are the starting weights of stage 2, which then runs its own
-    warm-up and cosine schedule (a continuation with a fresh optimizer)."""
+    warm-up and cosine schedule (a continuation with a fresh optimizer).
+
+    ``snr_gamma`` turns on min-SNR-γ loss weighting (Hang et al. 2023): each sample's v-prediction loss is
+    weighted by ``min(SNR, γ) / (SNR + 1)`` (:func:`min_snr_weights`), so the many nearly clean timesteps
+    stop dominating the gradient."""
     import torch
     import torch.nn.functional as F
     from diffusers import DDIMScheduler
@@ -284,6 +298,9 @@ def train_toy_sd(
         if saved["seed"] != seed or saved["arch"] != json.loads(json.dumps(arch.to_dict())):
             raise ValueError(f"{ckpt} was written by a run with seed {saved['seed']} and arch {saved['arch']}; "
                              f"resume with the same settings")
+        if state["run_state"]["info"].get("snr_gamma") != snr_gamma:
+            raise ValueError(f"{ckpt} was written with snr_gamma={state['run_state']['info'].get('snr_gamma')}; "
+                             f"resume with the same --snr-gamma")
     elif has_checkpoint(ckpt):
         raise FileExistsError(f"{ckpt} holds the state of an unfinished run; pass --resume to continue it, or "
                               f"remove that folder to start again")
@@ -313,7 +330,7 @@ def train_toy_sd(
         "params": {k: count_params(getattr(pipe, k)) for k in ("vae", "unet", "text_encoder")},
         "n_images": n, "batch_size": batch_size, "vae_batch_size": vae_batch_size, "vae_crop": vae_crop,
         "vae_fg_weight": vae_fg_weight, "lr": lr, "vae_lr": vae_lr, "bf16": bf16,
-        "ema_decay": ema_decay, "caption_dropout": CAPTION_DROPOUT, "threads": threads, "device": device,
+        "ema_decay": ema_decay, "snr_gamma": snr_gamma, "caption_dropout": CAPTION_DROPOUT, "threads": threads, "device": device,
         "scores": [],
     }
     args_key = {"seed": seed, "arch": arch.to_dict()}
@@ -470,7 +487,11 @@ def train_toy_sd(
         target = a * noise - s * x0
         with amp:
             pred = unet(xt, t, encode_captions(caps)).sample
-        loss = F.mse_loss(pred.float(), target)
+        if snr_gamma:
+            per = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
+            loss = (per * min_snr_weights(acp[t], snr_gamma)).mean()
+        else:
+            loss = F.mse_loss(pred.float(), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -622,6 +643,8 @@ def main(argv: list[str] | None = None) -> int:
                    "by an earlier run with the same seed gives the same result as the full run)")
     p.add_argument("--init-from", default=None, help="warm start: VAE, UNet and text encoder from this toy-sd folder "
                    "(same --arch); stage 2 then runs its own schedule")
+    p.add_argument("--snr-gamma", type=float, default=0,
+                   help="min-SNR-γ loss weighting with this γ (e.g. 5; 0 = plain v-prediction loss)")
     p.add_argument("--eval", type=int, default=0, help="after training, score N unseen captions with the oracle")
     a = p.parse_args(argv)
     from scenetok.toyworld.model import ARCHS
@@ -637,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
         save_every_minutes=a.save_every_minutes or None, log_every=a.log_every, lr=a.lr, device=a.device,
         threads=a.threads, vae_from=a.vae_from, init_from=a.init_from, arch=ARCHS[a.arch], bf16=a.bf16, resume=a.resume,
         checkpoint_every_minutes=a.checkpoint_every_minutes or None, eval_every_minutes=a.eval_every_minutes or None,
-        eval_n=a.eval_n, progress=not a.no_progress,
+        eval_n=a.eval_n, progress=not a.no_progress, snr_gamma=a.snr_gamma or None,
     )
     if a.eval:
         res = evaluate_toy_sd(path, n=a.eval, seed=a.seed)
