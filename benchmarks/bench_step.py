@@ -1,26 +1,26 @@
-"""Time and peak memory of one Break-A-Scene training step: selective capture vs the reference's way.
+"""Time and peak memory of one Break-A-Scene training step: ours, the floor under it, and the reference's way.
 
-Two ways of doing the same step (same loss, same layers read by the loss):
+Three ways of doing a phase-1 or phase-2 step on the same model, scene and precision:
 
-* ``ours``  — the fixed image is VAE-encoded once before training (latent mean/std cached; each step
-  samples ``mean + std·ε``), and a :class:`~scenetok.attention.CaptureProcessor` sits only on the
-  cross-attention layers the attention loss reads (``select_layers(..., sizes=[latent/4])``); every
-  other layer keeps SDPA.
-* ``naive`` — what the Break-A-Scene reference code does: VAE-encode the image every step and run
-  naive attention with stored maps on every attention layer, self-attention included
-  (:func:`~scenetok.attention.install_naive_capture`).
+* ``ours``  — the trainer's own step (:func:`scenetok.training.trainer._train_step` on a real
+  :class:`~scenetok.training.run.Run`, Break-A-Scene's default settings): cached latents, attention captured
+  only on the layers the loss reads, masked diffusion loss + 0.01 · attention loss, grad-clip, AdamW.
+* ``floor`` — the same trainer step with the attention loss off (``attn.weight=0``), so nothing is
+  captured: a plain masked fine-tune step of the same trainable parameters, everything else equal. The
+  ratio **ours / floor** is what capture and the attention loss cost.
+* ``naive`` — what the Break-A-Scene reference code does, re-implemented here: VAE-encode the image every
+  step, naive attention with stored maps on every attention layer, self-attention included
+  (:func:`~scenetok.attention.install_naive_capture`), plain AdamW.
 
-A step: latents, noise, text-encoder forward, UNet forward (capturing), masked diffusion loss +
-0.01 · Break-A-Scene attention loss on the maps at latent/4, backward, grad-clip 1.0, AdamW step (and in
-phase 1 the non-handle embedding rows are put back, as the reference does). Phase 1 trains only the
-token-embedding matrix (gradients still flow through the frozen UNet); phase 2 trains UNet + text
-encoder. Each (config, mode, phase, precision) runs in its own subprocess so that the peak RSS
-(``resource.getrusage(...).ru_maxrss``) belongs to that case alone.
+Phase 1 trains only the handle embeddings (gradients still flow through the frozen UNet); phase 2 trains
+UNet + text encoder + handles. Each (config, mode, phase, precision) runs in its own subprocess so that the
+peak RSS (``resource.getrusage(...).ru_maxrss``) belongs to that case alone. ``--set KEY=VALUE`` passes
+trainer settings to ``ours`` and ``floor`` (e.g. ``--set channels_last=false`` to measure an option off).
 
 Usage (see benchmarks/README.md)::
 
     python benchmarks/bench_step.py --configs tiny --steps 5
-    python benchmarks/bench_step.py --configs tiny,sdlike --phases 1,2 --precisions fp32,bf16 --out bench.json
+    python benchmarks/bench_step.py --configs tiny512 --modes ours,floor --phases 1,2 --precisions fp32,bf16
 """
 
 from __future__ import annotations
@@ -51,20 +51,24 @@ def configs():
 
     from scenetok.testing import SD_LIKE, TinySDConfig
 
+    tiny = TinySDConfig(
+        resolution=256,
+        vae_channels=(8, 16, 16, 16),
+        unet_channels=(32, 64, 64, 64),
+        unet_blocks=("cross", "cross", "cross", "plain"),
+    )
     return {
         # SD's block structure in miniature: VAE factor 8 (256 px -> 32² latents), cross-attention at
         # 32², 16², 8² (the loss reads 8² = latent/4, like SD's 16² at 512 px), one plain level
-        "tiny": TinySDConfig(
-            resolution=256,
-            vae_channels=(8, 16, 16, 16),
-            unet_channels=(32, 64, 64, 64),
-            unet_blocks=("cross", "cross", "cross", "plain"),
-        ),
+        "tiny": tiny,
         # ~213 M-parameter UNet (half SD's widths, same layout), VAE factor 8
         "sdlike": SD_LIKE,
         # the same at 512 px (64² latents, cross-attention at 64², 32², 16²): the shape of the
         # reference-code measurement quoted in METHODS.md §1 (slow: naive bf16 takes minutes per step)
         "sdlike512": replace(SD_LIKE, resolution=512),
+        # the 4-block tiny SD layout at 512 px (64² latents, cross-attention at 64², 32², 16²): the model of
+        # the side-by-side measurement against the Break-A-Scene reference train.py (issue 14)
+        "tiny512": replace(tiny, resolution=512),
     }
 
 
@@ -258,17 +262,75 @@ def train_step(s: State) -> float:
     return float(loss.detach())
 
 
+class TrainerCase:
+    """``ours`` / ``floor``: the trainer's own phase step on a real Run (Break-A-Scene defaults + ``sets``)."""
+
+    def __init__(self, path: Path, mode: str, phase: int, precision: str, device: str, sets=(), seed: int = 0):
+        import numpy as np
+
+        from scenetok.methods import get_method
+        from scenetok.scene import Scene
+        from scenetok.training.optim import setup_phase
+        from scenetok.training.run import setup_run
+        from scenetok.training.settings import method_config
+        from scenetok.training.trainer import _capture_context
+
+        import json as _json
+
+        res = _json.loads((path / "vae" / "config.json").read_text())["sample_size"]
+        g = np.random.default_rng(seed)
+        image = g.integers(0, 256, (res, res, 3), dtype=np.uint8)
+        masks = _masks(res).numpy() > 0.5
+        scene = Scene.from_arrays(image, list(masks), names=["a", "b"])
+        method = get_method("break-a-scene")
+        overrides = [f"mixed_precision={'no' if precision == 'fp32' else precision}", "preview_every=0",
+                     "checkpoint_every=0", "checkpoint_minutes=0", f"seed={seed}", *sets]
+        if mode == "floor":
+            overrides.append("attn.weight=0")
+        elif mode != "ours":
+            raise ValueError(f"unknown trainer mode {mode!r}")
+        cfg = method_config(method, None, overrides)
+        self._tmp = tempfile.TemporaryDirectory(prefix="bench-step-")
+        run = setup_run([scene], method, cfg, str(path), Path(self._tmp.name), device, progress=False)
+        method.prepare(run)
+        self.run, self.phase = run, method.phases(cfg)[phase - 1]
+        self.optimizer = setup_phase(run, self.phase)
+        self._capture = _capture_context(run)
+        self.store = self._capture.__enter__()
+        self.n = 0
+        self.extras = {"latent_size": run.latent_size, "map_size": run.attention_size,
+                       "captured_layers": len(run.attention_layers)}
+        self.trainable_params = sum(p.numel() for p in self.optimizer.param_groups[0]["params"]) + sum(
+            p.numel() for g_ in self.optimizer.param_groups[1:] for p in g_["params"])
+
+    def step(self) -> float:
+        from scenetok.training.trainer import _train_step
+
+        self.n += 1
+        return float(_train_step(self.run, self.phase, self.optimizer, self.store, self.n)["loss"])
+
+    def close(self) -> None:
+        self._capture.__exit__(None, None, None)
+        self._tmp.cleanup()
+
+
 def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
 def run_case(path: Path, mode: str, phase: int, precision: str, steps: int, warmup: int, device: str,
-             threads: int) -> dict:
+             threads: int, sets=()) -> dict:
     import torch
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    s = setup(path, mode, phase, precision, device)
+    if mode == "naive":
+        s = setup(path, mode, phase, precision, device)
+        step, close, extras = (lambda: train_step(s)), s.restore, s.extras
+        n_params = sum(p.numel() for p in s.trainable)
+    else:
+        case = TrainerCase(path, mode, phase, precision, device, sets)
+        step, close, extras, n_params = case.step, case.close, case.extras, case.trainable_params
     setup_s = time.perf_counter() - t0
     rss_setup = _peak_mb()
     if device.startswith("cuda"):
@@ -278,20 +340,20 @@ def run_case(path: Path, mode: str, phase: int, precision: str, steps: int, warm
     times, losses = [], []
     for i in range(warmup + steps):
         t = time.perf_counter()
-        losses.append(train_step(s))
+        losses.append(step())
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t)
-    s.restore()
+    close()
     out = {
         "mode": mode, "phase": phase, "precision": precision, "device": device, "threads": threads,
-        "steps": steps, "warmup": warmup,
+        "steps": steps, "warmup": warmup, "sets": list(sets),
         "step_s_median": statistics.median(times), "step_s_min": min(times),
         "peak_rss_mb": _peak_mb(), "rss_after_setup_mb": rss_setup, "setup_s": setup_s,
         "first_loss": losses[0], "losses_finite": all(map(lambda v: v == v and abs(v) != float("inf"), losses)),
-        "trainable_params": sum(p.numel() for p in s.trainable),
-        **s.extras,
+        "trainable_params": n_params,
+        **extras,
     }
     if device.startswith("cuda"):
         out["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -304,27 +366,32 @@ def run_case(path: Path, mode: str, phase: int, precision: str, steps: int, warm
 
 
 def _fmt_table(rows: list[dict]) -> str:
+    """One line per case; ``ours`` lines carry ours / floor and naive / ours (the speed-up)."""
     gpu = any("gpu_peak_mb" in r for r in rows)
     head = "| config | phase | precision | mode | step s (median) | peak RSS MiB | step RSS MiB |"
-    head += (" GPU peak MiB |" if gpu else "") + " captured layers | speed-up | memory ratio |"
+    head += (" GPU peak MiB |" if gpu else "") + " captured layers | ours / floor | naive / ours | memory ours / naive |"
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     by_key = {(r["config"], r["phase"], r["precision"], r["mode"]): r for r in rows if "error" not in r}
+    mem_key = "gpu_peak_mb" if gpu else "peak_rss_mb"
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['config']} | {r['phase']} | {r['precision']} | {r['mode']} | error: "
                          f"{r['error'][:60]} |")
             continue
-        naive = by_key.get((r["config"], r["phase"], r["precision"], "naive"))
-        mem_key = "gpu_peak_mb" if gpu else "peak_rss_mb"
-        speed = mem = ""
-        if r["mode"] == "ours" and naive:
-            speed = f"{naive['step_s_median'] / r['step_s_median']:.2f}×"
-            mem = f"{r[mem_key] / naive[mem_key]:.2f}"
+        key = (r["config"], r["phase"], r["precision"])
+        naive, floor = by_key.get((*key, "naive")), by_key.get((*key, "floor"))
+        over = speed = mem = ""
+        if r["mode"] == "ours":
+            if floor:
+                over = f"{r['step_s_median'] / floor['step_s_median']:.2f}×"
+            if naive:
+                speed = f"{naive['step_s_median'] / r['step_s_median']:.2f}×"
+                mem = f"{r[mem_key] / naive[mem_key]:.2f}"
         cells = [r["config"], str(r["phase"]), r["precision"], r["mode"], f"{r['step_s_median']:.3f}",
                  f"{r['peak_rss_mb']:.0f}", f"{r['peak_rss_mb'] - r['rss_after_setup_mb']:.0f}"]
         if gpu:
             cells.append(f"{r.get('gpu_peak_mb', float('nan')):.0f}")
-        cells += [str(r["captured_layers"]), speed, mem]
+        cells += [str(r["captured_layers"]), over, speed, mem]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -333,6 +400,8 @@ def _run_subprocess(case: dict, args) -> dict:
     """Run one case in a fresh interpreter (so ru_maxrss is its own) and return its result fields."""
     cmd = [sys.executable, __file__, "--case", json.dumps(case), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--threads", str(args.threads), "--device", args.device]
+    for kv in args.set:
+        cmd += ["--set", kv]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout)
     except subprocess.TimeoutExpired:
@@ -345,10 +414,12 @@ def _run_subprocess(case: dict, args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--configs", default="tiny", help="comma list of: tiny, sdlike, sdlike512")
+    p.add_argument("--configs", default="tiny", help="comma list of: tiny, tiny512, sdlike, sdlike512")
     p.add_argument("--phases", default="1,2")
     p.add_argument("--precisions", default="fp32,bf16", help="comma list of: fp32, bf16, fp16")
-    p.add_argument("--modes", default="ours,naive")
+    p.add_argument("--modes", default="ours,floor,naive", help="comma list of: ours, floor, naive")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a trainer setting for ours and floor (repeatable), e.g. channels_last=false")
     p.add_argument("--steps", type=int, default=5, help="timed steps per case (median reported)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -364,7 +435,7 @@ def main(argv=None) -> int:
     if args.case:
         c = json.loads(args.case)
         res = run_case(Path(c["path"]), c["mode"], c["phase"], c["precision"], args.steps, args.warmup,
-                       args.device, args.threads)
+                       args.device, args.threads, args.set)
         print("RESULT " + json.dumps(res), flush=True)
         return 0
 
@@ -409,7 +480,7 @@ def main(argv=None) -> int:
 
         meta = {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
                 "cpus": os.cpu_count(), "threads": args.threads, "device": args.device, "steps": args.steps,
-                "warmup": args.warmup, "repeats": args.repeats, "loadavg_before": load_before,
+                "warmup": args.warmup, "repeats": args.repeats, "sets": args.set, "loadavg_before": load_before,
                 "loadavg_after": os.getloadavg()}
         tmp = Path(args.out).with_suffix(".tmp")
         tmp.write_text(json.dumps({"meta": meta, "results": rows, "table": table}, indent=2))

@@ -41,6 +41,18 @@ SCHEDULERS = {
 }
 
 
+def make_scheduler(name: str, config):
+    """A sampler ``name`` (a key of :data:`SCHEDULERS` other than ``base``) built from a base model's scheduler
+    config (its noise schedule, prediction type, zero-terminal-SNR rescaling and timestep spacing carry over).
+    ``dpm`` is DPM-Solver++ 2M (second order, multistep)."""
+    import diffusers
+
+    if SCHEDULERS.get(name) is None:
+        raise ConfigError(f"unknown scheduler {name!r}", hint=f"choose one of {', '.join(k for k in SCHEDULERS if k != 'base')}")
+    extra = {"algorithm_type": "dpmsolver++", "solver_order": 2} if name == "dpm" else {}
+    return getattr(diffusers, SCHEDULERS[name]).from_config(config, **extra)
+
+
 @dataclass
 class Generated:
     """One generated image and how it was made. ``attention``: handle → ``(h, w)`` map in [0, 1]."""
@@ -99,7 +111,6 @@ def load_pipeline(bundle, base_model: str | None = None, device=None, dtype=None
     ``scheduler`` (default DDIM) built from the base model's scheduler config; no safety checker.
     Returns ``(pipe, bundle)``.
     """
-    import diffusers
 
     bundle = read_bundle(bundle)
     base = str(base_model or bundle.base_model)
@@ -131,7 +142,7 @@ def load_pipeline(bundle, base_model: str | None = None, device=None, dtype=None
         raise BundleError(f"could not load the base model {base}: {e}",
                           hint="check the path or Hub id, or pass another with --base-model") from None
     if SCHEDULERS[scheduler] is not None:
-        pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
+        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     for name, tensors in bundle.partial_weights().items():
 
         if name != "unet":

@@ -561,11 +561,14 @@ def evaluate_toy_sd(
     scenes=None,
     pipe=None,
     return_images: bool = False,
+    return_rows: bool = False,
 ) -> dict:
     """Generate ``n`` unseen 1–2-object captions and score them with the oracle.
 
     Returns rates in [0, 1]: ``background``, ``color``, ``shape``, ``texture``, ``object_ok`` (per object),
     ``no_extra`` (per image) and ``all_ok`` (per image: background, every object and nothing extra).
+    ``return_rows=True`` adds ``rows``: per image, the counts behind these rates (for paired comparisons of
+    two samplers on the same captions and noise).
     """
     import torch
 
@@ -578,7 +581,7 @@ def evaluate_toy_sd(
     scenes = scenes if scenes is not None else eval_scenes(n, seed)
     counts = {"background": 0, "color": 0, "shape": 0, "texture": 0, "object_ok": 0, "no_extra": 0, "all_ok": 0}
     n_obj = 0
-    images = []
+    images, rows = [], []
     for i in range(0, len(scenes), batch):
         chunk = scenes[i:i + batch]
         g = torch.Generator().manual_seed(seed * 1000 + i)
@@ -598,6 +601,11 @@ def evaluate_toy_sd(
                 counts["object_ok"] += bool(m["ok"])
             counts["no_extra"] += len(j.extra) == 0
             counts["all_ok"] += bool(j.background_ok and all(m["ok"] for m in j.matches) and not j.extra)
+            if return_rows:
+                rows.append({"background": int(bool(j.background_ok)), "n_objects": len(j.matches),
+                             **{k: sum(bool(m[f"{k}_ok"]) for m in j.matches) for k in ("color", "shape", "texture")},
+                             "object_ok": sum(bool(m["ok"]) for m in j.matches), "no_extra": int(not j.extra),
+                             "all_ok": int(bool(j.background_ok and all(m["ok"] for m in j.matches) and not j.extra))})
         if return_images:
             images.extend(imgs)
     m = len(scenes)
@@ -605,6 +613,8 @@ def evaluate_toy_sd(
     res.update(n_images=m, n_objects=n_obj, steps=steps, guidance=guidance, seed=seed)
     if return_images:
         res["images"] = images
+    if return_rows:
+        res["rows"] = rows
     return res
 
 
