@@ -172,7 +172,8 @@ def real_pipeline(arch: str, tok_dir: Path, device: str = "cpu"):
     import memory_budget as mb
 
     torch.manual_seed(0)
-    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), pad_token="!")  # SD 2.x and SDXL's 2nd pad with "!"
+    # SD 2.x's tokenizer and SDXL's second one pad with "!", CLIP-L's (SDXL's first) with its end token
+    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), pad_token="!", model_max_length=77)
     assert len(tokenizer) == CLIP_VOCAB, len(tokenizer)
     ids = dict(max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id)
@@ -194,19 +195,24 @@ def real_pipeline(arch: str, tok_dir: Path, device: str = "cpu"):
         return StableDiffusionPipeline(vae=vae.half(), text_encoder=te, tokenizer=tokenizer, unet=unet.half(),
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
-    tokenizer_1 = CLIPTokenizer.from_pretrained(str(tok_dir))  # CLIP-L's tokenizer pads with its end token
+    tokenizer_1 = CLIPTokenizer.from_pretrained(str(tok_dir), model_max_length=77)
     scheduler = EulerDiscreteScheduler(**betas, timestep_spacing="leading")
     return StableDiffusionXLPipeline(vae=vae.half(), text_encoder=te, text_encoder_2=te2, tokenizer=tokenizer_1,
                                      tokenizer_2=tokenizer, unet=unet.half(), scheduler=scheduler,
                                      add_watermarker=False)
 
 
+def model_path(model_dir: Path, arch: str) -> Path:
+    """Where ``arch`` lives under ``model_dir`` (prefixed: bench_step.py keeps other models of the same names there)."""
+    return model_dir / f"bench_gpu-{arch}"
+
+
 def build_model(model_dir: Path, arch: str, device: str) -> Path:
     """The diffusers folder of ``arch`` under ``model_dir``, built first when it is not there (complete)."""
-    path = model_dir / arch
+    path = model_path(model_dir, arch)
     if (path / ".complete").exists():
         return path
-    tmp = model_dir / (arch + ".building")
+    tmp = path.parent / (path.name + ".building")
     for p in (path, tmp):
         if p.exists():
             shutil.rmtree(p)
@@ -307,9 +313,12 @@ def run_ours(c: dict, timer: Timer) -> dict:
     from scenetok.model import load_model
     from scenetok.training.trainer import train
 
+    info = {}
+
     class TimedBreakAScene(BreakAScene):  # the paper method, with a stopwatch in its hooks
         def prepare(self, run):
             super().prepare(run)
+            info["resolution"] = run.resolution  # the native one unless --set resolution=...
             timer.ready()
 
         def after_step(self, run, global_step):
@@ -326,7 +335,6 @@ def run_ours(c: dict, timer: Timer) -> dict:
     _fp32(model.unet, model.vae, model.text_encoder, model.text_encoder_2)
     scene = _scene(model.native_resolution)
     out = Path(c["work_dir"]) / "bundle"
-    info = {"resolution": model.native_resolution}
     try:
         train(scene, out, method=TimedBreakAScene(), model=model, cfg=cfg, overrides=c.get("set", []),
               device=c["device"], progress=False)
@@ -767,7 +775,7 @@ def main(argv=None) -> int:
                                                           "(pip install 'scenetok[lowmem]'); see the low-adamw rows")
                     cases.append(row)
     model_dir = Path(args.model_dir)
-    to_build = [a for a in archs if not (model_dir / a / ".complete").exists()]
+    to_build = [a for a in archs if not (model_path(model_dir, a) / ".complete").exists()]
     build_est = sum(PRIORS[a][0] * (3.0 if cpu and a in ("sd21", "sdxl") else 1.0) for a in to_build)
     runnable = [c for c in cases if c.get("status") != "skipped"]
     budget = args.budget_minutes * 60 if args.budget_minutes else None
