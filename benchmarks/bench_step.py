@@ -262,6 +262,42 @@ def train_step(s: State) -> float:
     return float(loss.detach())
 
 
+def _capture_context_of(run):
+    from scenetok.training.trainer import _capture_context
+
+    return _capture_context(run)
+
+
+def paired_ours_floor(path: Path, phase: int, precision: str, steps: int, warmup: int, device: str, threads: int,
+                      sets=()) -> dict:
+    """ours and floor steps alternated on ONE Run (blocks of two ours steps, two floor steps, …), so a burst
+    of load from other jobs hits both alike; returns both medians (wall and CPU) and their ratios."""
+    import torch
+
+    torch.set_num_threads(threads)
+    case = TrainerCase(path, "ours", phase, precision, device, sets)
+    for _ in range(warmup):
+        case.step(True)
+        case.step(False)
+    wall = {True: [], False: []}
+    cpu = {True: [], False: []}
+    for i in range(steps):
+        for cap in ((True, False) if i % 2 == 0 else (False, True)):
+            for _ in range(2):
+                t, c = time.perf_counter(), time.process_time()
+                case.step(cap)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                wall[cap].append(time.perf_counter() - t)
+                cpu[cap].append(time.process_time() - c)
+    case.close()
+    med = statistics.median
+    return {"phase": phase, "precision": precision, "threads": threads, "steps": steps, "sets": list(sets),
+            "ours_s": med(wall[True]), "floor_s": med(wall[False]), "ours_cpu_s": med(cpu[True]),
+            "floor_cpu_s": med(cpu[False]), "ratio_wall": med(wall[True]) / med(wall[False]),
+            "ratio_cpu": med(cpu[True]) / med(cpu[False]), **case.extras}
+
+
 class TrainerCase:
     """``ours`` / ``floor``: the trainer's own phase step on a real Run (Break-A-Scene defaults + ``sets``)."""
 
@@ -303,11 +339,20 @@ class TrainerCase:
         self.trainable_params = sum(p.numel() for p in self.optimizer.param_groups[0]["params"]) + sum(
             p.numel() for g_ in self.optimizer.param_groups[1:] for p in g_["params"])
 
-    def step(self) -> float:
+    def step(self, capture: bool = True) -> float:
+        """One trainer step; ``capture=False`` (only for an ``ours`` case) takes the floor's step on the same
+        Run: the capture processors are swapped out and no store is passed, so no attention loss."""
         from scenetok.training.trainer import _train_step
 
         self.n += 1
-        return float(_train_step(self.run, self.phase, self.optimizer, self.store, self.n)["loss"])
+        if capture or self.store is None:
+            return float(_train_step(self.run, self.phase, self.optimizer, self.store, self.n)["loss"])
+        self._capture.__exit__(None, None, None)
+        try:
+            return float(_train_step(self.run, self.phase, self.optimizer, None, self.n)["loss"])
+        finally:
+            self._capture = _capture_context_of(self.run)
+            self.store = self._capture.__enter__()
 
     def close(self) -> None:
         self._capture.__exit__(None, None, None)
@@ -337,19 +382,21 @@ def run_case(path: Path, mode: str, phase: int, precision: str, steps: int, warm
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         gpu_base = torch.cuda.memory_allocated() / 2**20
-    times, losses = [], []
+    times, cpu_times, losses = [], [], []
     for i in range(warmup + steps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         losses.append(step())
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t)
+            cpu_times.append(time.process_time() - c)
     close()
     out = {
         "mode": mode, "phase": phase, "precision": precision, "device": device, "threads": threads,
         "steps": steps, "warmup": warmup, "sets": list(sets),
         "step_s_median": statistics.median(times), "step_s_min": min(times),
+        "cpu_s_median": statistics.median(cpu_times),
         "peak_rss_mb": _peak_mb(), "rss_after_setup_mb": rss_setup, "setup_s": setup_s,
         "first_loss": losses[0], "losses_finite": all(map(lambda v: v == v and abs(v) != float("inf"), losses)),
         "trainable_params": n_params,
@@ -365,10 +412,12 @@ def run_case(path: Path, mode: str, phase: int, precision: str, steps: int, warm
 # driver
 
 
-def _fmt_table(rows: list[dict]) -> str:
-    """One line per case; ``ours`` lines carry ours / floor and naive / ours (the speed-up)."""
+def _fmt_table(rows: list[dict], clock: str = "wall") -> str:
+    """One line per case; ``ours`` lines carry ours / floor and naive / ours (the speed-up), on the wall clock
+    or (``clock="cpu"``) on the process's CPU time."""
+    tk = "cpu_s_median" if clock == "cpu" else "step_s_median"
     gpu = any("gpu_peak_mb" in r for r in rows)
-    head = "| config | phase | precision | mode | step s (median) | peak RSS MiB | step RSS MiB |"
+    head = f"| config | phase | precision | mode | step s (median, {clock}) | peak RSS MiB | step RSS MiB |"
     head += (" GPU peak MiB |" if gpu else "") + " captured layers | ours / floor | naive / ours | memory ours / naive |"
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     by_key = {(r["config"], r["phase"], r["precision"], r["mode"]): r for r in rows if "error" not in r}
@@ -383,11 +432,11 @@ def _fmt_table(rows: list[dict]) -> str:
         over = speed = mem = ""
         if r["mode"] == "ours":
             if floor:
-                over = f"{r['step_s_median'] / floor['step_s_median']:.2f}×"
+                over = f"{r[tk] / floor[tk]:.2f}×"
             if naive:
-                speed = f"{naive['step_s_median'] / r['step_s_median']:.2f}×"
+                speed = f"{naive[tk] / r[tk]:.2f}×"
                 mem = f"{r[mem_key] / naive[mem_key]:.2f}"
-        cells = [r["config"], str(r["phase"]), r["precision"], r["mode"], f"{r['step_s_median']:.3f}",
+        cells = [r["config"], str(r["phase"]), r["precision"], r["mode"], f"{r[tk]:.3f}",
                  f"{r['peak_rss_mb']:.0f}", f"{r['peak_rss_mb'] - r['rss_after_setup_mb']:.0f}"]
         if gpu:
             cells.append(f"{r.get('gpu_peak_mb', float('nan')):.0f}")
@@ -412,6 +461,40 @@ def _run_subprocess(case: dict, args) -> dict:
     return json.loads(line[-1][len("RESULT "):])
 
 
+def _main_paired(args, names: list[str], model_dir: Path) -> int:
+    rows = []
+    head = ("| config | phase | precision | ours s/step | floor s/step | ours / floor (wall) | ours CPU s | floor CPU s "
+            "| ours / floor (CPU) | captured layers |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name in names:
+        path = model_path(model_dir, name)
+        for phase in [int(x) for x in args.phases.split(",") if x]:
+            for precision in [x for x in args.precisions.split(",") if x]:
+                print(f"running {name} phase{phase} {precision} ours/floor paired ...", file=sys.stderr, flush=True)
+                r = {"config": name, **_run_subprocess({"path": str(path), "mode": "paired", "phase": phase,
+                                                       "precision": precision}, args)}
+                rows.append(r)
+                if "error" in r:
+                    lines.append(f"| {name} | {phase} | {precision} | error: {r['error'][:60]} |")
+                    continue
+                lines.append(f"| {name} | {phase} | {precision} | {r['ours_s']:.3f} | {r['floor_s']:.3f} | "
+                             f"{r['ratio_wall']:.2f}× | {r['ours_cpu_s']:.3f} | {r['floor_cpu_s']:.3f} | "
+                             f"{r['ratio_cpu']:.2f}× | {r['captured_layers']} |")
+                print("  " + lines[-1], file=sys.stderr, flush=True)
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        import torch
+
+        meta = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+                "threads": args.threads, "device": args.device, "steps": args.steps, "warmup": args.warmup,
+                "sets": args.set, "loadavg": os.getloadavg()}
+        tmp = Path(args.out).with_suffix(".tmp")
+        tmp.write_text(json.dumps({"meta": meta, "results": rows, "table": table}, indent=2))
+        tmp.replace(args.out)
+    return 0 if all("error" not in r for r in rows) else 1
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default="tiny", help="comma list of: tiny, tiny512, sdlike, sdlike512")
@@ -428,12 +511,23 @@ def main(argv=None) -> int:
     p.add_argument("--case-timeout", type=float, default=3600, help="seconds per case before it is abandoned")
     p.add_argument("--repeats", type=int, default=1,
                    help="run every case this many times (interleaved) and keep the run with the lowest median")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="what the table compares: wall time, or the case's CPU time (with --threads 1 this is "
+                        "robust to other jobs on a shared machine)")
     p.add_argument("--out", help="write all results as JSON here")
+    p.add_argument("--paired", action="store_true",
+                   help="ours / floor only, alternating the two on one run per (config, phase, precision): "
+                        "the robust way to measure that ratio on a shared machine")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = p.parse_args(argv)
 
     if args.case:
         c = json.loads(args.case)
+        if c["mode"] == "paired":
+            res = paired_ours_floor(Path(c["path"]), c["phase"], c["precision"], args.steps, args.warmup,
+                                    args.device, args.threads, args.set)
+            print("RESULT " + json.dumps(res), flush=True)
+            return 0
         res = run_case(Path(c["path"]), c["mode"], c["phase"], c["precision"], args.steps, args.warmup,
                        args.device, args.threads, args.set)
         print("RESULT " + json.dumps(res), flush=True)
@@ -445,6 +539,8 @@ def main(argv=None) -> int:
         p.error(f"unknown config(s) {sorted(unknown)}; choose from {sorted(configs())}")
     model_dir = Path(args.model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
+    if args.paired:
+        return _main_paired(args, names, model_dir)
     cases = []
     for name in names:
         path = model_path(model_dir, name)
@@ -454,6 +550,7 @@ def main(argv=None) -> int:
                     cases.append((name, {"path": str(path), "mode": mode, "phase": phase, "precision": precision}))
     load_before = os.getloadavg()
     best: dict[int, dict] = {}
+    tkey = "cpu_s_median" if args.clock == "cpu" else "step_s_median"
     for rep in range(args.repeats):  # repeats are interleaved so a burst of other load hits every case alike
         for i, (name, case) in enumerate(cases):
             row = {"config": name, "phase": case["phase"], "precision": case["precision"], "mode": case["mode"]}
@@ -465,22 +562,23 @@ def main(argv=None) -> int:
             if "error" in row:
                 print(f"  {label}: {row['error']}", file=sys.stderr, flush=True)
             else:
-                print(f"  {label}: {row['step_s_median']:.3f} s/step, peak RSS {row['peak_rss_mb']:.0f} MiB",
+                print(f"  {label}: {row['step_s_median']:.3f} s/step ({row['cpu_s_median']:.3f} s CPU), peak RSS {row['peak_rss_mb']:.0f} MiB",
                       file=sys.stderr, flush=True)
             old = best.get(i)
             if old is None or ("error" in old and "error" not in row) or (
-                "error" not in row and row["step_s_median"] < old["step_s_median"]
+                "error" not in row and row[tkey] < old[tkey]
             ):
                 best[i] = row
     rows = [best[i] for i in range(len(cases))]
-    table = _fmt_table(rows)
+    table = _fmt_table(rows, args.clock)
     print(table)
     if args.out:
         import torch
 
         meta = {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
                 "cpus": os.cpu_count(), "threads": args.threads, "device": args.device, "steps": args.steps,
-                "warmup": args.warmup, "repeats": args.repeats, "sets": args.set, "loadavg_before": load_before,
+                "warmup": args.warmup, "repeats": args.repeats, "sets": args.set, "clock": args.clock,
+                "loadavg_before": load_before,
                 "loadavg_after": os.getloadavg()}
         tmp = Path(args.out).with_suffix(".tmp")
         tmp.write_text(json.dumps({"meta": meta, "results": rows, "table": table}, indent=2))

@@ -157,3 +157,20 @@ def test_overwrite_refuses_a_folder_that_is_not_a_bundle(tiny_sd, two_square_sce
               overwrite=True, progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["precious.txt", "train_log.jsonl"]
     assert (out / "train_log.jsonl").read_text() == '{"global_step": 99}\n'
+
+
+def test_compile_setting_compiles_the_unet_once(tiny_sd, two_square_scene, tmp_path, monkeypatch):
+    """compile=true hands the UNet to torch.compile (here recorded, not run: a CPU compile takes minutes) and
+    the run still writes its bundle; the default leaves it alone."""
+    from diffusers import UNet2DConditionModel
+
+    calls = []
+    monkeypatch.setattr(UNet2DConditionModel, "compile", lambda self, *a, **k: calls.append(type(self).__name__),
+                        raising=False)
+    train(two_square_scene, tmp_path / "plain", model=str(tiny_sd), overrides=["phase1.steps=1", "phase2.steps=0"],
+          progress=False)
+    assert calls == []
+    train(two_square_scene, tmp_path / "compiled", model=str(tiny_sd),
+          overrides=["phase1.steps=1", "phase2.steps=0", "compile=true"], progress=False)
+    assert calls == ["UNet2DConditionModel"]
+    assert (tmp_path / "compiled" / "manifest.json").is_file()

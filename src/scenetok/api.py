@@ -21,6 +21,7 @@ from scenetok.config import default_model
 from scenetok.bundle import Bundle, check_output_dir, read_bundle
 from scenetok.errors import ConfigError, SceneError, ScenetokError, shorten
 from scenetok.generation import check_generate_options, check_prompt, check_prompt_tokens, load_pipeline
+from scenetok.generation.pipeline import DEFAULT_SAMPLER, check_sampler
 from scenetok.generation import generate as _generate
 from scenetok.generation.edit import EditOptions, EditRegion, blended_edit, check_region, region_mask
 from scenetok.generation.inpaint import inpaint, load_inpaint_pipeline
@@ -280,11 +281,14 @@ def generate(bundle: str | Path | Bundle, prompt: str, *, n: int = 4, seed: int 
              guidance: float = 7.5, negative_prompt: str | None = None, size: int | None = None,
              batch_size: int = 4, attention: bool = False, base_model: str | None = None,
              device: str | None = None, out_dir: str | Path | None = None, progress: bool = True,
-             lora: str | Path | Sequence[str | Path] | None = None, lora_scale: float | Sequence[float] = 1.0):
+             lora: str | Path | Sequence[str | Path] | None = None, lora_scale: float | Sequence[float] = 1.0,
+             sampler: str = DEFAULT_SAMPLER):
     """Images of ``prompt`` (which names the bundle's handles) from the bundle's base model + handles;
     written to ``out_dir`` when given. ``lora``: community LoRA file(s) stacked on the bundle at
-    ``lora_scale`` (:mod:`scenetok.generation.loras`). Returns the list of :class:`scenetok.generation.Generated`."""
+    ``lora_scale`` (:mod:`scenetok.generation.loras`). ``sampler``: ddim, dpm (DPM-Solver++ 2M), euler,
+    euler_a, pndm or base (the base model's own). Returns the list of :class:`scenetok.generation.Generated`."""
     check_generate_options(n=n, steps=steps, guidance=guidance, batch_size=batch_size, size=size, seed=seed)
+    check_sampler(sampler)
     b = bundle if isinstance(bundle, Bundle) else read_bundle(_check_path(bundle, "bundle"))
     check_prompt(prompt, b)
     if negative_prompt:
@@ -298,7 +302,7 @@ def generate(bundle: str | Path | Bundle, prompt: str, *, n: int = 4, seed: int 
         check_prompt_tokens(tokenizer, prompt, b.tokens)
         if negative_prompt:
             check_prompt_tokens(tokenizer, negative_prompt, b.tokens, what="negative prompt")
-    pipe, b = _pipeline_with_loras(b, base_model, device, lora, lora_scale)
+    pipe, b = _pipeline_with_loras(b, base_model, device, lora, lora_scale, sampler=sampler)
     return _generate((pipe, b), prompt, n=n, seed=seed, steps=steps, guidance=guidance,
                      negative_prompt=negative_prompt, height=size, width=size, batch_size=batch_size,
                      attention=attention, out_dir=out_dir, progress=progress)
@@ -314,13 +318,13 @@ def _lora_list(lora) -> list[Path]:
     return [Path(lora)] if isinstance(lora, (str, Path)) else [Path(x) for x in lora]
 
 
-def _pipeline_with_loras(b: Bundle, base_model, device, lora, lora_scale, pipe=None):
+def _pipeline_with_loras(b: Bundle, base_model, device, lora, lora_scale, pipe=None, sampler: str = "ddim"):
     """The bundle's pipeline (or ``pipe``) with the community LoRAs stacked on it, each checked first."""
     files = _lora_list(lora)
     for f in files:  # unreadable files fail before the model is loaded
         read_lora_layers(f)
     if pipe is None:
-        pipe, b = load_pipeline(b, base_model=base_model, device=device)
+        pipe, b = load_pipeline(b, base_model=base_model, device=device, scheduler=sampler)
     if files:
         add_loras(pipe, files, lora_scale, base=str(base_model or b.base_model))
     return pipe, b
@@ -332,7 +336,7 @@ def variations(bundle: str | Path | Bundle, *, n: int = 8, handles: Sequence[int
                base_model: str | None = None, device: str | None = None,
                lora: str | Path | Sequence[str | Path] | None = None, lora_scale: float | Sequence[float] = 1.0,
                out_dir: str | Path | None = None, overwrite: bool = False, progress: bool = True,
-               log: Callable[[str], None] | None = None):
+               log: Callable[[str], None] | None = None, sampler: str = DEFAULT_SAMPLER):
     """Image variations (Break-A-Scene Fig. 10): ``n`` images of "a photo of <asset0> and <asset1> …" in the
     prompt form of the bundle's method (all object handles, or ``handles``; the background handle with
     ``background``; ``suffix`` appended). Image ``i`` uses seed ``seed + i``. With ``out_dir``: the images
@@ -341,6 +345,7 @@ def variations(bundle: str | Path | Bundle, *, n: int = 8, handles: Sequence[int
     :class:`~scenetok.generation.Generated` images."""
     say = log or (lambda _msg: None)
     check_generate_options(n=n, steps=steps, guidance=guidance, batch_size=batch_size, size=size, seed=seed)
+    check_sampler(sampler)
     b = bundle if isinstance(bundle, Bundle) else read_bundle(_check_path(bundle, "bundle"))
     if out_dir is not None:
         check_writable(_check_path(out_dir, "out_dir"))
@@ -349,7 +354,7 @@ def variations(bundle: str | Path | Bundle, *, n: int = 8, handles: Sequence[int
     if out_dir is not None:
         claim(out_dir, names, overwrite=overwrite, record="variations.jsonl")
     say(f"prompt: {prompt}")
-    pipe, b = _pipeline_with_loras(b, base_model, device, lora, lora_scale)
+    pipe, b = _pipeline_with_loras(b, base_model, device, lora, lora_scale, sampler=sampler)
     results = _generate((pipe, b), prompt, n=n, seed=seed, steps=steps, guidance=guidance,
                         negative_prompt=negative_prompt, height=size, width=size, batch_size=batch_size,
                         progress=progress)

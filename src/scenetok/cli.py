@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--num-images", type=int, default=4, help="number of images")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image (image i uses seed+i)")
     p.add_argument("-o", "--output", default="images", help="output folder for the images")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps")
+    _add_sampler_option(p)
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--negative", default=None, help="negative prompt")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the bundle's resolution)")
@@ -320,6 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_sampler_option(p: argparse.ArgumentParser) -> None:
+    from scenetok.generation.pipeline import DEFAULT_SAMPLER, SCHEDULERS
+
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=list(SCHEDULERS),
+                   help="ddim, dpm (DPM-Solver++ 2M: as good in about half the steps, docs/benchmarks.md), euler, "
+                        "euler_a, pndm, or base (the base model's own)")
+
+
 def _add_lora_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", action="append", default=None, metavar="FILE",
                    help="a community LoRA (.safetensors, diffusers or kohya/A1111 keys) stacked on the bundle; "
@@ -347,7 +356,8 @@ def _add_application_parsers(sub) -> None:
     p.add_argument("--suffix", default="", help='text after the handles, e.g. "in the snow"')
     p.add_argument("--seed", type=int, default=0, help="seed of the first image (image i uses seed+i)")
     p.add_argument("-o", "--output", default="variations", help="output folder")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps")
+    _add_sampler_option(p)
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--negative", default=None, help="negative prompt")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the bundle's resolution)")
@@ -409,7 +419,8 @@ def _cmd_variations(args) -> int:
         args.bundle, n=args.num_images, handles=args.handles, background=args.background, suffix=args.suffix,
         seed=args.seed, steps=args.steps, guidance=args.guidance, negative_prompt=args.negative, size=args.size,
         batch_size=args.batch_size, base_model=args.base_model, device=args.device, out_dir=args.output,
-        overwrite=args.overwrite, progress=not args.quiet, log=None if args.quiet else print, **_lora_args(args))
+        overwrite=args.overwrite, progress=not args.quiet, log=None if args.quiet else print, sampler=args.sampler,
+        **_lora_args(args))
     print(f"{len(results)} variation(s) and contact_sheet.png written to {args.output}")
     return 0
 
@@ -477,7 +488,7 @@ def _cmd_generate(args) -> int:
         args.bundle, args.prompt, n=args.num_images, seed=args.seed, steps=args.steps, guidance=args.guidance,
         negative_prompt=args.negative, size=args.size, batch_size=args.batch_size, attention=args.attention,
         base_model=args.base_model, device=args.device, out_dir=args.output, progress=not args.quiet,
-        **_lora_args(args),
+        sampler=args.sampler, **_lora_args(args),
     )
     print(f"{len(results)} image(s) written to {args.output}")
     return 0

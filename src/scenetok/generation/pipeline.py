@@ -39,6 +39,12 @@ SCHEDULERS = {
     "pndm": "PNDMScheduler",
     "base": None,  # keep the base model's own scheduler
 }
+DEFAULT_SAMPLER = "ddim"
+
+
+def check_sampler(name) -> None:
+    if not isinstance(name, str) or name not in SCHEDULERS:
+        raise ConfigError(f"unknown sampler {shorten(name)}", hint=f"choose one of {', '.join(SCHEDULERS)}")
 
 
 def make_scheduler(name: str, config):

@@ -66,7 +66,7 @@ def save_checkpoint(
     opt_meta = None
     if optimizer is not None:
         opt_tensors, opt_meta = _flatten_optimizer(optimizer)
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        save_file({k: v.contiguous() for k, v in opt_tensors.items()}, str(tmp / "optimizer.safetensors"))
     save_file({"torch_rng": torch_gen.get_state()}, str(tmp / "rng.safetensors"))
     meta = {"progress": progress, "optimizer": opt_meta, "numpy_rng": np_rng.bit_generator.state,
             "run_state": run_state or {}}

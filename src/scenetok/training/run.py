@@ -203,6 +203,8 @@ def setup_run(scenes: list[Scene], method: Method, cfg: dict, model: str | Path 
         m.unet.enable_gradient_checkpointing()
         for _, _, te in m.text_encoders:
             te.gradient_checkpointing_enable()
+    if cfg.get("compile"):  # compiled lazily at the first forward; capture processors and eval mode recompile
+        m.unet.compile()
 
     blocks = method.attention_blocks(cfg)
     sizes = available_sizes(m.unet, latent_size, blocks)

@@ -62,6 +62,8 @@ class TrainSettings:
                                "side: nearest (binary, the Break-A-Scene reference) or area (soft edges: the "
                                "covered fraction)")
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass (less memory)")
+    compile: bool = setting(False, "torch.compile the UNet (a one-off compile of minutes on a CPU that a toy or "
+                            "800-step run does not earn back; see docs/benchmarks.md)")
     memory: str = setting("normal", "normal, or low: gradient checkpointing, bf16/fp16 autocast and frozen weights "
                           "(trained ones fp32), the VAE off the GPU after encoding (docs/benchmarks.md)")
     optim: OptimSettings = group(OptimSettings)
