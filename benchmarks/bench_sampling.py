@@ -8,8 +8,9 @@ with the standard error of the paired per-image difference. A difference within 
 
     python benchmarks/bench_sampling.py --n 200 --configs ddim:25,dpm:10,dpm:12,dpm:15 --out sampling.json
 
-Timing: wall time of the generation calls only (oracle excluded), after one warm-up batch; each
-configuration runs in the same process one after another, so compare ratios within one run.
+Timing: wall time (and CPU time) of the generation calls only (oracle excluded), after one warm-up batch;
+each configuration runs in the same process one after another, so compare ratios within one run
+(``--clock cpu --threads 1`` on a shared machine).
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="images per wall second, or per CPU second of this process (with --threads 1: robust "
+                        "to other jobs on a shared machine)")
     p.add_argument("--out", help="write the results as JSON here")
     a = p.parse_args(argv)
 
@@ -80,14 +84,15 @@ def main(argv=None) -> int:
     results = []
     for name, steps in configs:
         pipe.scheduler = make_scheduler(name, base_config)
-        t_gen = 0.0
+        t_gen = c_gen = 0.0
         orig_call = type(pipe).__call__
 
         def timed(self, *args, **kw):
-            nonlocal t_gen
-            t = time.perf_counter()
+            nonlocal t_gen, c_gen
+            t, c = time.perf_counter(), time.process_time()
             out = orig_call(self, *args, **kw)
             t_gen += time.perf_counter() - t
+            c_gen += time.process_time() - c
             return out
 
         type(pipe).__call__ = timed
@@ -96,19 +101,20 @@ def main(argv=None) -> int:
                                   batch=a.batch, return_rows=True)
         finally:
             type(pipe).__call__ = orig_call
-        row = {"sampler": name, "steps": steps, "seconds": round(t_gen, 2),
-               "images_per_s": round(len(scenes) / t_gen, 3),
+        row = {"sampler": name, "steps": steps, "seconds": round(t_gen, 2), "cpu_seconds": round(c_gen, 2),
+               "images_per_s": round(len(scenes) / t_gen, 3), "images_per_cpu_s": round(len(scenes) / c_gen, 3),
                **{k: round(res[k], 4) for k in ("background", *METRICS)}, "rows": res["rows"]}
         results.append(row)
-        print(f"{name}:{steps}: {row['images_per_s']:.2f} img/s, " +
+        print(f"{name}:{steps}: {row['images_per_s']:.2f} img/s ({row['images_per_cpu_s']:.2f} per CPU s), " +
               ", ".join(f"{k} {row[k] * 100:.1f} %" for k in METRICS), file=sys.stderr, flush=True)
 
     ref = results[0]
-    head = ("| sampler | steps | images/s | speed vs ref | " + " | ".join(METRICS) + " | " +
+    rate = "images_per_cpu_s" if a.clock == "cpu" else "images_per_s"
+    head = (f"| sampler | steps | images/s ({a.clock}) | speed vs ref | " + " | ".join(METRICS) + " | " +
             " | ".join(f"Δ {k}" for k in METRICS) + " |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
-        cells = [r["sampler"], str(r["steps"]), f"{r['images_per_s']:.2f}", f"{r['images_per_s'] / ref['images_per_s']:.2f}×"]
+        cells = [r["sampler"], str(r["steps"]), f"{r[rate]:.2f}", f"{r[rate] / ref[rate]:.2f}×"]
         cells += [f"{r[k] * 100:.1f} %" for k in METRICS]
         for k in METRICS:
             if r is ref:

@@ -122,3 +122,23 @@ def test_out_dir_files(loaded, tmp_path):
         assert im.size == (32, 32)
     generate(loaded, PROMPT, n=1, seed=9, steps=1, out_dir=out, progress=False)  # the log is appended to
     assert len((out / "prompts.jsonl").read_text().splitlines()) == 3
+
+
+def test_make_scheduler_keeps_the_base_schedule_and_refuses_unknown_names():
+    from diffusers import DDIMScheduler
+
+    from scenetok.errors import ConfigError
+    from scenetok.generation.pipeline import check_sampler, make_scheduler
+
+    base = DDIMScheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                         beta_schedule="scaled_linear").config
+    dpm = make_scheduler("dpm", base)
+    assert type(dpm).__name__ == "DPMSolverMultistepScheduler"
+    assert dpm.config.algorithm_type == "dpmsolver++" and dpm.config.solver_order == 2
+    assert dpm.config.prediction_type == "v_prediction" and dpm.config.rescale_betas_zero_snr
+    assert dpm.config.timestep_spacing == "trailing"
+    for bad in ("nope", ["dpm"], None):
+        with pytest.raises(ConfigError, match="unknown"):
+            check_sampler(bad)
+    with pytest.raises(ConfigError, match="unknown scheduler"):
+        make_scheduler("base", base)

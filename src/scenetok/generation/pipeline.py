@@ -461,7 +461,8 @@ def generate(
 
     if out_dir is not None:
         write_outputs(results, out_dir, bundle=bundle, negative_prompt=negative_prompt, steps=steps,
-                      guidance=guidance, first_index=next_free_index(out_dir))
+                      guidance=guidance, first_index=next_free_index(out_dir),
+                      scheduler=type(pipe.scheduler).__name__)
     return results
 
 
@@ -476,7 +477,7 @@ def next_free_index(out_dir) -> int:
 
 
 def write_outputs(results: list[Generated], out_dir, *, bundle: Bundle | None = None, negative_prompt=None,
-                  steps=None, guidance=None, first_index: int = 0) -> Path:
+                  steps=None, guidance=None, first_index: int = 0, scheduler: str | None = None) -> Path:
     """Write generated images, their attention overlays, ``grid.png`` and ``prompts.jsonl`` to ``out_dir``.
 
     Nothing is replaced: images are numbered from ``first_index`` and an existing name is refused; the grid
@@ -496,8 +497,8 @@ def write_outputs(results: list[Generated], out_dir, *, bundle: Bundle | None = 
                                 hint="choose another -o folder")
         atomic_write_bytes(out / fname, png_bytes(r.image))
         row = {"file": fname, "prompt": r.prompt, "negative_prompt": negative_prompt, "seed": r.seed,
-               "steps": steps, "guidance": guidance, "width": r.image.width, "height": r.image.height,
-               "bundle": str(bundle.path) if bundle is not None else None}
+               "steps": steps, "scheduler": scheduler, "guidance": guidance, "width": r.image.width,
+               "height": r.image.height, "bundle": str(bundle.path) if bundle is not None else None}
         tiles.append(r.image)
         labels.append(f"seed {r.seed}")
         if r.attention is not None:
