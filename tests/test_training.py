@@ -61,6 +61,10 @@ def test_phase1_changes_only_handles_and_phase2_changes_unet(tiny_sd, two_square
     unet_after = model.unet.state_dict()
     assert unet_after.keys() == unet_before.keys()
     assert all(torch.equal(unet_after[k], unet_before[k]) for k in unet_before)  # bit for bit
+    # and no weight gradient was even computed: phase 1 leaves every UNet and text-encoder weight frozen
+    # (the backward pass only carries activation gradients down to the handle rows)
+    assert not any(p.requires_grad for p in model.unet.parameters())
+    assert not any(p.requires_grad for n, p in model.text_encoder.named_parameters() if "token_embedding" not in n)
     te_after = {k: v for k, v in model.text_encoder.state_dict().items() if "token_embedding" not in k}
     assert te_after.keys() == {k for k in te_before if "token_embedding" not in k}
     assert all(torch.equal(te_after[k], te_before[k]) for k in te_after)  # bit for bit
