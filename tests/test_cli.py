@@ -50,12 +50,12 @@ def test_extract_generate_info(tiny_sd, tmp_path, capsys):
                  "--steps", "2", "-o", str(imgs), "--quiet"]) == 0
     assert len(list(imgs.glob("*_seed*.png"))) >= 2
     rows = [json.loads(x) for x in (imgs / "prompts.jsonl").read_text().splitlines()]
-    assert {r["scheduler"] for r in rows} == {"DDIMScheduler"}
-    # --sampler dpm: DPM-Solver++ 2M, recorded per image, appended after the DDIM images
-    assert main(["generate", str(out), "a photo of <asset0>", "-n", "1", "--steps", "3", "--sampler", "dpm",
+    assert {r["scheduler"] for r in rows} == {"DPMSolverMultistepScheduler"}  # the default sampler
+    # --sampler ddim: recorded per image, appended after the first images
+    assert main(["generate", str(out), "a photo of <asset0>", "-n", "1", "--steps", "3", "--sampler", "ddim",
                  "-o", str(imgs), "--quiet"]) == 0
     rows = [json.loads(x) for x in (imgs / "prompts.jsonl").read_text().splitlines()]
-    assert rows[-1]["scheduler"] == "DPMSolverMultistepScheduler" and rows[-1]["file"].startswith("02_")
+    assert rows[-1]["scheduler"] == "DDIMScheduler" and rows[-1]["file"].startswith("02_")
     with pytest.raises(SystemExit):
         main(["generate", str(out), "a photo of <asset0>", "--sampler", "nope", "-o", str(imgs)])
     capsys.readouterr()

@@ -21,7 +21,7 @@ from scenetok.config import default_model
 from scenetok.bundle import Bundle, check_output_dir, read_bundle
 from scenetok.errors import ConfigError, SceneError, ScenetokError, shorten
 from scenetok.generation import check_generate_options, check_prompt, check_prompt_tokens, load_pipeline
-from scenetok.generation.pipeline import DEFAULT_SAMPLER, check_sampler
+from scenetok.generation.pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS, check_sampler
 from scenetok.generation import generate as _generate
 from scenetok.generation.edit import EditOptions, EditRegion, blended_edit, check_region, region_mask
 from scenetok.generation.inpaint import inpaint, load_inpaint_pipeline
@@ -277,7 +277,7 @@ def make_masks(image, output: str | Path, **options):
     return _make_masks(image, output, **options)
 
 
-def generate(bundle: str | Path | Bundle, prompt: str, *, n: int = 4, seed: int = 0, steps: int = 50,
+def generate(bundle: str | Path | Bundle, prompt: str, *, n: int = 4, seed: int = 0, steps: int = DEFAULT_STEPS,
              guidance: float = 7.5, negative_prompt: str | None = None, size: int | None = None,
              batch_size: int = 4, attention: bool = False, base_model: str | None = None,
              device: str | None = None, out_dir: str | Path | None = None, progress: bool = True,
@@ -331,7 +331,8 @@ def _pipeline_with_loras(b: Bundle, base_model, device, lora, lora_scale, pipe=N
 
 
 def variations(bundle: str | Path | Bundle, *, n: int = 8, handles: Sequence[int | str] | str | None = None,
-               background: bool = False, suffix: str = "", seed: int = 0, steps: int = 50, guidance: float = 7.5,
+               background: bool = False, suffix: str = "", seed: int = 0, steps: int = DEFAULT_STEPS,
+               guidance: float = 7.5,
                negative_prompt: str | None = None, size: int | None = None, batch_size: int = 4,
                base_model: str | None = None, device: str | None = None,
                lora: str | Path | Sequence[str | Path] | None = None, lora_scale: float | Sequence[float] = 1.0,

@@ -22,6 +22,7 @@ import torch
 from scenetok import viz
 from scenetok.attention import available_sizes, capture_attention, select_layers
 from scenetok.bundle import Bundle, file_stem, read_bundle, verify_bundle
+from scenetok.config import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS  # noqa: F401  (re-exported)
 from scenetok.errors import BundleError, ConfigError, PromptError, shorten
 from scenetok.io import atomic_write_bytes, atomic_write_text, png_bytes
 from scenetok.lora import ADAPTER_NAME
@@ -39,7 +40,7 @@ SCHEDULERS = {
     "pndm": "PNDMScheduler",
     "base": None,  # keep the base model's own scheduler
 }
-DEFAULT_SAMPLER = "ddim"
+assert tuple(SCHEDULERS) == SAMPLERS
 
 
 def check_sampler(name) -> None:

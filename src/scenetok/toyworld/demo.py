@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from scenetok.config import DEFAULT_SAMPLER, TOY_SAMPLER_STEPS
 from scenetok.io import png_bytes, swap_dir
 from scenetok.toyworld import world
 
@@ -89,7 +90,7 @@ def run_demo(
     seed: int = 0,
     n_objects: int = 3,
     images_per_prompt: int = 2,
-    steps: int = 25,
+    steps: int = TOY_SAMPLER_STEPS,
     model: str | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     overwrite: bool = True,
@@ -169,7 +170,7 @@ def _run_demo(out_dir: Path, t0: float, *, scene, seed, n_objects, images_per_pr
     tokens = [h.token for h in bundle.handles]
     rng = np.random.default_rng(seed)
     prompts = demo_prompts(tokens, spec.background if spec else "", rng)
-    pipe, bundle = load_pipeline(bundle)
+    pipe, bundle = load_pipeline(bundle, scheduler=DEFAULT_SAMPLER)
     results = []
     for k, p in enumerate(prompts):
         gens = generate((pipe, bundle), p["prompt"], n=images_per_prompt, seed=seed + 100 * k, steps=steps,

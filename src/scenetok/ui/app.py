@@ -10,6 +10,7 @@ import functools
 import logging
 import os
 
+from scenetok.config import DEFAULT_STEPS
 from scenetok.errors import ScenetokError, os_error_report
 from scenetok.ui.handlers import App, Field, settings_form
 from scenetok.ui.jobs import unexpected
@@ -336,7 +337,7 @@ def build(app: App):
                     seed = gr.Number(value=0, precision=0, label="seed (image i: seed + i)")
                     count = gr.Slider(1, 16, value=4, step=1, label="images", elem_id="gen-count")
                     guidance = gr.Slider(1.0, 15.0, value=7.5, step=0.5, label="guidance")
-                    steps = gr.Slider(5, 100, value=50, step=1, label="steps", elem_id="gen-steps")
+                    steps = gr.Slider(5, 100, value=DEFAULT_STEPS, step=1, label="steps (DPM-Solver++)", elem_id="gen-steps")
                 gen_btn = gr.Button("Generate", variant="primary", elem_id="generate")
                 gen_status = gr.Textbox(label="status", interactive=False, lines=2, elem_id="gen-status")
                 gallery = gr.Gallery(fit_columns=False, label="images (caption: seed · prompt)", columns=4, elem_id="gen-gallery",

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from scenetok.config import DEFAULT_STEPS
 from scenetok import api
 from scenetok.bundle import check_output_dir
 from scenetok.errors import ConfigError, ScenetokError
@@ -352,7 +353,7 @@ class App:
         return [(h.token, h.name) for h in b.handles]
 
     def generate(self, bundle: str, prompt: str, *, n: int = 4, seed: int = 0, guidance: float = 7.5,
-                 steps: int = 50) -> list[tuple[str, str]]:
+                 steps: int = DEFAULT_STEPS) -> list[tuple[str, str]]:
         """``api.generate`` into ``images/BUNDLE`` (attention maps too); returns the new images with captions."""
         out = self.ws.images(bundle)
         before = {p for p, _ in self.gallery(bundle)}
