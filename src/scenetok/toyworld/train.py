@@ -653,8 +653,9 @@ def main(argv: list[str] | None = None) -> int:
                    "by an earlier run with the same seed gives the same result as the full run)")
     p.add_argument("--init-from", default=None, help="warm start: VAE, UNet and text encoder from this toy-sd folder "
                    "(same --arch); stage 2 then runs its own schedule")
-    p.add_argument("--snr-gamma", type=float, default=0,
-                   help="min-SNR-γ loss weighting with this γ (e.g. 5; 0 = plain v-prediction loss)")
+    p.add_argument("--snr-gamma", type=float, default=5.0,
+                   help="min-SNR-γ loss weighting with this γ (0: the plain v-prediction loss of v1/v1c; 5 made "
+                        "toy-sd v1d: docs/toy-sd.md)")
     p.add_argument("--eval", type=int, default=0, help="after training, score N unseen captions with the oracle")
     a = p.parse_args(argv)
     from scenetok.toyworld.model import ARCHS
