@@ -277,6 +277,8 @@ def test_low_memory_preset_holds_frozen_weights_in_half_and_trained_ones_in_fp32
         assert te.get_input_embeddings().vectors.dtype == torch.float32
         assert te.get_input_embeddings().base.weight.dtype == torch.bfloat16
     assert cfg["optim"]["step_in_backward"]  # the K/V projections are stepped in the backward pass
+    with run.accelerator.autocast():  # no cached half-precision copy of each trained weight
+        assert torch.is_autocast_enabled("cpu") and not torch.is_autocast_cache_enabled()
 
 
 @pytest.mark.parametrize("method,extra", [("break-a-scene", ["adapter.type=lora"]),

@@ -9,6 +9,9 @@ With ``memory=low`` the run
   that a later phase fine-tunes stays fp32 from the start: casting it down and back up would round the
   base weights;
 - moves the VAE to the CPU once the training images (and prior images) are encoded: it never runs in a step;
+- autocasts without autocast's weight-cast cache: with the cache, every fp32 weight a phase trains keeps its
+  half-precision copy from its first use until the forward pass ends (2 bytes per trained weight, 6.3 GiB
+  for an SDXL phase 2), although gradient checkpointing frees everything else a layer saves;
 - steps each trained weight inside the backward pass (``optim.step_in_backward``, set at configuration time
   by :func:`scenetok.training.settings.low_memory_defaults` unless given explicitly), so no gradient buffer
   for the model weights exists. Not with fp16 (loss scaling checks all gradients before any step): where
@@ -51,6 +54,12 @@ def apply_low_memory_precision(cfg: dict, device: torch.device) -> None:
             warnings.warn("memory=low: this GPU has no bf16, so the run autocasts to fp16, whose loss scaling needs "
                           "every gradient before any step: optim.step_in_backward is off (the full gradient "
                           "buffer is back, see docs/benchmarks.md)", stacklevel=2)
+
+
+def autocast_kwargs(cfg: dict) -> dict:
+    """Keyword arguments of the run's autocast: ``memory=low`` turns autocast's weight-cast cache off (see the
+    module doc); the casts it saves are a few per weight and step, recomputed by checkpointing anyway."""
+    return {"cache_enabled": False} if cfg.get("memory", "normal") == "low" else {}
 
 
 def cast_frozen_weights(model, groups: set[str], lora, dtype: torch.dtype) -> dict[str, str]:
