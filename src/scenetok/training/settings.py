@@ -71,7 +71,8 @@ class TrainSettings:
     compile: bool = setting(False, "torch.compile the UNet (a one-off compile of minutes on a CPU that a toy or "
                             "800-step run does not earn back; see docs/benchmarks.md)")
     memory: str = setting("normal", "normal, or low: gradient checkpointing, bf16/fp16 autocast and frozen weights "
-                          "(trained ones fp32), the VAE off the GPU after encoding (docs/benchmarks.md)")
+                          "(trained ones fp32), the VAE off the GPU after encoding, optim.step_in_backward where "
+                          "it can work (docs/benchmarks.md)")
     optim: OptimSettings = group(OptimSettings)
     checkpoint_every: int = setting(100, "steps between resumable checkpoints (0: none)")
     checkpoint_minutes: float = setting(3.0, "also checkpoint when this many minutes of training passed since the "
