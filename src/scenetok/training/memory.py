@@ -10,7 +10,7 @@ With ``memory=low`` the run
   base weights;
 - moves the VAE to the CPU once the training images (and prior images) are encoded: it never runs in a step;
 - autocasts without autocast's weight-cast cache: with the cache, every fp32 weight a phase trains keeps its
-  half-precision copy from its first use until the forward pass ends (2 bytes per trained weight, 6.3 GiB
+  half-precision copy from its first use until the forward pass ends (2 bytes per trained weight, 6.1 GiB
   for an SDXL phase 2), although gradient checkpointing frees everything else a layer saves;
 - steps each trained weight inside the backward pass (``optim.step_in_backward``, set at configuration time
   by :func:`scenetok.training.settings.low_memory_defaults` unless given explicitly), so no gradient buffer
