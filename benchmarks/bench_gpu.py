@@ -43,7 +43,9 @@ Memory settings (``--memory``):
 
 * ``normal``: fp32 weights, autocast in the case's precision, AdamW, no gradient checkpointing;
 * ``low``: gradient checkpointing + 8-bit AdamW (bitsandbytes). For *ours* that is ``memory=low`` (the preset:
-  checkpointing, frozen weights in half precision, VAE off the GPU after encoding) + ``optim.use_8bit=true``;
+  checkpointing, frozen weights in half precision, VAE off the GPU after encoding, and in bf16 the optimizer
+  step inside the backward pass, ``optim.step_in_backward``; fp16 cases keep the ordinary step) +
+  ``optim.use_8bit=true``;
   for *naive* the reference script's ``--gradient_checkpointing --use_8bit_adam``. Without bitsandbytes the
   row is reported as skipped, with the reason;
 * ``low-adamw``: the same with plain AdamW (runs without bitsandbytes).

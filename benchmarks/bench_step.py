@@ -355,6 +355,9 @@ class TrainerCase:
             self.store = self._capture.__enter__()
 
     def close(self) -> None:
+        from scenetok.training.optim import release
+
+        release(self.optimizer)
         self._capture.__exit__(None, None, None)
         self._tmp.cleanup()
 

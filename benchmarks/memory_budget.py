@@ -5,7 +5,13 @@ autograd saves is counted once (by storage), parameters excluded. No GPU needed;
 of what ``torch.cuda.max_memory_allocated`` would show (allocator slack, CUDA context and cuDNN workspaces
 are not in them). Results: docs/benchmarks.md ("Memory budget: SD 2.1 and SDXL").
 
+The budget of a Break-A-Scene phase 2 (UNet + text encoders + handles train) is built from them per setting:
+weights, gradients, optimizer state, activations. With ``optim.step_in_backward`` (on with ``--memory low``)
+there is no gradient buffer for the trained weights: each tensor is stepped, and its gradient freed, as soon
+as the backward pass has completed it, so only the largest tensor's gradient (and its bias's) is counted.
+
     python benchmarks/memory_budget.py            # prints the markdown tables
+    python benchmarks/memory_budget.py --budget-only  # the phase-2 budget tables, activations from the last trace
 """
 
 from __future__ import annotations
@@ -55,6 +61,69 @@ def param_counts() -> dict[str, int]:
         "openclip_h": _count(lambda: CLIPTextModel(CLIPTextConfig(**OPENCLIP_H))),
         "vae": _count(lambda: AutoencoderKL(**VAE)),
     }
+
+
+def trained_tensors(arch: str) -> dict[str, list[int]]:
+    """Element counts of the tensors a Break-A-Scene phase 2 trains on ``arch`` (``sdxl`` or ``sd21``), per
+    component: the whole UNet, the text encoder(s) but their vocabulary (``token_embedding``; the handle
+    rows, a few kilobytes, are left out), built on the meta device."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    def sizes(build, skip=None):
+        with torch.device("meta"):
+            return [p.numel() for n, p in build().named_parameters() if skip is None or skip not in n]
+
+    if arch == "sdxl":
+        return {"unet": sizes(lambda: UNet2DConditionModel(**SDXL_UNET)),
+                "clip_l": sizes(lambda: CLIPTextModel(CLIPTextConfig(**CLIP_L)), "token_embedding"),
+                "clip_g": sizes(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G)), "token_embedding")}
+    return {"unet": sizes(lambda: UNet2DConditionModel(**SD21_UNET)),
+            "openclip_h": sizes(lambda: CLIPTextModel(CLIPTextConfig(**OPENCLIP_H)), "token_embedding")}
+
+
+# 8-bit AdamW (bitsandbytes) keeps two 8-bit moments for tensors of at least this many elements (its
+# min_8bit_size) plus a float per 2048-element block; smaller tensors keep fp32 moments
+BNB_MIN_8BIT = 4096
+
+
+def adam_state_bytes(numels: list[int], eight_bit: bool) -> int:
+    if not eight_bit:
+        return 8 * sum(numels)
+    return sum(2 * n + 2 * 4 * -(-n // 2048) if n >= BNB_MIN_8BIT else 8 * n for n in numels)
+
+
+def phase2_budget(arch: str, act_saved: float, act_block: float, act_fp32: float) -> list[tuple]:
+    """Rows ``(setting, weights, gradients, optimizer, activations, total)`` in bytes of a Break-A-Scene
+    phase 2 on ``arch``. ``act_saved``: what a checkpointed UNet keeps for backward (bf16); ``act_block``: the
+    largest top-level block's saved set, recomputed during the backward pass; ``act_fp32``: everything an
+    fp32 UNet without checkpointing keeps.
+
+    Activation gradients: in the backward pass the gradients of the tensors a checkpointed UNet keeps (block
+    boundaries, skip connections) are alive, about as large as those tensors, so ``act_saved`` is counted a
+    second time for them (and ``act_fp32``'s checkpoint share, doubled for fp32, without checkpointing).
+    Weights: every trained component in fp32 (the VAE is on the CPU with ``--memory low``; on the GPU, fp32,
+    in the default row); the frozen vocabulary rows count as weights, not as trained tensors."""
+    counts = param_counts()
+    trained = trained_tensors(arch)
+    numels = [n for sizes in trained.values() for n in sizes]
+    total_trained = sum(numels)
+    if arch == "sdxl":
+        weights = counts["sdxl_unet"] + counts["clip_l"] + counts["clip_g"]
+    else:
+        weights = counts["sd21_unet"] + counts["openclip_h"]
+    largest = 2 * 4 * max(numels)  # the largest tensor's gradient and one more (a bias, the next tensor)
+    low_act = act_saved + act_block + act_saved
+    rows = [
+        ("default (fp32, AdamW, no checkpointing)", 4 * (weights + counts["vae"]), 4 * total_trained,
+         adam_state_bytes(numels, False), act_fp32 + 2 * act_saved),
+        ("`--memory low --set optim.step_in_backward=false` + `optim.use_8bit=true`", 4 * weights,
+         4 * total_trained, adam_state_bytes(numels, True), low_act),
+        ("`--memory low` (AdamW, steps in backward)", 4 * weights, largest, adam_state_bytes(numels, False), low_act),
+        ("**`--memory low` + `optim.use_8bit=true` (steps in backward)**", 4 * weights, largest,
+         adam_state_bytes(numels, True), low_act),
+    ]
+    return [(name, w, g, o, a, w + g + o + a) for name, w, g, o, a in rows]
 
 
 def _build_unet(cfg: dict, dtype):
@@ -133,8 +202,30 @@ def block_peak_bytes(unet_cfg: dict, resolution: int, dtype=torch.bfloat16) -> i
     return max(per_block.values())
 
 
-def main() -> None:
+# the traced activations in GiB (``full``, ``checkpointed``, ``largest block``), as main() last printed them
+# (docs/benchmarks.md); --budget-only builds the budget from these instead of tracing again
+TRACED_GIB = {("sd21", 512): (0.87, 0.14, 0.31), ("sd21", 768): (1.96, 0.32, 0.68),
+              ("sdxl", 512): (1.62, 0.14, 0.55), ("sdxl", 768): (3.62, 0.31, 1.22),
+              ("sdxl", 1024): (6.41, 0.55, 2.16)}
+BUDGETS = (("sdxl", "SDXL", 1024), ("sd21", "SD 2.1", 512), ("sd21", "SD 2.1", 768))
+
+
+def print_budget(traced: dict) -> None:
     gb = 2 ** 30
+    for arch, name, res in BUDGETS:
+        full, ck, block = (v * gb for v in traced[(arch, res)])
+        trained = sum(n for sizes in trained_tensors(arch).values() for n in sizes)
+        print(f"\n**{name} phase 2 at {res}** ({trained / 1e6:,.0f} M trained parameters)\n")
+        print("| setting | weights | gradients | optimizer | activations | total (estimate) |\n|---|---:|---:|---:|---:|---:|")
+        for setting, *parts in phase2_budget(arch, ck, block, 2 * full):
+            print(f"| {setting} | " + " | ".join(f"{v / gb:.1f} GiB" for v in parts[:-1]) + f" | **{parts[-1] / gb:.1f} GiB** |")
+
+
+def main(budget_only: bool = False) -> None:
+    gb = 2 ** 30
+    if budget_only:
+        print_budget(TRACED_GIB)
+        return
     counts = param_counts()
     print("| part | parameters |\n|---|---:|")
     for k, v in counts.items():
@@ -142,14 +233,20 @@ def main() -> None:
     print()
     print("| model | resolution | saved activations, no checkpointing | with checkpointing | + largest block "
           "recomputed |\n|---|---:|---:|---:|---:|")
-    for name, cfg, sizes in (("SD 2.1", SD21_UNET, (512, 768)), ("SDXL", SDXL_UNET, (512, 768, 1024))):
+    traced = {}
+    for arch, name, cfg, sizes in (("sd21", "SD 2.1", SD21_UNET, (512, 768)),
+                                   ("sdxl", "SDXL", SDXL_UNET, (512, 768, 1024))):
         for res in sizes:
             full = saved_activation_bytes(cfg, res, checkpointing=False)
             ck = saved_activation_bytes(cfg, res, checkpointing=True)
             peak = block_peak_bytes(cfg, res)
+            traced[(arch, res)] = (full / gb, ck / gb, peak / gb)
             print(f"| {name} | {res} | {full / gb:.2f} GiB | {ck / gb:.2f} GiB | {(ck + peak) / gb:.2f} GiB |")
+    print_budget(traced)
 
 
 if __name__ == "__main__":
+    import sys
+
     with contextlib.suppress(KeyboardInterrupt):
-        main()
+        main(budget_only="--budget-only" in sys.argv[1:])

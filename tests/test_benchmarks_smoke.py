@@ -1,6 +1,7 @@
 """Smoke test of benchmarks/bench_gpu.py: its --smoke mode (tiny random SD on the CPU) runs end to end.
 
-No timing thresholds: only that every mode produced a row with finite, positive step times."""
+No timing thresholds: only that every mode produced a row with finite, positive step times. And the phase-2
+memory budget of benchmarks/memory_budget.py, from its stored traces."""
 
 from __future__ import annotations
 
@@ -36,3 +37,23 @@ def test_bench_gpu_smoke(tmp_path):
         for key in ("s_step_p1", "s_step_p2", "total_s", "setup_s"):
             assert math.isfinite(r[key]) and r[key] > 0, (key, r)
     assert "| tiny |" in proc.stdout and "s/step p1" in proc.stdout
+
+
+def test_memory_budget_of_stepping_in_backward():
+    """The phase-2 budget of benchmarks/memory_budget.py (from its stored traces, no tracing): stepping in the
+    backward pass drops the gradient buffer to the largest tensor's, which is what brings SDXL under 24 GiB."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import memory_budget as mb
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    gib = 2 ** 30
+    for arch, res, limit in (("sdxl", 1024, 24), ("sd21", 512, 12)):
+        full, ck, block = (v * gib for v in mb.TRACED_GIB[(arch, res)])
+        rows = {name: parts for name, *parts in mb.phase2_budget(arch, ck, block, 2 * full)}
+        before = next(v for k, v in rows.items() if "step_in_backward=false" in k)
+        after = next(v for k, v in rows.items() if "use_8bit=true` (steps in backward)" in k)
+        assert after[0] == before[0] and after[2] == before[2] and after[3] == before[3]  # weights, optimizer, act.
+        assert after[1] < 0.06 * before[1]  # gradients: the largest tensor's (x2), not all of them
+        assert after[-1] < limit * gib
+    assert before[-1] < 12 * gib  # SD 2.1 at 512 fitted before too (tightly)

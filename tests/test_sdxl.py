@@ -276,6 +276,9 @@ def test_low_memory_preset_holds_frozen_weights_in_half_and_trained_ones_in_fp32
     for _, _, te in m.text_encoders:
         assert te.get_input_embeddings().vectors.dtype == torch.float32
         assert te.get_input_embeddings().base.weight.dtype == torch.bfloat16
+    assert cfg["optim"]["step_in_backward"]  # the K/V projections are stepped in the backward pass
+    with run.accelerator.autocast():  # no cached half-precision copy of each trained weight
+        assert torch.is_autocast_enabled("cpu") and not torch.is_autocast_cache_enabled()
 
 
 @pytest.mark.parametrize("method,extra", [("break-a-scene", ["adapter.type=lora"]),
@@ -285,12 +288,31 @@ def test_low_memory_runs_train_and_generate(method, extra, tiny_sdxl, scene, tmp
 
     b = _train(scene, tmp_path / "low", tiny_sdxl, method, ["memory=low", *extra])
     assert b.config["memory"] == "low" and b.config["gradient_checkpointing"]
+    assert b.config["optim"]["step_in_backward"]  # (with LoRA it is on but applies to no phase)
     for comp, folder in b.component_dirs().items():  # fine-tuned weights are saved in fp32
         from safetensors.torch import load_file
 
         f = next(folder.glob("*.safetensors"))
         assert {v.dtype for v in load_file(str(f)).values()} == {torch.float32}, comp
     assert generate(b.path, PROMPT, n=1, steps=2, progress=False)[0].image.size == (32, 32)
+
+
+def test_low_memory_full_weights_step_in_backward_matches_the_ordinary_step(tiny_sdxl, scene, tmp_path):
+    """Break-A-Scene phase 2 on full weights under memory=low (checkpointing, bf16 autocast, both text encoders
+    trained): stepping each tensor in the backward pass gives the ordinary step's weights bit for bit."""
+    from safetensors.torch import load_file
+
+    def weights(bundle):
+        return {f"{f.relative_to(bundle.path)}:{k}": v for f in sorted(bundle.path.rglob("*.safetensors"))
+                for k, v in load_file(str(f)).items()}
+
+    sets = ["memory=low", "optim.grad_clip=0", "phase2.steps=2", "prior.enabled=false"]
+    sib = _train(scene, tmp_path / "sib", tiny_sdxl, "break-a-scene", sets)
+    plain = _train(scene, tmp_path / "plain", tiny_sdxl, "break-a-scene", sets + ["optim.step_in_backward=false"])
+    assert sib.config["optim"]["step_in_backward"] and not plain.config["optim"]["step_in_backward"]
+    a, b = weights(sib), weights(plain)
+    assert a.keys() == b.keys() and any("text_encoder_2" in k for k in a)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
 
 
 def test_eval_scores_an_sdxl_bundle(bas_bundle, tmp_path):

@@ -94,13 +94,14 @@ def test_seeded_runs_reproducible(tiny_sd, two_square_scene, tmp_path):
     assert not torch.equal(ea["asset0.safetensors"]["<asset0>"], ec["asset0.safetensors"]["<asset0>"])
 
 
+@pytest.mark.parametrize("extra", [[], ["optim.step_in_backward=true"]], ids=["step", "step_in_backward"])
 @pytest.mark.parametrize("stop_at", [3, 4])  # at the phase boundary and inside phase 2
-def test_resume_gives_same_weights(tiny_sd, two_square_scene, tmp_path, interrupted_train, stop_at):
-    ref = train(two_square_scene, tmp_path / "ref", model=str(tiny_sd),
-                overrides=FAST[:2] + ["checkpoint_every=1", "preview_every=100"], progress=False)
+def test_resume_gives_same_weights(tiny_sd, two_square_scene, tmp_path, interrupted_train, stop_at, extra):
+    # step_in_backward: phase 2's per-tensor optimizers are saved and restored (with per-tensor clipping at 1.0)
+    sets = FAST[:2] + ["checkpoint_every=1", "preview_every=100", *extra]
+    ref = train(two_square_scene, tmp_path / "ref", model=str(tiny_sd), overrides=sets, progress=False)
     out = tmp_path / "run"
-    interrupted_train(stop_at, two_square_scene, out, model=str(tiny_sd),
-                      overrides=FAST[:2] + ["checkpoint_every=1", "preview_every=100"], progress=False)
+    interrupted_train(stop_at, two_square_scene, out, model=str(tiny_sd), overrides=sets, progress=False)
     assert (run_dir(out) / "checkpoint" / "state.json").is_file()
     assert json.loads((run_dir(out) / "checkpoint" / "state.json").read_text())["progress"]["global"] == stop_at
     train(two_square_scene, out, model=str(tiny_sd), resume=True, progress=False)

@@ -139,8 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GroundingDINO for --auto-masks: Hub id or local folder")
     p.add_argument("--memory", choices=["normal", "low"], default=None,
                    help="low: gradient checkpointing, bf16/fp16 frozen weights (trained ones fp32), VAE off the GPU "
-                   "after encoding (= --set memory=low; budgets in docs/benchmarks.md); add --set optim.use_8bit=true "
-                   "for 8-bit AdamW (pip install 'scenetok[lowmem]')")
+                   "after encoding, the optimizer step inside the backward pass (optim.step_in_backward: no gradient "
+                   "buffer; gradient clipping per tensor) (= --set memory=low; budgets in docs/benchmarks.md); add "
+                   "--set optim.use_8bit=true for 8-bit AdamW (pip install 'scenetok[lowmem]')")
     p.add_argument("--adapter", choices=["none", "lora"], default=None,
                    help="lora: train LoRA adapters instead of the UNet/text-encoder weights a method fine-tunes "
                    "(= --set adapter.type=lora; see docs/lora.md)")

@@ -8,7 +8,15 @@ With ``memory=low`` the run
   is cast; weights some phase trains stay fp32, and so do the handle rows and LoRA adapters. A module
   that a later phase fine-tunes stays fp32 from the start: casting it down and back up would round the
   base weights;
-- moves the VAE to the CPU once the training images (and prior images) are encoded: it never runs in a step.
+- moves the VAE to the CPU once the training images (and prior images) are encoded: it never runs in a step;
+- autocasts without autocast's weight-cast cache: with the cache, every fp32 weight a phase trains keeps its
+  half-precision copy from its first use until the forward pass ends (2 bytes per trained weight, 6.1 GiB
+  for an SDXL phase 2), although gradient checkpointing frees everything else a layer saves;
+- steps each trained weight inside the backward pass (``optim.step_in_backward``, set at configuration time
+  by :func:`scenetok.training.settings.low_memory_defaults` unless given explicitly), so no gradient buffer
+  for the model weights exists. Not with fp16 (loss scaling checks all gradients before any step): where
+  the preset has to pick fp16 (a GPU without bf16) it turns ``optim.step_in_backward`` off again, with a
+  warning.
 
 The frozen text encoders still run in every step (the handles' gradients pass through them), in half
 precision. 8-bit AdamW is a separate switch (``--set optim.use_8bit=true``, needs ``pip install
@@ -16,6 +24,8 @@ precision. 8-bit AdamW is a separate switch (``--set optim.use_8bit=true``, need
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -32,12 +42,24 @@ def half_dtype(device: torch.device) -> torch.dtype:
 
 
 def apply_low_memory_precision(cfg: dict, device: torch.device) -> None:
-    """``memory=low`` sets ``gradient_checkpointing`` and, when it is ``no``, ``mixed_precision`` (in place)."""
+    """``memory=low`` sets ``gradient_checkpointing`` and, when it is ``no``, ``mixed_precision`` (in place);
+    where that has to be fp16 it turns ``optim.step_in_backward`` off."""
     if cfg.get("memory", "normal") != "low":
         return
     cfg["gradient_checkpointing"] = True
     if cfg["mixed_precision"] == "no":
         cfg["mixed_precision"] = "bf16" if half_dtype(device) == torch.bfloat16 else "fp16"
+        if cfg["mixed_precision"] == "fp16" and cfg["optim"].get("step_in_backward"):
+            cfg["optim"]["step_in_backward"] = False
+            warnings.warn("memory=low: this GPU has no bf16, so the run autocasts to fp16, whose loss scaling needs "
+                          "every gradient before any step: optim.step_in_backward is off (the full gradient "
+                          "buffer is back, see docs/benchmarks.md)", stacklevel=2)
+
+
+def autocast_kwargs(cfg: dict) -> dict:
+    """Keyword arguments of the run's autocast: ``memory=low`` turns autocast's weight-cast cache off (see the
+    module doc); the casts it saves are a few per weight and step, recomputed by checkpointing anyway."""
+    return {"cache_enabled": False} if cfg.get("memory", "normal") == "low" else {}
 
 
 def cast_frozen_weights(model, groups: set[str], lora, dtype: torch.dtype) -> dict[str, str]:

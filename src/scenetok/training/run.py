@@ -24,7 +24,7 @@ from scenetok.model import Model, load_model
 from scenetok.scene import Concept, Scene
 from scenetok.tokens import Handles, add_handles, handle_token
 from scenetok.training.data import Source, collage_sources, scene_sources
-from scenetok.training.memory import apply_low_memory_precision, cast_frozen_weights, half_dtype
+from scenetok.training.memory import apply_low_memory_precision, autocast_kwargs, cast_frozen_weights, half_dtype
 from scenetok.training.prior import prior_latents
 
 PREVIEW_TIMESTEPS = (0.3, 0.5, 0.7)  # fractions of the schedule at which previews average the maps
@@ -148,7 +148,7 @@ def setup_run(scenes: list[Scene], method: Method, cfg: dict, model: str | Path 
     images: everything the loop needs, in a :class:`Run`."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import set_seed
+    from accelerate.utils import AutocastKwargs, set_seed
 
     cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
     # several runs in one process (a notebook, the tests) may ask for different precisions: accelerate
@@ -156,7 +156,8 @@ def setup_run(scenes: list[Scene], method: Method, cfg: dict, model: str | Path 
     AcceleratorState._reset_state(reset_partial_state=False)
     # gradient accumulation is done by the loop itself (it divides the loss), not by accelerate
     apply_low_memory_precision(cfg, torch.device("cpu" if cpu else "cuda"))
-    accelerator = Accelerator(mixed_precision=cfg["mixed_precision"], cpu=cpu)
+    handlers = [AutocastKwargs(**autocast_kwargs(cfg))] if autocast_kwargs(cfg) else None
+    accelerator = Accelerator(mixed_precision=cfg["mixed_precision"], cpu=cpu, kwargs_handlers=handlers)
     set_seed(cfg["seed"])
     m = load_model(model) if isinstance(model, (str, Path)) else model
     m.model_id = str(m.model_id)

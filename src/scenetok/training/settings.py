@@ -22,6 +22,12 @@ class OptimSettings:
     grad_clip: float = setting(1.0, "clip the gradient norm to this (0: no clipping)")
     use_8bit: bool = setting(False, "8-bit AdamW (needs bitsandbytes)")
     fused: bool = setting(True, "PyTorch's fused AdamW kernel where it applies (false: the multi-tensor path)")
+    step_in_backward: bool = setting(False, "step each trained weight inside the backward pass as soon as its gradient "
+                                     "is complete, then free that gradient: no gradient buffer for the model "
+                                     "weights (docs/benchmarks.md). Applies to phases that train UNet or "
+                                     "text-encoder weights (not through LoRA); grad_clip then clips each tensor by "
+                                     "its own norm; needs grad_accum=1 and no fp16. memory=low turns it on where it "
+                                     "can")
 
 
 @dataclass
@@ -65,7 +71,8 @@ class TrainSettings:
     compile: bool = setting(False, "torch.compile the UNet (a one-off compile of minutes on a CPU that a toy or "
                             "800-step run does not earn back; see docs/benchmarks.md)")
     memory: str = setting("normal", "normal, or low: gradient checkpointing, bf16/fp16 autocast and frozen weights "
-                          "(trained ones fp32), the VAE off the GPU after encoding (docs/benchmarks.md)")
+                          "(trained ones fp32), the VAE off the GPU after encoding, optim.step_in_backward where "
+                          "it can work (docs/benchmarks.md)")
     optim: OptimSettings = group(OptimSettings)
     checkpoint_every: int = setting(100, "steps between resumable checkpoints (0: none)")
     checkpoint_minutes: float = setting(3.0, "also checkpoint when this many minutes of training passed since the "
@@ -90,11 +97,28 @@ def setting_helps(method: Method) -> dict[str, str]:
 
 
 def method_config(method: Method, file_cfg: dict | None = None, overrides=()) -> dict:
-    """Paper defaults of ``method`` + shared training defaults, then config file, then ``--set``."""
+    """Paper defaults of ``method`` + shared training defaults, then config file, then ``--set``.
+
+    With ``memory=low`` the preset's own defaults (:func:`low_memory_defaults`) sit between the method's
+    defaults and the config file, so a setting given explicitly (``--set optim.step_in_backward=false``)
+    still wins over the preset."""
     defaults = cfglib.merge(copy.deepcopy(TRAIN_DEFAULTS), method.defaults())
     cfg = cfglib.resolve(defaults, file_cfg, overrides)
+    if cfg.get("memory") == "low":
+        preset = low_memory_defaults(cfg)
+        if preset:
+            cfg = cfglib.resolve(cfglib.merge(defaults, preset), file_cfg, overrides)
     validate_config(cfg)
     return cfg
+
+
+def low_memory_defaults(cfg: dict) -> dict:
+    """The settings ``memory=low`` changes at configuration time (the rest of the preset, which depends on the
+    device, is applied when the run starts: :mod:`scenetok.training.memory`): ``optim.step_in_backward`` where
+    it can work, i.e. one batch per optimizer step and no fp16 loss scaling."""
+    if cfg["grad_accum"] == 1 and cfg["mixed_precision"] != "fp16":
+        return {"optim": {"step_in_backward": True}}
+    return {}
 
 
 def validate_config(cfg: dict) -> None:
@@ -110,6 +134,16 @@ def validate_config(cfg: dict) -> None:
         raise ConfigError(f"rescale_aug must be one of {', '.join(RESCALE_AUG)}, got {cfg['rescale_aug']!r}")
     if cfg.get("memory", "normal") not in ("normal", "low"):
         raise ConfigError(f"memory must be normal or low, got {cfg['memory']!r}", hint="--memory low")
+    if cfg["optim"].get("step_in_backward"):
+        if cfg["grad_accum"] > 1:
+            raise ConfigError(f"optim.step_in_backward steps each weight as soon as its gradient of one batch is "
+                              f"complete, so it cannot accumulate grad_accum={cfg['grad_accum']} batches",
+                              hint="--set grad_accum=1 (a larger batch_size instead), or --set "
+                                   "optim.step_in_backward=false")
+        if cfg["mixed_precision"] == "fp16":
+            raise ConfigError("optim.step_in_backward does not work with mixed_precision=fp16: fp16 training scales "
+                              "the loss and must check every gradient for overflow before any weight is stepped",
+                              hint="--mixed-precision bf16, or --set optim.step_in_backward=false")
     if cfg["prior"]["mode"] not in ("joint", "per_class"):
         raise ConfigError(f"prior.mode must be joint or per_class, got {cfg['prior']['mode']!r}")
     if "adapter" in cfg:

@@ -31,7 +31,7 @@ from scenetok.scene import Scene
 from scenetok.training import checkpoint as ckpt
 from scenetok.training.batch import make_batch
 from scenetok.training.export import write_run_bundle
-from scenetok.training.optim import setup_phase
+from scenetok.training.optim import StepInBackward, release, setup_phase
 from scenetok.training.previews import write_preview
 from scenetok.training.run import Run, setup_run
 from scenetok.training.rundir import checkpoint_step, finish_run, resume_run, resume_threads, start_run
@@ -136,6 +136,7 @@ def train(
     last_ckpt = time.monotonic()
     hint = f"continue with the same command and --resume (the checkpoint is in {run_path})"
     global_step = start["global"]
+    optimizer = None
     try:
         with capture as store, sot, deferred_interrupts() as stop:
             for pi, phase in enumerate(phases):
@@ -176,7 +177,8 @@ def train(
                     if stop:
                         raise TrainingInterrupted(f"training stopped by {stop.name} after step {global_step}/{total}; "
                                                   f"checkpoint saved in {run_path}", hint=hint)
-                del optimizer
+                release(optimizer)
+                optimizer = None
             if previews:
                 write_preview(run, total, on_preview)
     except KeyboardInterrupt:  # Ctrl-C pressed twice, or raised outside a step: keep the last checkpoint
@@ -186,6 +188,7 @@ def train(
         raise TrainingInterrupted(f"training stopped at once at step {global_step}/{total}; {where}",
                                   hint=hint if saved is not None else "start it again without --resume") from None
     finally:
+        release(optimizer)  # a step-in-backward optimizer unhooks its tensors (also when the run stops early)
         bar.close()
     write_run_bundle(run)
     finish_run(run_path, out_dir)
@@ -245,8 +248,8 @@ def _train_step(run: Run, phase: Phase, optimizer, store, global_step: int) -> d
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg["grad_accum"]
         sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / cfg["grad_accum"]
-    if cfg["optim"]["grad_clip"] > 0:
+    if cfg["optim"]["grad_clip"] > 0 and not isinstance(optimizer, StepInBackward):
         acc.clip_grad_norm_(run.trainable, cfg["optim"]["grad_clip"])
-    optimizer.step()
+    optimizer.step()  # a StepInBackward optimizer stepped (and clipped) each tensor in the backward pass
     optimizer.zero_grad(set_to_none=True)
     return sums
