@@ -288,20 +288,12 @@ class Timer:
 
 
 def _scene(resolution: int):
-    """A grey image with a red and a blue rectangle and their masks (as tests/conftest.py's two_squares)."""
-    import numpy as np
-
+    """The tests' scene (a red and a blue rectangle on grey, :func:`scenetok.testing.two_squares`) at ``resolution``."""
     from scenetok.scene import Scene
+    from scenetok.testing import two_squares
 
-    img = np.full((resolution, resolution, 3), 128, np.uint8)
-    a = np.zeros((resolution, resolution), bool)
-    b = np.zeros((resolution, resolution), bool)
-    q = resolution // 8
-    a[2 * q: 5 * q, 1 * q: 4 * q] = True
-    b[3 * q: 7 * q, 5 * q: 7 * q + q // 2] = True
-    img[a] = (220, 30, 30)
-    img[b] = (30, 30, 220)
-    return Scene.from_arrays(img, [a, b], names=["red", "blue"], class_words=["square", "square"])
+    img, masks = two_squares(resolution)
+    return Scene.from_arrays(img, masks, names=["red", "blue"], class_words=["square", "square"])
 
 
 def _fp32(*modules) -> None:

@@ -116,13 +116,13 @@ class State:
 
 
 def _masks(resolution: int):
+    """(2, R, R) float: the two rectangles of the tests' scene (:func:`scenetok.testing.two_squares`)."""
+    import numpy as np
     import torch
 
-    m = torch.zeros(2, resolution, resolution)
-    q = resolution // 8
-    m[0, 2 * q : 5 * q, 1 * q : 4 * q] = 1.0
-    m[1, 3 * q : 7 * q, 5 * q : 7 * q + q // 2] = 1.0
-    return m
+    from scenetok.testing import two_squares
+
+    return torch.from_numpy(np.stack(two_squares(resolution)[1])).float()
 
 
 def setup(path: Path, mode: str, phase: int, precision: str, device: str, seed: int = 0) -> State:
@@ -262,12 +262,6 @@ def train_step(s: State) -> float:
     return float(loss.detach())
 
 
-def _capture_context_of(run):
-    from scenetok.training.trainer import _capture_context
-
-    return _capture_context(run)
-
-
 def paired_ours_floor(path: Path, phase: int, precision: str, steps: int, warmup: int, device: str, threads: int,
                       sets=()) -> dict:
     """ours and floor steps alternated on ONE Run (blocks of two ours steps, two floor steps, …), so a burst
@@ -311,9 +305,7 @@ class TrainerCase:
         from scenetok.training.settings import method_config
         from scenetok.training.trainer import _capture_context
 
-        import json as _json
-
-        res = _json.loads((path / "vae" / "config.json").read_text())["sample_size"]
+        res = json.loads((path / "vae" / "config.json").read_text())["sample_size"]
         g = np.random.default_rng(seed)
         image = g.integers(0, 256, (res, res, 3), dtype=np.uint8)
         masks = _masks(res).numpy() > 0.5
@@ -336,13 +328,12 @@ class TrainerCase:
         self.n = 0
         self.extras = {"latent_size": run.latent_size, "map_size": run.attention_size,
                        "captured_layers": len(run.attention_layers)}
-        self.trainable_params = sum(p.numel() for p in self.optimizer.param_groups[0]["params"]) + sum(
-            p.numel() for g_ in self.optimizer.param_groups[1:] for p in g_["params"])
+        self.trainable_params = sum(p.numel() for g_ in self.optimizer.param_groups for p in g_["params"])
 
     def step(self, capture: bool = True) -> float:
         """One trainer step; ``capture=False`` (only for an ``ours`` case) takes the floor's step on the same
         Run: the capture processors are swapped out and no store is passed, so no attention loss."""
-        from scenetok.training.trainer import _train_step
+        from scenetok.training.trainer import _capture_context, _train_step
 
         self.n += 1
         if capture or self.store is None:
@@ -351,7 +342,7 @@ class TrainerCase:
         try:
             return float(_train_step(self.run, self.phase, self.optimizer, None, self.n)["loss"])
         finally:
-            self._capture = _capture_context_of(self.run)
+            self._capture = _capture_context(self.run)
             self.store = self._capture.__enter__()
 
     def close(self) -> None:

@@ -8,9 +8,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+from scenetok.testing import two_squares  # noqa: E402, F401  (tests import it from here)
 
 torch.set_num_threads(2)
 
@@ -23,17 +24,19 @@ def tiny_sd(tmp_path_factory):
     return build_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd", TinySDConfig(resolution=32))
 
 
-def two_squares(size: int = 64):
-    """An image with a red square (left) and a blue square (right) on grey, and their masks."""
-    img = np.full((size, size, 3), 128, np.uint8)
-    a = np.zeros((size, size), bool)
-    b = np.zeros((size, size), bool)
-    q = size // 8
-    a[2 * q : 5 * q, 1 * q : 4 * q] = True
-    b[3 * q : 7 * q, 5 * q : 7 * q + q // 2] = True
-    img[a] = (220, 30, 30)
-    img[b] = (30, 30, 220)
-    return img, [a, b]
+def write_scene_folder(folder, image: str = "img.png", mask: str = "mask{i}.png", n_masks: int = 2):
+    """Write :func:`two_squares` as a scene folder (the photo and its first ``n_masks`` masks); returns it."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    img, masks = two_squares()
+    Image.fromarray(img).save(folder / image)
+    for i, m in enumerate(masks[:n_masks]):
+        Image.fromarray(m.astype("uint8") * 255).save(folder / mask.format(i=i))
+    return folder
 
 
 @pytest.fixture

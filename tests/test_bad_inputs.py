@@ -23,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import two_squares
+from conftest import two_squares, write_scene_folder
 from scenetok import api
 from scenetok.bundle import verify_bundle
 from scenetok.cli import main
@@ -66,12 +66,8 @@ def world(tmp_path_factory, tiny_sd):
     from scenetok.bundle import BundleContent, HandleInfo, write_bundle
 
     root = tmp_path_factory.mktemp("bad-inputs")
-    scene = root / "scene"
-    scene.mkdir()
-    img, masks = two_squares()
-    Image.fromarray(img).save(scene / "img.png")
-    for i, m in enumerate(masks):
-        Image.fromarray((m * 255).astype(np.uint8)).save(scene / f"mask{i}.png")
+    scene = write_scene_folder(root / "scene")
+    img, _ = two_squares()
     photo = root / "photo.png"
     Image.fromarray(img).save(photo)
     unet = UNet2DConditionModel.from_pretrained(str(tiny_sd / "unet"))

@@ -9,17 +9,13 @@ import pytest
 from PIL import Image
 
 from scenetok.cli import main
-from conftest import two_squares
+from conftest import write_scene_folder
 
 FAST = ["--set", "phase1.steps=2", "--set", "phase2.steps=1", "--set", "preview_every=100"]
 
 
 def _scene_dir(path, n_masks=2, scene_json=None):
-    path.mkdir(parents=True, exist_ok=True)
-    img, masks = two_squares()
-    Image.fromarray(img).save(path / "img.png")
-    for i, m in enumerate(masks[:n_masks]):
-        Image.fromarray((m * 255).astype(np.uint8)).save(path / f"mask{i}.png")
+    write_scene_folder(path, n_masks=n_masks)
     if scene_json is not None:
         (path / "scene.json").write_text(json.dumps(scene_json))
     return path

@@ -291,16 +291,9 @@ def test_non_finite_learning_rate_is_refused(value):
 
 # ------------------------------------------------------------------------------------- masks, generate, demo
 def _photo_folder(tmp_path: Path) -> Path:
-    from PIL import Image
+    from conftest import write_scene_folder
 
-    from conftest import two_squares
-
-    folder = tmp_path / "holiday"
-    folder.mkdir()
-    img, masks = two_squares()
-    Image.fromarray(img).save(folder / "photo.jpg")
-    for i, m in enumerate(masks):
-        Image.fromarray(m.astype("uint8") * 255).save(folder / f"my_mask{i}.png")
+    folder = write_scene_folder(tmp_path / "holiday", image="photo.jpg", mask="my_mask{i}.png")
     (folder / "notes.txt").write_text("taken in June")
     return folder
 

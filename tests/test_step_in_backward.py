@@ -204,17 +204,11 @@ def test_memory_low_on_a_gpu_without_bf16_turns_it_off(monkeypatch):
 def test_cli_memory_low_turns_it_on_unless_set_off(tiny_sd, tmp_path, sets, on):
     import json
 
-    from conftest import two_squares
-    from PIL import Image
+    from conftest import write_scene_folder
 
     from scenetok.cli import main
 
-    scene = tmp_path / "scene"
-    scene.mkdir()
-    img, masks = two_squares()
-    Image.fromarray(img).save(scene / "img.png")
-    for i, m in enumerate(masks):
-        Image.fromarray(m.astype("uint8") * 255).save(scene / f"mask{i}.png")
+    scene = write_scene_folder(tmp_path / "scene")
     out = tmp_path / "bundle"
     assert main(["extract", str(scene), "--model", str(tiny_sd), "-o", str(out), "--quiet", "--memory", "low",
                  "--set", "phase1.steps=1", "--set", "phase2.steps=1", "--set", "preview_every=0", *sets]) == 0

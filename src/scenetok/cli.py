@@ -156,15 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--num-images", type=int, default=4, help="number of images")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image (image i uses seed+i)")
     p.add_argument("-o", "--output", default="images", help="output folder for the images")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="sampler steps")
-    _add_sampler_option(p)
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    p.add_argument("--negative", default=None, help="negative prompt")
-    p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the bundle's resolution)")
-    p.add_argument("--batch-size", type=int, default=4, help="images generated at once")
+    _add_sampling_options(p)
     p.add_argument("--attention", action="store_true", help="also write per-handle attention overlays")
-    p.add_argument("--base-model", default=None, help="override the bundle's base model path/id")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    _add_base_model_options(p)
     _add_lora_options(p)
     _add_common(p)
 
@@ -324,11 +318,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_sampler_option(p: argparse.ArgumentParser) -> None:
-
+def _add_sampling_options(p: argparse.ArgumentParser) -> None:
+    """How images are sampled from a bundle (generate, variations)."""
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="sampler steps")
     p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=list(SAMPLERS),
                    help="dpm (DPM-Solver++ 2M: on the toy model as good in 15 steps as ddim in 25, "
                         "docs/benchmarks.md), ddim, euler, euler_a, pndm, or base (the base model's own)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--negative", default=None, help="negative prompt")
+    p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the bundle's resolution)")
+    p.add_argument("--batch-size", type=int, default=4, help="images generated at once")
+
+
+def _add_base_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-model", default=None, help="override the bundle's base model path/id")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 
 def _add_lora_options(p: argparse.ArgumentParser) -> None:
@@ -358,14 +362,8 @@ def _add_application_parsers(sub) -> None:
     p.add_argument("--suffix", default="", help='text after the handles, e.g. "in the snow"')
     p.add_argument("--seed", type=int, default=0, help="seed of the first image (image i uses seed+i)")
     p.add_argument("-o", "--output", default="variations", help="output folder")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="sampler steps")
-    _add_sampler_option(p)
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    p.add_argument("--negative", default=None, help="negative prompt")
-    p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the bundle's resolution)")
-    p.add_argument("--batch-size", type=int, default=4, help="images generated at once")
-    p.add_argument("--base-model", default=None, help="override the bundle's base model path/id")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    _add_sampling_options(p)
+    _add_base_model_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace files of the same names in -o")
     _add_lora_options(p)
     _add_common(p)
@@ -407,8 +405,7 @@ def _add_application_parsers(sub) -> None:
                    help="with --inpaint-model: refuse when a trained part of the bundle cannot transfer (default: warn)")
     p.add_argument("--sam-model", default=_DEFAULT_SAM, help="SAM for box:/points:/text: regions")
     p.add_argument("--detector-model", default=_DEFAULT_DETECTOR, help="GroundingDINO for text: regions")
-    p.add_argument("--base-model", default=None, help="override the bundle's base model path/id")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    _add_base_model_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace files of the same names in -o")
     _add_lora_options(p)
     _add_common(p)

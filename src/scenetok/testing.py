@@ -60,6 +60,22 @@ SD_LIKE = TinySDConfig(
 )
 
 
+def two_squares(size: int = 64):
+    """An image with a red square (left) and a blue square (right) on grey, and their masks: the scene of the
+    tests and the benchmarks. Returns ``(uint8 (size, size, 3), [bool (size, size), bool (size, size)])``."""
+    import numpy as np
+
+    img = np.full((size, size, 3), 128, np.uint8)
+    a = np.zeros((size, size), bool)
+    b = np.zeros((size, size), bool)
+    q = size // 8
+    a[2 * q : 5 * q, 1 * q : 4 * q] = True
+    b[3 * q : 7 * q, 5 * q : 7 * q + q // 2] = True
+    img[a] = (220, 30, 30)
+    img[b] = (30, 30, 220)
+    return img, [a, b]
+
+
 def build_tiny_sd(path: str | Path, config: TinySDConfig | None = None) -> Path:
     """Build a random Stable Diffusion pipeline with ``config`` and save it (safetensors) at ``path``."""
     import torch
