@@ -244,3 +244,20 @@ def test_prior_prompts_joint_and_per_class():
     assert m.prior_prompts(["cat", "dog"], per) == ["a photo of a cat", "a photo of a dog"]
     given = method_config(m, None, ["prior.prompt=a photo of pets"])
     assert m.prior_prompts(["cat"], given) == ["a photo of pets"]
+
+
+def test_token_joiner_writes_an_article_before_every_handle():
+    from scenetok.errors import ConfigError
+    from scenetok.training import method_config
+
+    bas: Method = get_method("break-a-scene")
+    plain = method_config(bas)
+    assert bas.prompt(["<a0>", "<a1>", "<a2>"], [0, 2], plain) == "a photo of <a0> and <a2>"
+    toy = method_config(bas, None, ["prompt_template=a photo of a {tokens}", "token_joiner=' and a '"])
+    assert bas.prompt(["<a0>", "<a1>", "<a2>"], [0, 2], toy) == "a photo of a <a0> and a <a2>"
+    assert bas.token_phrase(["<a0>", "<a1>"], [0, 1], toy) == "<a0> and a <a1>"
+    dd: Method = get_method("disendiff")
+    assert dd.prompt(["<a0>", "<a1>"], [0, 1], method_config(dd, None, ["token_joiner=' and a '"]),
+                     ["cat", "dog"]) == "photo of a <a0> cat and a <a1> dog"
+    with pytest.raises(ConfigError, match="token_joiner"):
+        method_config(bas, None, ["token_joiner=' '"])

@@ -177,7 +177,8 @@ class Method:
         return list(present)
 
     def prompt(self, tokens: list[str], chosen: list[int], cfg: dict, class_words: list[str] | None = None) -> str:
-        return cfg.get("prompt_template", "a photo of {tokens}").format(tokens=" and ".join(tokens[i] for i in chosen))
+        joiner = cfg.get("token_joiner", " and ")
+        return cfg.get("prompt_template", "a photo of {tokens}").format(tokens=joiner.join(tokens[i] for i in chosen))
 
     def token_phrase(self, tokens: list[str], chosen: list[int], cfg: dict, class_words: list[str] | None = None) -> str:
         """The part of :meth:`prompt` that names the chosen concepts, without the template around it

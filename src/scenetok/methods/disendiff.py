@@ -143,7 +143,7 @@ class DisenDiff(Method):
 
     def prompt(self, tokens: list[str], chosen: list[int], cfg: dict, class_words: list[str] | None = None) -> str:
         parts = [f"{tokens[i]} {class_words[i] if class_words else 'object'}" for i in chosen]
-        return cfg["prompt_template"].format(tokens=" and ".join(parts))
+        return cfg["prompt_template"].format(tokens=cfg.get("token_joiner", " and ").join(parts))
 
     def attention_sizes(self, cfg: dict, latent_size: int, available: list[int]) -> list[int]:
         if cfg["bind"]["weight"] <= 0 and cfg["ss"]["weight"] <= 0:

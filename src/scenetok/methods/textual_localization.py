@@ -90,7 +90,7 @@ class TextualLocalization(Method):
 
     def prompt(self, tokens: list[str], chosen: list[int], cfg: dict, class_words: list[str] | None = None) -> str:
         parts = [f"a {tokens[i]} {class_words[i] if class_words else 'object'}" for i in chosen]
-        return cfg["prompt_template"].format(tokens=" and ".join(parts))
+        return cfg["prompt_template"].format(tokens=cfg.get("token_joiner", " and ").join(parts))
 
     def attention_sizes(self, cfg: dict, latent_size: int, available: list[int]) -> list[int]:
         # captured even with δ = 0 (a few small cross-attention maps), so that the attention previews are

@@ -78,6 +78,9 @@ class TrainSettings:
     checkpoint_minutes: float = setting(3.0, "also checkpoint when this many minutes of training passed since the "
                                         "last one (0: by steps only), so a killed run loses at most that much")
     preview_every: int = setting(100, "steps between attention previews (0: none)")
+    token_joiner: str = setting(" and ", "what joins the named handles in a prompt's {tokens}: with a template "
+                                "'a photo of a {tokens}' and ' and a ' the prompt reads 'a photo of a <asset0> and "
+                                "a <asset1>' (a model whose captions put an article before every object)")
     detach_start_token_kv: bool = setting(False, "no gradient through the start token's K/V (Custom Diffusion)")
     collage: CollageSettings = group(CollageSettings)
     prior: PriorSettings = group(PriorSettings)
@@ -132,6 +135,9 @@ def validate_config(cfg: dict) -> None:
         raise ConfigError(f"mask_resize must be one of {', '.join(MASK_RESIZE)}, got {cfg['mask_resize']!r}")
     if cfg.get("rescale_aug", "off") not in RESCALE_AUG:
         raise ConfigError(f"rescale_aug must be one of {', '.join(RESCALE_AUG)}, got {cfg['rescale_aug']!r}")
+    if not str(cfg.get("token_joiner", " and ")).strip():
+        raise ConfigError(f"token_joiner must contain a word or a mark, got {cfg['token_joiner']!r}",
+                          hint="quote spaces: --set token_joiner=' and a '")
     if cfg.get("memory", "normal") not in ("normal", "low"):
         raise ConfigError(f"memory must be normal or low, got {cfg['memory']!r}", hint="--memory low")
     if cfg["optim"].get("step_in_backward"):
