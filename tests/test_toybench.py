@@ -213,8 +213,15 @@ def test_variants_and_prompt_forms():
         cfg = method_config(get_method(name), None, S.toy_overrides(S.Variant(name)))
         assert S.prompt_text(get_method(name), cfg, tokens, words, (0, 1), "navy") == text
     bas = S.toy_overrides(S.Variant("break-a-scene", "no-phase1", ("phase1.steps=0",)), ["x.y=1", "ti-m:train.lr=1"],
-                          train_steps=2)
-    assert bas[-4:] == ["phase1.steps=1", "phase2.steps=1", "phase1.steps=0", "x.y=1"]
+                          train_steps=5)
+    assert bas[-4:] == ["phase1.steps=4", "phase2.steps=1", "phase1.steps=0", "x.y=1"]  # the toy split, 4 : 1
+    assert "batch_size=4" in bas
+    for total in (1, 2, 3, 7, 360, 600):  # exactly the total asked for, in the phases' ratio
+        got = S.scaled_steps(get_method("break-a-scene"), S.toy_overrides(S.Variant("break-a-scene")), total)
+        steps = [int(x.split("=")[1]) for x in got]
+        assert sum(steps) == max(total, 2) and min(steps) >= 1
+    assert S.scaled_steps(get_method("em-masks"), S.toy_overrides(S.Variant("em-masks")), 600) == (
+        "em.steps=480", "joint.steps=120")
 
 
 def test_plan_keys_follow_the_settings(tmp_path):
@@ -261,6 +268,7 @@ def test_tiny_benchmark_end_to_end(tmp_path, one_thread, capsys):
     csv_rows = (out / "results.csv").read_text().splitlines()
     assert len(csv_rows) == 2 and csv_rows[1].startswith("break-a-scene,break-a-scene,,1,0,5,")
     assert "| break-a-scene | 1 | 5 |" in (out / "results.md").read_text()
+    assert "sampler dpm, 2 steps" in (out / "results.md").read_text()
     assert len((out / "images.csv").read_text().splitlines()) == 1 + 5
     # a rerun skips the finished run
     stamp = (run / "run.json").stat().st_mtime_ns

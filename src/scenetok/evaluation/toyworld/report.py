@@ -299,7 +299,7 @@ def pareto_plot(table: list[dict], path: str | Path, title: str) -> Path | None:
 
 
 def write_report(out_dir: Path, job_list, variants, scenes, *, model: str, seeds: int, steps: int, guidance: float,
-                 timing: dict) -> dict:
+                 timing: dict, sampler: str = "ddim") -> dict:
     """Read every run and write ``results.md``, ``results.csv``, ``results_by_kind.csv``,
     ``results_per_scene.csv``, ``images.csv``, ``claims.csv``, ``pareto.png`` and ``timing.json``."""
 
@@ -327,7 +327,7 @@ def write_report(out_dir: Path, job_list, variants, scenes, *, model: str, seeds
     lines = [
         "# Toy-world benchmark", "",
         f"Generated {stamp}. Base model `{model}` (fingerprint `{_fingerprint(out_dir)}`); scenes: "
-        f"{', '.join(s.name for s in scenes)}; {seeds} image(s) per prompt; DDIM {steps} steps, guidance {guidance}.",
+        f"{', '.join(s.name for s in scenes)}; {seeds} image(s) per prompt; sampler {sampler}, {steps} steps, guidance {guidance}.",
         "", _timing_line(timing), "",
         "## Results", "",
         "Per variant: mean ± 95 % CI (normal approximation over images; images of one scene share a training run, "

@@ -350,7 +350,7 @@ def run_toyworld_benchmark(
     if results:
         timing["idle_estimate_s"] = round(timing["cpu_s_runs"] / max(1, min(total_workers, len(results))), 1)
     result = report.write_report(out_dir, job_list, variants, scene_list, model=model, seeds=seeds, steps=steps,
-                                 guidance=guidance, timing=timing)
+                                 guidance=guidance, timing=timing, sampler=sampler)
     failed = [r for r in result["runs"] if r.get("status") != "ok"]
     log(f"done in {wall / 60:.1f} min ({len(results)} runs now; run CPU time {timing['cpu_s_runs'] / 60:.1f} min"
         + (f" ≈ {timing['idle_estimate_s'] / 60:.1f} min on {total_workers} idle core(s)" if results else "") + ")"

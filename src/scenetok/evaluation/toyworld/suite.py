@@ -366,38 +366,46 @@ def expand_variants(methods=None, ablations: bool = True) -> list[Variant]:
 # ----------------------------------------------------------------------------------------------------
 # toy training settings
 
-#: Optimizer steps every method gets on toy-sd (batch 1, plus the prior-preservation rows of its recipe).
-TOY_STEPS = 180
+#: Optimizer steps every method gets on toy-sd (batch :data:`TOY_BATCH`, plus the prior-preservation rows of
+#: its recipe). Re-tuned on toy-sd v1d with Break-A-Scene on the tuning scenes (docs/toy-sd.md): handles need
+#: about 2 000 image rows to leave the empty-prompt loss; at 180 steps of batch 1, 28 % drew nothing at all.
+TOY_STEPS = 600
+#: Scene rows per step for every method on toy-sd (see :data:`TOY_STEPS`).
+TOY_BATCH = 4
 #: The papers' learning rates are for SD's 49 k-token vocabulary; toy-sd's handles need ~10× larger steps
 #: (the demo's finding), so every method's learning rate is its paper value × 10.
 TOY_LR_FACTOR = 10
 
-#: Shared by every method: no previews / checkpoints (short runs), 8 prior images per prompt at 20 steps.
-TOY_COMMON: tuple[str, ...] = ("preview_every=0", "checkpoint_every=0", "prior.num_images=8", "prior.steps=20")
+#: Shared by every method: batch :data:`TOY_BATCH`, no previews / checkpoints (short runs), 8 prior images per
+#: prompt at 20 steps.
+TOY_COMMON: tuple[str, ...] = (f"batch_size={TOY_BATCH}", "grad_accum=1", "preview_every=0", "checkpoint_every=0",
+                               "prior.num_images=8", "prior.steps=20")
 
-#: Per-method toy settings (applied after :data:`TOY_COMMON`). Each: 180 steps at batch 1, paper lr × 10;
-#: the modifier + class methods use toy-sd's caption grammar ("a photo of a <asset0> circle …").
+#: Per-method toy settings (applied after :data:`TOY_COMMON`). Each: :data:`TOY_STEPS` steps at batch
+#: :data:`TOY_BATCH`, paper lr × 10; the modifier + class methods use toy-sd's caption grammar ("a photo of a
+#: <asset0> circle …").
 TOY_SETTINGS: dict[str, tuple[str, ...]] = {
-    # paper 400 @ 5e-4 + 400 @ 2e-6; the demo's split (scenetok.toyworld.demo.DEMO_OVERRIDES)
-    "break-a-scene": ("phase1.steps=120", "phase1.lr=5e-3", "phase2.steps=60", "phase2.lr=2e-5"),
+    # paper 400 @ 5e-4 + 400 @ 2e-6, split 4 : 1 (tuned on the tuning scenes, docs/toy-sd.md)
+    "break-a-scene": ("phase1.steps=480", "phase1.lr=5e-3", "phase2.steps=120", "phase2.lr=2e-5"),
     # the same split as Break-A-Scene: EM stage (tokens, masks re-estimated) then joint stage
-    "em-masks": ("em.steps=120", "em.lr=5e-3", "em.every=30", "joint.steps=60", "joint.lr=2e-5"),
-    # paper 250 @ 8e-5 at batch 2 × accumulation 4; here batch 1 like every other method
-    "disendiff": ("train.steps=180", "train.lr=8e-4", "batch_size=1", "grad_accum=1",
+    "em-masks": ("em.steps=480", "em.lr=5e-3", "em.every=120", "joint.steps=120", "joint.lr=2e-5"),
+    # paper 250 @ 8e-5 at batch 2 × accumulation 4; here the batch of every other method
+    "disendiff": ("train.steps=600", "train.lr=8e-4",
                   "prompt_template=a photo of a {tokens}"),
     # paper 800 @ 6e-5
-    "textual-localization": ("train.steps=180", "train.lr=6e-4", "prompt_template=a photo of {tokens}"),
+    "textual-localization": ("train.steps=600", "train.lr=6e-4", "prompt_template=a photo of {tokens}"),
     # Break-A-Scene's phase-1 / phase-2 settings on the collage collection
-    "ti-m": ("train.steps=180", "train.lr=5e-3"),
-    "db-m": ("train.steps=180", "train.lr=2e-5"),
+    "ti-m": ("train.steps=600", "train.lr=5e-3"),
+    "db-m": ("train.steps=600", "train.lr=2e-5"),
     # paper 500 @ 1e-5 (× 2 with prior, CD's scale_lr)
-    "cd-m": ("train.steps=180", "train.lr=1e-4", "collage.num_images=50"),
+    "cd-m": ("train.steps=600", "train.lr=1e-4", "collage.num_images=50"),
 }
 
 
 def auto_toy_overrides(method) -> tuple[str, ...]:
     """For a method without a :data:`TOY_SETTINGS` entry: scale its phases' steps to :data:`TOY_STEPS`
-    in all (keeping their ratio), multiply their learning rates by :data:`TOY_LR_FACTOR`, batch 1."""
+    in all (keeping their ratio), multiply their learning rates by :data:`TOY_LR_FACTOR` (the batch is
+    :data:`TOY_COMMON`'s)."""
 
     cfg = method_config(method)
     flat = cfglib.flatten(cfg)
@@ -410,16 +418,12 @@ def auto_toy_overrides(method) -> tuple[str, ...]:
         lr_key = k[: -len("steps")] + "lr"
         if isinstance(flat.get(lr_key), float):
             out.append(f"{lr_key}={flat[lr_key] * TOY_LR_FACTOR:g}")
-    if flat.get("batch_size", 1) != 1:
-        out.append("batch_size=1")
-    if flat.get("grad_accum", 1) != 1:
-        out.append("grad_accum=1")
-    return tuple(out)
+    return tuple(out)  # batch and accumulation: TOY_COMMON's
 
 
 def scaled_steps(method, overrides, total: int) -> tuple[str, ...]:
-    """Overrides that rescale the phase steps of ``method`` (after ``overrides``) to ``total`` in all,
-    keeping their ratio (each phase that has steps keeps at least 1)."""
+    """Overrides that rescale the phase steps of ``method`` (after ``overrides``) to exactly ``total`` in all,
+    keeping their ratio (largest remainders; each phase that has steps keeps at least 1)."""
 
     if total < 1:
         raise ConfigError(f"train steps must be at least 1, got {total}")
@@ -427,7 +431,18 @@ def scaled_steps(method, overrides, total: int) -> tuple[str, ...]:
     steps = {k: v for k, v in flat.items() if k.endswith(".steps") and not k.startswith("prior.")
              and isinstance(v, int) and v > 0}
     have = sum(steps.values())
-    return tuple(f"{k}={max(1, round(total * v / have))}" for k, v in steps.items()) if have else ()
+    if not have:
+        return ()
+    raw = {k: total * v / have for k, v in steps.items()}
+    alloc = {k: max(1, int(r)) for k, r in raw.items()}
+    # largest remainders up to the total; with more phases than steps each phase still keeps 1
+    while sum(alloc.values()) < total:
+        k = max(raw, key=lambda q: raw[q] - alloc[q])
+        alloc[k] += 1
+    while sum(alloc.values()) > total and any(a > 1 for a in alloc.values()):
+        k = min((q for q in alloc if alloc[q] > 1), key=lambda q: raw[q] - alloc[q])
+        alloc[k] -= 1
+    return tuple(f"{k}={alloc[k]}" for k in steps)
 
 
 def _for_method(extra, method: str) -> list[str]:
