@@ -19,7 +19,7 @@ from scenetok import api
 from scenetok.errors import PromptError, SceneError, ScenetokError
 from scenetok.toyworld import oracle, world
 
-# the demo's training settings (toyworld.demo.DEMO_OVERRIDES) with every other default. On toy-sd v1c this
+# the demo's training settings before their re-tune on toy-sd v1d (cheaper; these tests check colours only). On toy-sd v1c this
 # bundle's variations draw both objects in 8/8 images; with the 80 + 20 steps this file used on toy-sd v1, in
 # 0/8 (the red star is missing)
 TOY = ["phase1.steps=120", "phase1.lr=5e-3", "phase2.steps=60", "phase2.lr=2e-5", "preview_every=1000",

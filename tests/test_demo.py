@@ -37,8 +37,12 @@ def test_demo_writes_report_scores_and_images(tmp_path, capsys):
     n_prompts = 2 * 2 + 1  # each handle on two backgrounds + the pair
     assert scores["summary"]["images"] == len(scores["images"]) == n_prompts
     for row in scores["images"]:
-        assert 0.0 <= row["identity"] <= 1.0 and row["leakage"] >= 0
+        assert 0.0 <= row["identity"] <= 1.0 and row["leakage"] >= 0 and isinstance(row["found"], str)
+    alone = scores["summary"]["recognised_alone"]
+    assert set(alone) == {"<asset0>", "<asset1>"} and all(0.0 <= v <= 1.0 for v in alone.values())
+    assert "each handle alone, recognised" in printed
     html = (out / "report.html").read_text()
+    assert "Each handle drawn alone" in html and html.count("oracle sees:") == n_prompts
     assert html.count("data:image/png;base64") >= n_prompts + 2  # input, masks, every generation
     for row in scores["images"]:
         assert row["prompt"].replace("<", "&lt;").replace(">", "&gt;") in html

@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "fidelity, leakage, multi-concept success, mask IoU). Writes results.md/.csv, claims.csv and "
                          "pareto.png; finished runs are skipped on a rerun. See docs/benchmarks.md.")
     b.add_argument("-o", "--output", default="toyworld-benchmark", help="output folder")
-    b.add_argument("--quick", action="store_true", help="the quick subset of scenes (≤ 10 min on 2 idle CPU cores)")
+    b.add_argument("--quick", action="store_true", help="the quick subset of scenes (2 of the 8; --estimate prints the time)")
     b.add_argument("--methods", default="", help="comma-separated methods (each with all its ablations) or variants "
                    "METHOD:base, METHOD:SWITCH, METHOD:OPTION=VALUE, METHOD:adapter=lora (empty: every method)")
     b.add_argument("--no-ablations", action="store_true", help="only each method's paper recipe")
@@ -582,7 +582,11 @@ def _cmd_demo(args) -> int:
                       progress=not args.quiet)
     summary = json.loads((Path(args.output) / "scores.json").read_text())["summary"]
     if summary:
-        print("oracle scores: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
+        alone = summary.get("recognised_alone") or {}
+        print("oracle scores: " + ", ".join(f"{k} {v}" for k, v in summary.items() if k != "recognised_alone"))
+        if alone:
+            print("each handle alone, recognised (colour, shape and texture): "
+                  + ", ".join(f"{t} {'—' if v is None else f'{v:.0%}'}" for t, v in alone.items()))
     print(f"report: {report.resolve()}")
     return 0
 
