@@ -33,9 +33,9 @@ DEMO_STEPS = ("phase1.steps=200", "phase2.steps=50")
 
 def demo_overrides() -> list[str]:
     """Break-A-Scene's toy-sd settings (the toy-world benchmark's, tuned on its tuning scenes:
-    :data:`scenetok.evaluation.toyworld.suite.TOY_SETTINGS`) at :data:`DEMO_STEPS`, with attention previews
+    :data:`scenetok.toyworld.settings.TOY_SETTINGS`) at :data:`DEMO_STEPS`, with attention previews
     for the report."""
-    from scenetok.evaluation.toyworld.suite import TOY_BATCH, TOY_SETTINGS
+    from scenetok.toyworld.settings import TOY_BATCH, TOY_SETTINGS
 
     return [f"batch_size={TOY_BATCH}", *TOY_SETTINGS["break-a-scene"], *DEMO_STEPS, "preview_every=30",
             "checkpoint_every=0"]
@@ -73,8 +73,6 @@ def score_image(image: np.ndarray, concepts: list[world.ObjectSpec], handles: li
     """Oracle scores of one generated image against what its prompt asked for."""
     from scenetok.toyworld import oracle
 
-    from scenetok.evaluation.toyworld.scoring import describe_found
-
     requested = [concepts[i] for i in handles]
     analysis = oracle.analyze(image)
     j = oracle.judge(None, objects=requested, background=background, analysis=analysis)
@@ -82,7 +80,7 @@ def score_image(image: np.ndarray, concepts: list[world.ObjectSpec], handles: li
     return {
         "identity": float(np.mean(identity)),
         "identity_per_handle": identity,
-        "found": describe_found(analysis[1]),
+        "found": oracle.describe_found(analysis[1]),
         "background_ok": bool(j.background_ok),
         "all_present": all(m["ok"] for m in j.matches),
         "leakage": len(j.extra),

@@ -552,3 +552,12 @@ def distort(image: np.ndarray, rng: np.random.Generator, *, noise: float = 8.0, 
         Image.fromarray(out).save(buf, format="JPEG", quality=int(jpeg), subsampling=2 if chroma_subsampling else 0)
         out = np.asarray(Image.open(BytesIO(buf.getvalue())).convert("RGB")).copy()
     return out
+
+
+def describe_found(found: list[FoundObject]) -> str:
+    """``"red striped star; blue square"`` (largest first); ``?`` for an attribute the oracle could not tell."""
+    parts = []
+    for f in found:
+        words = [f.color] + ([f.texture or "?"] if f.texture != "plain" else []) + [f.shape or "?"]
+        parts.append(" ".join(words))
+    return "; ".join(parts)

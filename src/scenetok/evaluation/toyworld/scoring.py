@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from scenetok.toyworld import oracle
+from scenetok.toyworld.oracle import describe_found  # noqa: F401  (re-exported)
 
 IMAGE_METRICS: tuple[str, ...] = ("identity", "identity_soft", "fidelity", "leakage", "scene_leakage",
                                   "bg_leakage", "multi")
@@ -35,15 +36,6 @@ RUN_METRICS: tuple[str, ...] = ("mask_iou",)
 
 def _attrs(concept: dict) -> dict:
     return {"color": concept["color"], "shape": concept["shape"], "texture": concept["texture"]}
-
-
-def describe_found(found) -> str:
-    """``"red striped star; blue square"`` (largest first); ``?`` for an attribute the oracle could not tell."""
-    parts = []
-    for f in found:
-        words = [f.color] + ([f.texture or "?"] if f.texture != "plain" else []) + [f.shape or "?"]
-        parts.append(" ".join(words))
-    return "; ".join(parts)
 
 
 def score_image(image, concepts: list[dict], requested, background: str | None, scene_background: str,
