@@ -1,4 +1,4 @@
-"""``scenetok demo``: the whole product on a laptop CPU, offline (about 25 s on 2 idle cores, see README).
+"""``scenetok demo``: the whole product on a laptop CPU, offline (about a minute on 2 idle cores, see README).
 
 Render a toy scene (2–3 shapes with exact masks) → learn one handle per shape with Break-A-Scene on the
 shipped toy-sd → generate each handle alone on new backgrounds, in pairs and all together → score every
