@@ -198,7 +198,9 @@ def test_variations_never_replace_files(bundle, tmp_path):
         api.variations(bundle, n=2, seed=0, steps=3, out_dir=out, progress=False)
     assert (out / "00_seed0.png").read_bytes() == before
     again = api.variations(bundle, n=1, seed=1, steps=2, progress=False)  # image 1 alone, from its seed
-    np.testing.assert_array_equal(np.asarray(again[0].image), np.asarray(first[1].image))
+    # the same picture; batch 1 vs 2 may round one uint8 step apart on a CPU BLAS (another seed differs everywhere)
+    diff = np.abs(np.asarray(again[0].image).astype(int) - np.asarray(first[1].image).astype(int))
+    assert diff.max() <= 2 and diff.mean() < 0.01
     # --overwrite replaces this command's own earlier files (keeping the record of the others) ...
     api.variations(bundle, n=1, seed=0, steps=3, out_dir=out, overwrite=True, progress=False)
     rows = [json.loads(x) for x in (out / "variations.jsonl").read_text().splitlines()]

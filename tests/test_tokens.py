@@ -86,3 +86,18 @@ def test_word_positions_multi_piece_and_after():
     assert word_positions(tok, [two], "circle") == [[6]]
     assert word_positions(tok, [two], "circle", after=[h1]) == [[h1 + 1]]
     assert word_positions(tok, ["a photo of a square"], "circle") == [[]]
+
+
+def test_written_tokenizer_keeps_every_word_one_piece(tmp_path):
+    """Words whose merge paths cross (an earlier word's merges fire first) still come out whole: with merges
+    built from each word's characters alone, "triangle" after "and" was tri an g l e."""
+    from transformers import CLIPTokenizer
+
+    from scenetok.tokens import write_clip_tokenizer
+    from scenetok.toyworld.model import toy_vocabulary
+
+    words = toy_vocabulary()
+    tok = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(tmp_path / "t", words)))
+    assert {w: tok.tokenize(w) for w in words if len(tok.tokenize(w)) != 1} == {}
+    assert len(tok.tokenize("and triangle maroon green")) == 4
+    assert len(tok.tokenize("zebra")) > 1  # other text still falls back to pieces

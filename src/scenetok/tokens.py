@@ -207,10 +207,30 @@ def _byte_alphabet() -> list[str]:
     return [table[b] for b in range(256)]
 
 
-def _merge_path(word: str) -> list[tuple[str, str]]:
-    """Left-to-right merges that build ``word`` (as a final ``</w>`` piece) from single characters."""
-    merges = []
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's BPE on one word with the merges ``ranks``: always merge the lowest-ranked adjacent pair (every
+    occurrence of it), until no ranked pair is left."""
     pieces = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(pieces) > 1:
+        pairs = [(ranks[p], p) for p in zip(pieces, pieces[1:]) if p in ranks]
+        if not pairs:
+            break
+        a, b = min(pairs)[1]
+        merged, i = [], 0
+        while i < len(pieces):
+            if i + 1 < len(pieces) and pieces[i] == a and pieces[i + 1] == b:
+                merged.append(a + b)
+                i += 2
+            else:
+                merged.append(pieces[i])
+                i += 1
+        pieces = merged
+    return pieces
+
+
+def _merge_path(pieces: list[str]) -> list[tuple[str, str]]:
+    """Left-to-right merges that join ``pieces`` into one."""
+    merges = []
     while len(pieces) > 1:
         a, b = pieces[0], pieces[1]
         merges.append((a, b))
@@ -235,15 +255,19 @@ def write_clip_tokenizer(path: str | Path, words: list[str] | tuple[str, ...] = 
     for ch in alphabet:
         vocab[ch + "</w>"] = len(vocab)
     merges: list[tuple[str, str]] = []
-    seen = set()
+    ranks: dict[tuple[str, str], int] = {}
     for word in words:
         word = word.lower()
         if len(word) < 2:
             continue
-        for a, b in _merge_path(word):
-            if (a, b) in seen:
+        # what the merges so far make of this word, then joined left to right by new, later-ranked merges: the
+        # earlier words keep their single pieces (a later merge never wins over an earlier one), and this word
+        # becomes one piece too (merging each word from its characters instead let one word's merges break
+        # another's path: "triangle" came out as tri an g l e)
+        for a, b in _merge_path(_bpe(word, ranks)):
+            if (a, b) in ranks:
                 continue
-            seen.add((a, b))
+            ranks[(a, b)] = len(merges)
             merges.append((a, b))
             if a + b not in vocab:
                 vocab[a + b] = len(vocab)
