@@ -177,8 +177,8 @@ class Method:
         return list(present)
 
     def prompt(self, tokens: list[str], chosen: list[int], cfg: dict, class_words: list[str] | None = None) -> str:
-        joiner = cfg.get("token_joiner", " and ")
-        return cfg.get("prompt_template", "a photo of {tokens}").format(tokens=joiner.join(tokens[i] for i in chosen))
+        return cfg.get("prompt_template", "a photo of {tokens}").format(
+            tokens=join_handles([tokens[i] for i in chosen], cfg))
 
     def token_phrase(self, tokens: list[str], chosen: list[int], cfg: dict, class_words: list[str] | None = None) -> str:
         """The part of :meth:`prompt` that names the chosen concepts, without the template around it
@@ -218,6 +218,12 @@ class Method:
     def losses(self, batch: Batch, out: Outputs, cfg: dict) -> dict[str, torch.Tensor]:
         """Weighted loss terms for the instance rows (the trainer adds the prior term)."""
         raise NotImplementedError
+
+
+def join_handles(parts: list[str], cfg: dict) -> str:
+    """The handles (or handle + class phrases) a prompt names, joined by the run's ``token_joiner``: what a
+    prompt template's ``{tokens}`` becomes."""
+    return cfg.get("token_joiner", " and ").join(parts)
 
 
 def union_sample(rng: np.random.Generator, present: int | list[int]) -> list[int]:

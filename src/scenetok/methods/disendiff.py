@@ -40,7 +40,16 @@ from scenetok.losses import (
     soft_iou,
     suppress,
 )
-from scenetok.methods.base import Batch, Method, Outputs, Phase, check_blocks, cycled_init_words, nearest_size
+from scenetok.methods.base import (
+    Batch,
+    Method,
+    Outputs,
+    Phase,
+    check_blocks,
+    cycled_init_words,
+    join_handles,
+    nearest_size,
+)
 from scenetok.tokens import token_positions, word_positions
 
 SCALES = ("quarter", "all")
@@ -143,7 +152,7 @@ class DisenDiff(Method):
 
     def prompt(self, tokens: list[str], chosen: list[int], cfg: dict, class_words: list[str] | None = None) -> str:
         parts = [f"{tokens[i]} {class_words[i] if class_words else 'object'}" for i in chosen]
-        return cfg["prompt_template"].format(tokens=cfg.get("token_joiner", " and ").join(parts))
+        return cfg["prompt_template"].format(tokens=join_handles(parts, cfg))
 
     def attention_sizes(self, cfg: dict, latent_size: int, available: list[int]) -> list[int]:
         if cfg["bind"]["weight"] <= 0 and cfg["ss"]["weight"] <= 0:

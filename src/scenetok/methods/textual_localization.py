@@ -25,7 +25,16 @@ import torch.nn.functional as F
 from scenetok.config import group, setting
 from scenetok.errors import ConfigError
 from scenetok.losses import localization_loss, masked_diffusion_loss, minmax_normalize, resize_masks
-from scenetok.methods.base import Batch, Method, Outputs, Phase, check_blocks, cycled_init_words, nearest_size
+from scenetok.methods.base import (
+    Batch,
+    Method,
+    Outputs,
+    Phase,
+    check_blocks,
+    cycled_init_words,
+    join_handles,
+    nearest_size,
+)
 
 GUIDANCE = ("hard", "soft")
 FIG5_SIZE = 256  # the side of the paper's Fig. 5 attention maps
@@ -90,7 +99,7 @@ class TextualLocalization(Method):
 
     def prompt(self, tokens: list[str], chosen: list[int], cfg: dict, class_words: list[str] | None = None) -> str:
         parts = [f"a {tokens[i]} {class_words[i] if class_words else 'object'}" for i in chosen]
-        return cfg["prompt_template"].format(tokens=cfg.get("token_joiner", " and ").join(parts))
+        return cfg["prompt_template"].format(tokens=join_handles(parts, cfg))
 
     def attention_sizes(self, cfg: dict, latent_size: int, available: list[int]) -> list[int]:
         # captured even with δ = 0 (a few small cross-attention maps), so that the attention previews are

@@ -27,7 +27,6 @@ from __future__ import annotations
 import numpy as np
 
 from scenetok.toyworld import oracle
-from scenetok.toyworld.oracle import describe_found  # noqa: F401  (re-exported)
 
 IMAGE_METRICS: tuple[str, ...] = ("identity", "identity_soft", "fidelity", "leakage", "scene_leakage",
                                   "bg_leakage", "multi")
@@ -75,7 +74,7 @@ def score_image(image, concepts: list[dict], requested, background: str | None, 
         "bg_leakage": bg_leak,
         "multi": None if len(requested) < 2 else float(all(ok[i] for i in requested)),
         "found_background": bg_name,
-        "found": describe_found(found),
+        "found": oracle.describe_found(found),
         "n_found": len(found),
     }
 
