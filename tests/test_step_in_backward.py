@@ -38,6 +38,18 @@ def _groups(net):
 KW = dict(lr=1e-2, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
 
 
+def _step_both(ref, opt, net, sib, step: int, on_ref_grads=None) -> None:
+    """One step of the reference optimizer on ``ref`` (``on_ref_grads`` sees its gradients first) and one of
+    the step-in-backward optimizer on ``net``, from the same loss."""
+    _loss(ref, step).backward()
+    if on_ref_grads is not None:
+        on_ref_grads()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    _loss(net, step).backward()
+    sib.step()
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_same_updates_as_one_adamw_and_no_gradient_kept(fused):
     ref, net = _net(), _net()
@@ -51,11 +63,7 @@ def test_same_updates_as_one_adamw_and_no_gradient_kept(fused):
     sib = StepInBackward(_groups(net), lambda g: adamw(g, fused=fused, **KW))
     try:
         for step in range(4):
-            _loss(ref, step).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            _loss(net, step).backward()
-            sib.step()
+            _step_both(ref, opt, net, sib, step)
             assert all(p.grad is None for p in net.parameters())
     finally:
         sib.close()
@@ -74,20 +82,18 @@ def test_clipping_is_per_tensor():
     ref, net = _net(), _net()
     opt = adamw(_groups(ref), **KW)
     sib = StepInBackward(_groups(net), lambda g: adamw(g, **KW), clip=clip)
-    clipped = 0
+    clipped = []
+
+    def clip_each():  # the reference: clip_grad_norm_ applied to each tensor on its own
+        for p in ref.parameters():
+            clipped.append(bool(torch.nn.utils.clip_grad_norm_([p], clip) > clip))
+
     try:
         for step in range(4):
-            _loss(ref, step).backward()
-            for p in ref.parameters():  # the reference: clip_grad_norm_ applied to each tensor on its own
-                norm = torch.nn.utils.clip_grad_norm_([p], clip)
-                clipped += int(norm > clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            _loss(net, step).backward()
-            sib.step()
+            _step_both(ref, opt, net, sib, step, on_ref_grads=clip_each)
     finally:
         sib.close()
-    assert clipped > 3  # the test does clip
+    assert sum(clipped) > 3  # the test does clip
     for a, b in zip(ref.parameters(), net.parameters()):
         # bit for bit: torch's norm of the one norm is that norm (sqrt of a square, correctly rounded)
         assert torch.equal(a, b)
@@ -99,11 +105,7 @@ def test_state_dict_has_the_layout_of_one_optimizer():
     sib = StepInBackward(_groups(net), lambda g: adamw(g, **KW))
     try:
         for step in range(2):
-            _loss(ref, step).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            _loss(net, step).backward()
-            sib.step()
+            _step_both(ref, opt, net, sib, step)
         a, b = opt.state_dict(), sib.state_dict()
         assert a["param_groups"] == b["param_groups"]
         assert a["state"].keys() == b["state"].keys()
