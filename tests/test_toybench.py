@@ -234,8 +234,15 @@ def test_plan_keys_follow_the_settings(tmp_path):
     k1 = runner.plan(v, sc, **kw)[0]["key"]
     assert runner.plan(v, sc, **kw)[0]["key"] == k1
     assert runner.plan(v, sc, **{**kw, "seeds": 2})[0]["key"] != k1
+    (tmp_path / "m" / "README.md").write_text("a model card")  # documentation: finished runs still count
+    (tmp_path / "m" / "training_info.json").write_text("{}")
+    assert runner.plan(v, sc, **kw)[0]["key"] == k1
     (tmp_path / "m" / "w.bin").write_bytes(b"2")  # new weights at the same path: runs are redone
     assert runner.plan(v, sc, **kw)[0]["key"] != k1
+    (tmp_path / "m" / "config.json").write_text("{}")  # a new config too
+    k2 = runner.plan(v, sc, **kw)[0]["key"]
+    (tmp_path / "m" / "config.json").write_text('{"a": 1}')
+    assert runner.plan(v, sc, **kw)[0]["key"] != k2
 
 
 # ----------------------------------------------------------------------------------------------------

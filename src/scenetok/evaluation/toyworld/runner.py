@@ -48,14 +48,22 @@ COST = {"fixed": 6.0, "step_tokens": 0.08, "step_model": 0.12, "prior_row": 0.04
         "prior_image": 0.4, "worker_start": 8.0}
 
 
+#: files of a model folder that say nothing about what it draws (documentation, training records)
+_NOT_MODEL = ("README.md", "training_info.json")
+
+
 def model_fingerprint(model: str) -> str:
-    """What identifies the base model's weights: for a local folder, a hash of its files (content for
-    files under 64 MB, size and mtime above); for a Hub id, the id."""
+    """What identifies the base model's weights: for a local folder, a hash of its weights, configs and
+    tokenizer files (content for files under 64 MB, size and mtime above; the model card, training record
+    and other documentation are left out, so editing them does not re-run finished benchmark runs); for a
+    Hub id, the id."""
     p = Path(model)
     if not p.is_dir():
         return str(model)
     h = hashlib.sha256()
     for f in sorted(q for q in p.rglob("*") if q.is_file()):
+        if f.name in _NOT_MODEL or f.suffix.lower() in (".md", ".png", ".jpg", ".jpeg"):
+            continue
         st = f.stat()
         h.update(f"{f.relative_to(p)}|{st.st_size}".encode())
         if st.st_size < 64 * 2**20:
