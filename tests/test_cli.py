@@ -36,6 +36,15 @@ def test_help_lists_commands_and_defaults(capsys):
         assert opt in out
 
 
+def test_benchmark_help_states_the_toy_step_count(capsys):
+    from scenetok.toyworld.settings import TOY_STEPS
+
+    with pytest.raises(SystemExit):
+        main(["benchmark", "toyworld", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"TOY_STEPS, {TOY_STEPS})" in out  # the help must not go stale when the toy settings change
+
+
 def test_extract_generate_info(tiny_sd, tmp_path, capsys):
     scene = _scene_dir(tmp_path / "scene")
     out = tmp_path / "bundle"

@@ -304,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--set", dest="overrides", action="append", default=[], metavar="[METHOD:]KEY=VALUE",
                    help="training override for every run (or one method's), after the toy settings (repeatable)")
     b.add_argument("--train-steps", type=int, default=None,
-                   help="optimizer steps per method in all, split over its phases (None: the toy table, 180)")
+                   help="optimizer steps per method in all, split over its phases as in the toy settings "
+                        "(default: scenetok.toyworld.settings.TOY_STEPS, 600)")
     b.add_argument("--keep-bundles", action="store_true", help="keep each run's trained weights")
     b.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (None: cuda if available)")
     b.add_argument("--estimate", action="store_true", help="print the plan and the time estimate, run nothing")
