@@ -12,6 +12,9 @@ import torch
 from scenetok.toyworld.model import toy_sd_path
 
 TOY = toy_sd_path()
+# floors of test_shipped_draws_what_it_is_asked (measured on the shipped model: see the test)
+# (toy-sd v1d: shape 0.81, texture 0.75, no extra 0.93, whole image 0.45)
+SHAPE_FLOOR, TEXTURE_FLOOR, NO_EXTRA_FLOOR, ALL_OK_FLOOR = 0.7, 0.6, 0.8, 0.3
 shipped = pytest.mark.skipif(not (TOY / "model_index.json").is_file(), reason="toy-sd not shipped yet")
 
 
@@ -75,6 +78,20 @@ def test_shipped_generates_64px(toy_pipe):
 
 
 @shipped
+def test_shipped_draws_what_it_is_asked(toy_pipe):
+    """The oracle on 40 unseen 1–2-object captions (a seed stream training never uses; DDIM 20, guidance 5).
+    The model card's 200-caption scores are the reference; the floors sit about two binomial standard
+    errors under them, so a model that lost its shapes, textures or binding fails here."""
+    from scenetok.toyworld.train import evaluate_toy_sd
+
+    res = evaluate_toy_sd(pipe=toy_pipe, n=40, seed=11, steps=20, guidance=5.0, batch=40)
+    print({k: round(res[k], 3) for k in ("background", "color", "shape", "texture", "no_extra", "all_ok")})
+    assert res["background"] >= 0.95 and res["color"] >= 0.9
+    assert res["shape"] >= SHAPE_FLOOR and res["texture"] >= TEXTURE_FLOOR
+    assert res["no_extra"] >= NO_EXTRA_FLOOR and res["all_ok"] >= ALL_OK_FLOOR
+
+
+@shipped
 def test_shipped_attention_maps_at_16(toy_pipe):
     """Hook the cross-attention of the first down block: its queries cover the 16×16 latent grid."""
     seen = []
@@ -96,7 +113,7 @@ def test_train_tiny_budget(tmp_path, monkeypatch):
     from scenetok.toyworld.train import train_toy_sd
 
     out = train_toy_sd(tmp_path / "toy", seed=0, vae_steps=2, unet_steps=2, batch_size=2, vae_batch_size=2,
-                       n_images=6, save_every_minutes=None, log_every=1)
+                       n_images=6, save_every_minutes=None, eval_every_minutes=None, log_every=1)
     info = json.loads((out / "training_info.json").read_text())
     assert info["vae_steps"] == 2 and info["unet_steps"] == 2
     pipe = StableDiffusionPipeline.from_pretrained(str(out))
@@ -213,8 +230,25 @@ def test_min_snr_weights_cap_the_clean_timesteps():
 
 
 def test_train_with_snr_gamma_changes_the_weights_and_is_recorded(tmp_path):
-    plain = _weights(_tiny_train(tmp_path / "plain", checkpoint_every_minutes=None))
+    plain = _weights(_tiny_train(tmp_path / "plain", checkpoint_every_minutes=None, snr_gamma=None))
     snr = _weights(_tiny_train(tmp_path / "snr", checkpoint_every_minutes=None, snr_gamma=5.0))
     assert max((plain[k].float() - snr[k].float()).abs().max().item() for k in plain if k.startswith("unet.")) > 0
     info = json.loads((tmp_path / "snr" / "training_info.json").read_text())
     assert info["snr_gamma"] == 5.0
+
+
+def test_defaults_are_the_one_command_recipe(monkeypatch):
+    """`scenetok toyworld train --out DIR` alone is the documented recipe (docs/toy-sd.md): the CLI and the
+    Python function agree on it."""
+    import inspect
+
+    from scenetok.toyworld.train import main, train_toy_sd
+
+    d = {k: v.default for k, v in inspect.signature(train_toy_sd).parameters.items()}
+    assert (d["n_images"], d["unet_steps"], d["minutes"], d["snr_gamma"], d["bf16"], d["lr"]) == \
+        (40000, 16000, 120.0, 5.0, True, 3e-4)
+    seen = {}
+    monkeypatch.setattr("scenetok.toyworld.train.train_toy_sd", lambda out_dir, **kw: seen.update(kw) or out_dir)
+    assert main(["--out", "x"]) == 0
+    for k in ("n_images", "unet_steps", "minutes", "snr_gamma", "bf16", "lr", "eval_every_minutes", "eval_n"):
+        assert seen[k] == d[k], k

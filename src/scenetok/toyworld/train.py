@@ -9,9 +9,10 @@ Stages (all on CPU in the shipped run):
 
 Everything is drawn from ``seed``. ``--minutes`` caps stage 2 by wall time: the step count is then chosen
 from the measured speed and printed, and passing that count as ``--unet-steps`` with ``--minutes 0``
-repeats the run.
+repeats the run. The defaults are the one-command recipe of docs/toy-sd.md (40 000 scenes, min-SNR-γ 5,
+bf16 autocast, stage 2 capped at 120 minutes or 16 000 steps: about 140 minutes on 2 CPU cores):
 
-    python -m scenetok.toyworld.train --out DIR --seed 0 --vae-steps 400 --unet-steps 3000
+    scenetok toyworld train --out DIR            # = python -m scenetok.toyworld.train --out DIR
 """
 
 from __future__ import annotations
@@ -229,31 +230,31 @@ def train_toy_sd(
     seed: int = 0,
     arch=None,
     vae_steps: int = 1500,
-    unet_steps: int = 6000,
+    unet_steps: int = 16000,
     batch_size: int = 32,
     vae_batch_size: int = 32,
     vae_crop: int = 32,
     vae_fg_weight: float = 4.0,
-    n_images: int = 20000,
-    minutes: float | None = None,
+    n_images: int = 40000,
+    minutes: float | None = 120.0,
     vae_minutes: float | None = None,
     render_minutes: float | None = None,
     save_every_minutes: float | None = 10.0,
     checkpoint_every_minutes: float | None = 5.0,
-    eval_every_minutes: float | None = 15.0,
-    eval_n: int = 48,
+    eval_every_minutes: float | None = 20.0,
+    eval_n: int = 96,
     log_every: int = 50,
     lr: float = 3e-4,
     vae_lr: float = 1e-3,
     ema_decay: float = 0.999,
-    bf16: bool = False,
+    bf16: bool = True,
     device: str = "cpu",
     threads: int | None = 2,
     vae_from: str | Path | None = None,
     init_from: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
-    snr_gamma: float | None = None,
+    snr_gamma: float | None = 5.0,
 ) -> Path:
     """Train toy-sd from scratch and save it (diffusers folder, safetensors) at ``out_dir``.
 
@@ -624,13 +625,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output folder (diffusers pipeline)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-steps", type=int, default=1500)
-    p.add_argument("--unet-steps", type=int, default=6000)
+    p.add_argument("--unet-steps", type=int, default=16000, help="UNet steps (the cap when --minutes ends first)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--vae-batch-size", type=int, default=32)
     p.add_argument("--vae-crop", type=int, default=32, help="VAE trains on random crops of this side")
     p.add_argument("--vae-fg-weight", type=float, default=4.0, help="extra weight of object pixels in the VAE loss")
-    p.add_argument("--n-images", type=int, default=20000)
-    p.add_argument("--minutes", type=float, default=0, help="wall-time cap for the UNet stage (0 = none)")
+    p.add_argument("--n-images", type=int, default=40000, help="scenes rendered (each also used mirrored)")
+    p.add_argument("--minutes", type=float, default=120, help="wall-time cap for the UNet stage (0 = none)")
     p.add_argument("--vae-minutes", type=float, default=0, help="wall-time cap for the VAE stage (0 = none)")
     p.add_argument("--render-minutes", type=float, default=0, help="wall-time cap for rendering (0 = none)")
     p.add_argument("--save-every-minutes", type=float, default=10)
@@ -638,14 +639,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--arch", default="v1", help="model sizes: v1 (16×16 latents, the shipped model) or v2 (×2 VAE, "
                    "32×32 latents)")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the UNet stage (~25 %% faster on CPUs "
-                   "with AVX-512 BF16 or AMX)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                   help="bf16 autocast for the UNet stage (~25 %% faster on CPUs with AVX-512 BF16 or AMX; "
+                        "--no-bf16 for fp32)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.train-state")
     p.add_argument("--checkpoint-every-minutes", type=float, default=5,
                    help="write the resumable state this often (0 = never)")
-    p.add_argument("--eval-every-minutes", type=float, default=15,
+    p.add_argument("--eval-every-minutes", type=float, default=20,
                    help="score the EMA weights with the oracle this often, and at the end (0 = never)")
-    p.add_argument("--eval-n", type=int, default=48, help="captions per periodic oracle score")
+    p.add_argument("--eval-n", type=int, default=96, help="captions per periodic oracle score")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
