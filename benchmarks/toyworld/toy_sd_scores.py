@@ -70,7 +70,9 @@ def main(argv=None) -> int:
             ax.set_ylim(0, 102)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, ncol=3, loc="lower right")
-            ax.set_title(f"toy-sd training: oracle scores on {scores[0].get('n', 48)} captions per point", fontsize=9)
+            n_cap = scores[0].get("n")
+            ax.set_title("toy-sd training: oracle scores" + (f" on {n_cap} captions per point" if n_cap else ""),
+                         fontsize=9)
             fig.tight_layout()
             fig.savefig(a.plot)
             print(f"plot: {a.plot}")

@@ -465,7 +465,7 @@ def train_toy_sd(
         finally:
             unet.train(), te.train()
             ema.swap()
-        row = {"step": step, "minutes": round((time.time() - t_unet) / 60, 1),
+        row = {"step": step, "minutes": round((time.time() - t_unet) / 60, 1), "n": eval_n,
                **{k: round(res[k], 4) for k in ("background", "color", "shape", "texture", "no_extra", "all_ok")}}
         info["scores"].append(row)
         _log("oracle (EMA, %d captions): " % eval_n + " ".join(f"{k}={v}" for k, v in row.items()))
