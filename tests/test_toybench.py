@@ -263,6 +263,8 @@ def test_tiny_benchmark_end_to_end(tmp_path, one_thread, capsys):
     out = tmp_path / "bench"
     args = ["benchmark", "toyworld", "-o", str(out), "--methods", "break-a-scene:base", "--scenes", "pair-apart",
             "--seeds", "1", "--steps", "2", "--train-steps", "2", "--jobs", "1"]
+    assert main([*args, "--estimate"]) == 0
+    assert "estimate:" in capsys.readouterr().out and not out.exists()  # --estimate runs and writes nothing
     assert main(args) == 0
     for name in ("results.md", "results.csv", "results_by_kind.csv", "images.csv", "claims.csv", "suite.json",
                  "scenes.png", "timing.json"):

@@ -48,10 +48,6 @@ COST = {"fixed": 6.0, "step_tokens": 0.08, "step_model": 0.12, "prior_row": 0.04
         "prior_image": 0.4, "worker_start": 8.0}
 
 
-#: files of a model folder that say nothing about what it draws (documentation, training records)
-_NOT_MODEL = ("README.md", "training_info.json")
-
-
 def model_fingerprint(model: str) -> str:
     """What identifies the base model's weights: for a local folder, a hash of its weights, configs and
     tokenizer files (content for files under 64 MB, size and mtime above; the model card, training record
@@ -62,7 +58,7 @@ def model_fingerprint(model: str) -> str:
         return str(model)
     h = hashlib.sha256()
     for f in sorted(q for q in p.rglob("*") if q.is_file()):
-        if f.name in _NOT_MODEL or f.suffix.lower() in (".md", ".png", ".jpg", ".jpeg"):
+        if f.name == "training_info.json" or f.suffix.lower() in (".md", ".png", ".jpg", ".jpeg"):  # docs, records
             continue
         st = f.stat()
         h.update(f"{f.relative_to(p)}|{st.st_size}".encode())
@@ -331,8 +327,6 @@ def run_toyworld_benchmark(
         total_workers = workers * ctx.world_size
         est_wall = est_cpu / max(1, min(total_workers, len(todo) or 1)) + (COST["worker_start"] if todo else 0)
         if ctx.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            _write_suite(out_dir, scene_list, variants, seeds, model, steps, guidance, overrides, train_steps)
             log(f"toy-world benchmark: {len(variants)} variants × {len(scene_list)} scenes = {len(job_list)} runs "
                 f"({len(job_list) - len(todo)} already done), {seeds} image(s) per prompt, model {model}")
             log(f"estimate: {est_cpu / 60:.1f} CPU-minutes → ~{est_wall / 60:.1f} min with {total_workers} worker(s) "
@@ -340,8 +334,11 @@ def run_toyworld_benchmark(
             cores = os.cpu_count() or 1
             if load_before is not None and load_before > 0.5 * cores:
                 log(f"note: the machine is busy (load average {load_before:.1f} on {cores} cores): expect longer times")
-        if estimate_only:
+        if estimate_only:  # the plan and the estimate only: nothing written
             return None
+        if ctx.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            _write_suite(out_dir, scene_list, variants, seeds, model, steps, guidance, overrides, train_steps)
         t0 = time.time()
         results = _execute(mine, workers, log if ctx.is_main else (lambda *_: None), t0)
         ctx.barrier()
