@@ -3,6 +3,7 @@ training code runs end to end on a tiny budget."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -248,7 +249,9 @@ def test_defaults_are_the_one_command_recipe(monkeypatch):
     assert (d["n_images"], d["unet_steps"], d["minutes"], d["snr_gamma"], d["bf16"], d["lr"]) == \
         (40000, 16000, 120.0, 5.0, True, 3e-4)
     seen = {}
-    monkeypatch.setattr("scenetok.toyworld.train.train_toy_sd", lambda out_dir, **kw: seen.update(kw) or out_dir)
+    # the stand-in keeps the real signature (functools.wraps): main() reads its defaults from it
+    fake = functools.wraps(train_toy_sd)(lambda out_dir, **kw: seen.update(kw) or out_dir)
+    monkeypatch.setattr("scenetok.toyworld.train.train_toy_sd", fake)
     assert main(["--out", "x"]) == 0
     for k in ("n_images", "unet_steps", "minutes", "snr_gamma", "bf16", "lr", "eval_every_minutes", "eval_n"):
         assert seen[k] == d[k], k

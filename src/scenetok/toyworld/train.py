@@ -18,6 +18,7 @@ bf16 autocast, stage 2 capped at 120 minutes or 16 000 steps: about 140 minutes 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -621,41 +622,44 @@ def evaluate_toy_sd(
 
 # ----------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
+    # the CLI's defaults are train_toy_sd's (one source of truth); "0 = none" options map None to 0
+    d = {k: v.default for k, v in inspect.signature(train_toy_sd).parameters.items()
+         if v.default is not inspect.Parameter.empty}
     p = argparse.ArgumentParser(prog="python -m scenetok.toyworld.train", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="output folder (diffusers pipeline)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae-steps", type=int, default=1500)
-    p.add_argument("--unet-steps", type=int, default=16000, help="UNet steps (the cap when --minutes ends first)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--vae-batch-size", type=int, default=32)
-    p.add_argument("--vae-crop", type=int, default=32, help="VAE trains on random crops of this side")
-    p.add_argument("--vae-fg-weight", type=float, default=4.0, help="extra weight of object pixels in the VAE loss")
-    p.add_argument("--n-images", type=int, default=40000, help="scenes rendered (each also used mirrored)")
-    p.add_argument("--minutes", type=float, default=120, help="wall-time cap for the UNet stage (0 = none)")
-    p.add_argument("--vae-minutes", type=float, default=0, help="wall-time cap for the VAE stage (0 = none)")
-    p.add_argument("--render-minutes", type=float, default=0, help="wall-time cap for rendering (0 = none)")
-    p.add_argument("--save-every-minutes", type=float, default=10)
-    p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--vae-steps", type=int, default=d["vae_steps"])
+    p.add_argument("--unet-steps", type=int, default=d["unet_steps"], help="UNet steps (the cap when --minutes ends first)")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"])
+    p.add_argument("--vae-batch-size", type=int, default=d["vae_batch_size"])
+    p.add_argument("--vae-crop", type=int, default=d["vae_crop"], help="VAE trains on random crops of this side")
+    p.add_argument("--vae-fg-weight", type=float, default=d["vae_fg_weight"], help="extra weight of object pixels in the VAE loss")
+    p.add_argument("--n-images", type=int, default=d["n_images"], help="scenes rendered (each also used mirrored)")
+    p.add_argument("--minutes", type=float, default=d["minutes"] or 0, help="wall-time cap for the UNet stage (0 = none)")
+    p.add_argument("--vae-minutes", type=float, default=d["vae_minutes"] or 0, help="wall-time cap for the VAE stage (0 = none)")
+    p.add_argument("--render-minutes", type=float, default=d["render_minutes"] or 0, help="wall-time cap for rendering (0 = none)")
+    p.add_argument("--save-every-minutes", type=float, default=d["save_every_minutes"] or 0)
+    p.add_argument("--log-every", type=int, default=d["log_every"])
+    p.add_argument("--lr", type=float, default=d["lr"])
     p.add_argument("--arch", default="v1", help="model sizes: v1 (16×16 latents, the shipped model) or v2 (×2 VAE, "
                    "32×32 latents)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=d["bf16"],
                    help="bf16 autocast for the UNet stage (~25 %% faster on CPUs with AVX-512 BF16 or AMX; "
                         "--no-bf16 for fp32)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.train-state")
-    p.add_argument("--checkpoint-every-minutes", type=float, default=5,
+    p.add_argument("--checkpoint-every-minutes", type=float, default=d["checkpoint_every_minutes"] or 0,
                    help="write the resumable state this often (0 = never)")
-    p.add_argument("--eval-every-minutes", type=float, default=20,
+    p.add_argument("--eval-every-minutes", type=float, default=d["eval_every_minutes"] or 0,
                    help="score the EMA weights with the oracle this often, and at the end (0 = never)")
-    p.add_argument("--eval-n", type=int, default=96, help="captions per periodic oracle score")
+    p.add_argument("--eval-n", type=int, default=d["eval_n"], help="captions per periodic oracle score")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default=d["device"])
+    p.add_argument("--threads", type=int, default=d["threads"])
     p.add_argument("--vae-from", default=None, help="skip stage 1: take the VAE of this toy-sd folder (trained "
                    "by an earlier run with the same seed gives the same result as the full run)")
     p.add_argument("--init-from", default=None, help="warm start: VAE, UNet and text encoder from this toy-sd folder "
                    "(same --arch); stage 2 then runs its own schedule")
-    p.add_argument("--snr-gamma", type=float, default=5.0,
+    p.add_argument("--snr-gamma", type=float, default=d["snr_gamma"] or 0,
                    help="min-SNR-γ loss weighting with this γ (0: the plain v-prediction loss of v1/v1c; 5 made "
                         "toy-sd v1d: docs/toy-sd.md)")
     p.add_argument("--eval", type=int, default=0, help="after training, score N unseen captions with the oracle")
