@@ -255,3 +255,17 @@ def test_defaults_are_the_one_command_recipe(monkeypatch):
     assert main(["--out", "x"]) == 0
     for k in ("n_images", "unet_steps", "minutes", "snr_gamma", "bf16", "lr", "eval_every_minutes", "eval_n"):
         assert seen[k] == d[k], k
+
+
+def test_cli_passes_every_option_to_the_trainer(monkeypatch):
+    """`scenetok toyworld train --out DIR ...` reaches the trainer with its options in order (argparse's
+    REMAINDER inside a sub-command used to reject a leading `--out`)."""
+    from scenetok import cli
+
+    seen = []
+    monkeypatch.setattr("scenetok.toyworld.train.main", lambda argv: seen.append(list(argv)) or 0)
+    assert cli.main(["toyworld", "train", "--out", "x", "--seed", "3"]) == 0
+    assert cli.main(["toyworld", "train", "--bf16", "--out", "y"]) == 0
+    assert seen == [["--out", "x", "--seed", "3"], ["--bf16", "--out", "y"]]
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--no-such-option"])

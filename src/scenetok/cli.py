@@ -597,7 +597,8 @@ def _cmd_toyworld(args) -> int:
         raise ScenetokError("scenetok toyworld needs a subcommand", hint="scenetok toyworld train --help")
     from scenetok.toyworld.train import main as train_main
 
-    return train_main(args.args)
+    rest = list(args.args)
+    return train_main(rest[1:] if rest[:1] == ["--"] else rest)
 
 
 def _cmd_eval(args) -> int:
@@ -725,6 +726,11 @@ def _set_threads(requested: int | None, verbose: bool = False) -> None:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["toyworld", "train"]:
+        # every option belongs to scenetok.toyworld.train, which parses them itself (argparse's REMAINDER
+        # inside a sub-command drops a leading option such as `--out DIR`)
+        argv = ["toyworld", "train", "--", *argv[2:]]
     args = parser.parse_args(argv)
     if args.command == "toyworld" and not hasattr(args, "debug"):
         args.debug = False
