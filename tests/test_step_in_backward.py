@@ -196,10 +196,17 @@ def test_memory_low_on_a_gpu_without_bf16_turns_it_off(monkeypatch):
         apply_low_memory_precision(cfg, torch.device("cuda"))
     assert cfg["mixed_precision"] == "fp16" and cfg["optim"]["step_in_backward"] is False
     cfg = _cfg("memory=low")
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         apply_low_memory_precision(cfg, torch.device("cpu"))  # bf16: stays on, no warning
     assert cfg["mixed_precision"] == "bf16" and cfg["optim"]["step_in_backward"] is True
+    # a CPU that only emulates bf16: still bf16 (memory is what was asked for), with the speed warning
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True})
+    cfg = _cfg("memory=low")
+    with pytest.warns(UserWarning, match="no native bf16"):
+        apply_low_memory_precision(cfg, torch.device("cpu"))
+    assert cfg["mixed_precision"] == "bf16"
 
 
 @pytest.mark.parametrize("sets,on", [([], True), (["--set", "optim.step_in_backward=false"], False)])

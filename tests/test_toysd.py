@@ -247,7 +247,7 @@ def test_defaults_are_the_one_command_recipe(monkeypatch):
 
     d = {k: v.default for k, v in inspect.signature(train_toy_sd).parameters.items()}
     assert (d["n_images"], d["unet_steps"], d["minutes"], d["snr_gamma"], d["bf16"], d["lr"]) == \
-        (40000, 16000, 120.0, 5.0, True, 3e-4)
+        (40000, 16000, 120.0, 5.0, None, 3e-4)
     seen = {}
     # the stand-in keeps the real signature (functools.wraps): main() reads its defaults from it
     fake = functools.wraps(train_toy_sd)(lambda out_dir, **kw: seen.update(kw) or out_dir)
@@ -269,3 +269,18 @@ def test_cli_passes_every_option_to_the_trainer(monkeypatch):
     assert seen == [["--out", "x", "--seed", "3"], ["--bf16", "--out", "y"]]
     with pytest.raises(SystemExit):
         cli.main(["demo", "--no-such-option"])
+
+
+def test_bf16_only_where_the_device_computes_it(monkeypatch):
+    """bf16 autocast is the default only on devices with native bf16 math: on an AVX2-only CPU PyTorch
+    emulates it (a 1024² matmul measured 140× slower than fp32), which would make the one-command recipe
+    take ~100 times longer."""
+    from scenetok.training.memory import computes_bf16
+
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True, "avx512_bf16": False, "amx_bf16": False})
+    assert computes_bf16("cpu") is False
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True, "avx512_bf16": True})
+    assert computes_bf16("cpu") is True
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True})
+    assert computes_bf16(torch.device("cpu")) is True
+    assert computes_bf16("meta") is False

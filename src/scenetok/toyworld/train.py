@@ -10,7 +10,8 @@ Stages (all on CPU in the shipped run):
 Everything is drawn from ``seed``. ``--minutes`` caps stage 2 by wall time: the step count is then chosen
 from the measured speed and printed, and passing that count as ``--unet-steps`` with ``--minutes 0``
 repeats the run. The defaults are the one-command recipe of docs/toy-sd.md (40 000 scenes, min-SNR-γ 5,
-bf16 autocast, stage 2 capped at 120 minutes or 16 000 steps: about 140 minutes on 2 CPU cores):
+bf16 autocast where the CPU computes bf16 natively, stage 2 capped at 120 minutes or 16 000 steps: about 140
+minutes on 2 CPU cores; how many steps fit in the 120 minutes depends on the CPU):
 
     scenetok toyworld train --out DIR            # = python -m scenetok.toyworld.train --out DIR
 """
@@ -248,7 +249,7 @@ def train_toy_sd(
     lr: float = 3e-4,
     vae_lr: float = 1e-3,
     ema_decay: float = 0.999,
-    bf16: bool = True,
+    bf16: bool | None = None,
     device: str = "cpu",
     threads: int | None = 2,
     vae_from: str | Path | None = None,
@@ -281,8 +282,12 @@ def train_toy_sd(
     from scenetok.toyworld.model import ToySDArch, build_toy_sd, count_params
     from scenetok.training.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 
+    from scenetok.training.memory import computes_bf16
+
     if threads:
         torch.set_num_threads(threads)
+    if bf16 is None:  # auto: only where bf16 math is native (emulated bf16 on an AVX2 CPU is ~100× slower)
+        bf16 = computes_bf16(device)
     arch = arch or ToySDArch()
     if init_from is not None:
         if vae_from is not None and Path(vae_from) != Path(init_from):
@@ -338,6 +343,7 @@ def train_toy_sd(
     args_key = {"seed": seed, "arch": arch.to_dict()}
     if state is not None:
         info = state["run_state"]["info"]
+        info["bf16"] = bf16  # this machine's precision (a resumed run may move to a CPU without bf16)
     _log(f"params: {info['params']}")
     prog = dict(state["progress"]) if state is not None else {"stage": "vae", "step": 0}
     last_ckpt = time.time()
@@ -644,8 +650,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", default="v1", help="model sizes: v1 (16×16 latents, the shipped model) or v2 (×2 VAE, "
                    "32×32 latents)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=d["bf16"],
-                   help="bf16 autocast for the UNet stage (~25 %% faster on CPUs with AVX-512 BF16 or AMX; "
-                        "--no-bf16 for fp32)")
+                   help="bf16 autocast for the UNet stage (default: on where the device computes bf16 natively "
+                        "— CUDA, CPUs with AVX-512 BF16 or AMX, ~25 %% faster there — else fp32; on an AVX2-only "
+                        "CPU bf16 is emulated and ~100× slower)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.train-state")
     p.add_argument("--checkpoint-every-minutes", type=float, default=d["checkpoint_every_minutes"] or 0,
                    help="write the resumable state this often (0 = never)")
