@@ -245,3 +245,20 @@ def cycled_init_words(words, concepts: list) -> list[str]:
     if not words:
         return [c.init_word for c in concepts]
     return [words[i % len(words)] for i in range(len(concepts))]
+
+
+class KVTokenMethod(Method):
+    """A method of one phase, ``train`` (``train.steps`` at ``train.lr``), that trains the handles with the
+    cross-attention K/V projections (Custom Diffusion's parameter set), the handles starting from the words
+    of its ``init_words`` setting, cycled: DisenDiff and Textual Localization. Subclasses validate their
+    settings in :meth:`check`."""
+
+    def check(self, cfg: dict) -> None:
+        """Raise :class:`~scenetok.errors.ConfigError` for settings this method cannot run with."""
+
+    def phases(self, cfg: dict) -> list[Phase]:
+        self.check(cfg)
+        return [Phase("train", cfg["train"]["steps"], cfg["train"]["lr"], ("handles", "unet_kv"))]
+
+    def init_words(self, concepts: list, cfg: dict, tokenizer=None) -> list[str]:
+        return cycled_init_words(cfg["init_words"], concepts)

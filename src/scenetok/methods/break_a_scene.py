@@ -78,11 +78,17 @@ class BreakAScene(Method):
             return union_sample(rng, present)
         return list(present)
 
+    def masks_ready(self) -> bool:
+        """Whether the concepts' masks may be used by the losses (always, with user masks; a subclass that
+        estimates them, :class:`~scenetok.methods.em_masks.EMMasks`, says no before its first estimate)."""
+        return True
+
     def losses(self, batch: Batch, out: Outputs, cfg: dict) -> dict[str, torch.Tensor]:
         n = batch.n_instance
-        mask = batch.latent_mask[:n] if cfg["masked_loss"] else None
+        ready = self.masks_ready()
+        mask = batch.latent_mask[:n] if cfg["masked_loss"] and ready else None
         terms = {"diffusion": masked_diffusion_loss(out.pred[:n], out.target[:n], mask)}
-        if out.store is not None and cfg["attn"]["weight"] > 0:
+        if ready and out.store is not None and cfg["attn"]["weight"] > 0:
             terms["attn"] = cfg["attn"]["weight"] * attention_term(batch, out, cfg.get("mask_resize", "area"))
         return terms
 

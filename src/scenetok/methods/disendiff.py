@@ -41,12 +41,10 @@ from scenetok.losses import (
     suppress,
 )
 from scenetok.methods.base import (
+    KVTokenMethod,
     Batch,
-    Method,
     Outputs,
-    Phase,
     check_blocks,
-    cycled_init_words,
     join_handles,
     nearest_size,
 )
@@ -105,7 +103,7 @@ class DisenDiffConfig:
 REDUCTIONS = ("reference", "mean")
 
 
-class DisenDiff(Method):
+class DisenDiff(KVTokenMethod):
     name = "disendiff"
     summary = ("no masks (concepts named by words); '<asset0> cat and <asset1> dog'; cross-attention K/V + "
                "tokens (lr 8e-5, 250 steps); bind + separate&strengthen attention losses; regularisation images")
@@ -143,12 +141,8 @@ class DisenDiff(Method):
 
     # --------------------------------------------------------------------------------------- recipe
 
-    def phases(self, cfg: dict) -> list[Phase]:
+    def check(self, cfg: dict) -> None:
         _check(cfg)
-        return [Phase("train", cfg["train"]["steps"], cfg["train"]["lr"], ("handles", "unet_kv"))]
-
-    def init_words(self, concepts: list, cfg: dict, tokenizer=None) -> list[str]:
-        return cycled_init_words(cfg["init_words"], concepts)
 
     def prompt(self, tokens: list[str], chosen: list[int], cfg: dict, class_words: list[str] | None = None) -> str:
         parts = [f"{tokens[i]} {class_words[i] if class_words else 'object'}" for i in chosen]

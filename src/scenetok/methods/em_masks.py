@@ -33,7 +33,6 @@ from scenetok import viz
 from scenetok.config import group, setting
 from scenetok.errors import ConfigError
 from scenetok.io import atomic_write_png
-from scenetok.losses import masked_diffusion_loss
 from scenetok.masks.attention import (
     AttentionMaskConfig,
     is_background_word,
@@ -42,8 +41,8 @@ from scenetok.masks.attention import (
     token_attention,
 )
 from scenetok.masks.crf import iou
-from scenetok.methods.base import Batch, Method, Outputs, Phase, check_blocks, nearest_size, union_sample
-from scenetok.methods.break_a_scene import attention_term
+from scenetok.methods.base import Phase
+from scenetok.methods.break_a_scene import BreakAScene
 from scenetok.scene import load_scene
 from scenetok.tokens import token_positions
 
@@ -126,7 +125,9 @@ class EMMasksConfig:
                                    "score the estimated masks")
 
 
-class EMMasks(Method):
+class EMMasks(BreakAScene):
+    """Break-A-Scene's losses and union sampling on masks the method estimates itself."""
+
     name = "em-masks"
     summary = ("masks from the handles' cross-attention + dense CRF, re-estimated while the tokens learn (EM); "
                "then model + tokens with the masks frozen")
@@ -152,24 +153,11 @@ class EMMasks(Method):
             Phase("joint", cfg["joint"]["steps"], cfg["joint"]["lr"], ("handles", "unet", "text_encoder")),
         ]
 
-    def attention_size(self, cfg, latent_size, available):
-        check_blocks(self.attention_blocks(cfg))
-        if cfg["attn"]["weight"] <= 0:
-            return None
-        return nearest_size(max(1, latent_size // cfg["attn"]["downscale"]), available)
+    # attention_size, sample_concepts and losses are Break-A-Scene's, on the estimated masks
 
-    def sample_concepts(self, rng: np.random.Generator, present: list[int], cfg: dict) -> list[int]:
-        return union_sample(rng, present) if cfg["union_sampling"] else list(present)
-
-    def losses(self, batch: Batch, out: Outputs, cfg: dict) -> dict[str, torch.Tensor]:
-        n = batch.n_instance
+    def masks_ready(self) -> bool:
         # before the first estimate (only during an unmasked init inversion) there is no mask to use
-        ready = self._masks_ready
-        mask = batch.latent_mask[:n] if cfg["masked_loss"] and ready else None
-        terms = {"diffusion": masked_diffusion_loss(out.pred[:n], out.target[:n], mask)}
-        if ready and out.store is not None and cfg["attn"]["weight"] > 0:
-            terms["attn"] = cfg["attn"]["weight"] * attention_term(batch, out, cfg.get("mask_resize", "area"))
-        return terms
+        return self._masks_ready
 
     # ------------------------------------------------------------------------------------------------
     # hooks

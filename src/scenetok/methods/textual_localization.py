@@ -26,12 +26,10 @@ from scenetok.config import group, setting
 from scenetok.errors import ConfigError
 from scenetok.losses import localization_loss, masked_diffusion_loss, minmax_normalize, resize_masks
 from scenetok.methods.base import (
+    KVTokenMethod,
     Batch,
-    Method,
     Outputs,
-    Phase,
     check_blocks,
-    cycled_init_words,
     join_handles,
     nearest_size,
 )
@@ -68,7 +66,7 @@ class TextualLocalizationConfig:
     init_words: list = setting(["sks"], "words the handles start from, cycled ([]: each concept's init word)")
 
 
-class TextualLocalization(Method):
+class TextualLocalization(KVTokenMethod):
     name = "textual-localization"
     summary = ("user masks; 'photo of a <asset0> bucket and a <asset1> doll'; cross-attention K/V + tokens "
                "(lr 6e-5, 800 steps); identifier maps pulled to the masks (--guidance hard|soft); per-class prior")
@@ -90,12 +88,8 @@ class TextualLocalization(Method):
             "prior": {"enabled": True, "mode": "per_class", "num_images": 50, "batch_size": 2, "weight": 1.0},
         }
 
-    def phases(self, cfg: dict) -> list[Phase]:
+    def check(self, cfg: dict) -> None:
         _check(cfg)
-        return [Phase("train", cfg["train"]["steps"], cfg["train"]["lr"], ("handles", "unet_kv"))]
-
-    def init_words(self, concepts: list, cfg: dict, tokenizer=None) -> list[str]:
-        return cycled_init_words(cfg["init_words"], concepts)
 
     def prompt(self, tokens: list[str], chosen: list[int], cfg: dict, class_words: list[str] | None = None) -> str:
         parts = [f"a {tokens[i]} {class_words[i] if class_words else 'object'}" for i in chosen]
