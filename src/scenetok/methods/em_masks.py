@@ -105,6 +105,9 @@ class EMMaskSettings:
     unary_scale: float = setting(1.0, "multiplies the maps before the CRF's softmax")
     batch_size: int = setting(10, "noise levels per UNet forward pass")
     min_fraction: float = setting(0.01, "the smallest share of the image a concept is given (fallback)")
+    orders: int = setting(1, "prompt orders the maps are averaged over: 1 names the concepts in their own order; "
+                          "n > 1 also reads the n - 1 next rotations of it, so no concept's map depends on the "
+                          "place it is named in")
     background: str = setting("attention", "the background concept's mask: attention (its own token's map, like "
                               "every concept: the paper) or complement (what no object mask takes)")
     crf: EMCRF = group(EMCRF)
@@ -163,7 +166,7 @@ class EMMasks(BreakAScene):
     # hooks
 
     def prepare(self, run: Any) -> None:
-        AttentionMaskConfig.from_dict(run.cfg["masks"]).validate()  # fail before training, not at step 50
+        _mask_config(run.cfg)  # fail before training, not at step 50
         self._eval = _evaluation_masks(run)
         if run.masks_estimated:  # resumed: the checkpoint's masks are in the sources
             self._masks_ready = True
@@ -198,7 +201,7 @@ class EMMasks(BreakAScene):
         """Re-estimate every training image's masks from the current handles; returns the log row."""
 
         cfg = run.cfg
-        mc = AttentionMaskConfig.from_dict(cfg["masks"]).validate()
+        mc = _mask_config(cfg)
         m = run.model
         layers, size = mask_layers(m.unet, run.latent_size, mc.layers)
         # own random numbers: the training run's streams are untouched, a resumed run re-estimates exactly
@@ -213,15 +216,22 @@ class EMMasks(BreakAScene):
         try:
             for src in run.sources:
                 present = list(src.present)
-                prompt = self.prompt(run.handles.tokens, present, cfg, class_words)
-                pos = token_positions(m.tokenizer, [prompt], [run.handles.ids[k] for k in present])[0]
-                with run.accelerator.autocast():
-                    enc = m.encode_prompt(prompt)
                 lat = m.scale_latents(src.latents[False][0])
-                maps = token_attention(m.unet, m.scheduler, lat, enc, [[int(p)] for p in pos], layers=layers,
-                                       size=size, timesteps=mc.timesteps, t_range=mc.t_range,
-                                       batch_size=mc.batch_size, generator=gen, autocast=run.accelerator.autocast,
-                                       extra_conditioning=m.extra_conditioning(1, run.resolution))
+                n_orders = max(1, min(int(cfg["masks"].get("orders", 1)), len(present)))
+                maps = 0.0
+                for r in range(n_orders):
+                    order = present[r:] + present[:r]  # rotation r; every order sees the same noise
+                    prompt = self.prompt(run.handles.tokens, order, cfg, class_words)
+                    pos = token_positions(m.tokenizer, [prompt], [run.handles.ids[k] for k in order])[0]
+                    with run.accelerator.autocast():
+                        enc = m.encode_prompt(prompt)
+                    g = torch.Generator("cpu").set_state(gen.get_state()) if r + 1 < n_orders else gen
+                    got = token_attention(m.unet, m.scheduler, lat, enc, [[int(p)] for p in pos], layers=layers,
+                                          size=size, timesteps=mc.timesteps, t_range=mc.t_range,
+                                          batch_size=mc.batch_size, generator=g, autocast=run.accelerator.autocast,
+                                          extra_conditioning=m.extra_conditioning(1, run.resolution))
+                    back = [order.index(k) for k in present]  # rows back in the order of ``present``
+                    maps = maps + got[back] / n_orders
                 bg = [is_background_concept(run.concepts[k]) for k in present]
                 masks, _ = maps_to_masks(src.image, maps, bg, mc)
                 full = np.zeros((len(run.concepts), run.resolution, run.resolution), np.float32)
@@ -255,6 +265,15 @@ class EMMasks(BreakAScene):
 
 # ----------------------------------------------------------------------------------------------------
 # helpers
+
+
+def _mask_config(cfg: dict) -> AttentionMaskConfig:
+    """The run's ``masks`` settings as the shared mask-making config (``orders`` is this method's own)."""
+    orders = cfg["masks"].get("orders", 1)
+    if not isinstance(orders, int) or isinstance(orders, bool) or orders < 1:
+        raise ConfigError(f"masks.orders must be a positive integer, got {orders!r}",
+                          hint="1: the concepts in their own order; 3: also the next two rotations of it")
+    return AttentionMaskConfig.from_dict({k: v for k, v in cfg["masks"].items() if k != "orders"}).validate()
 
 
 def _evaluation_masks(run: Any) -> list[np.ndarray | None]:
