@@ -247,7 +247,7 @@ def test_defaults_are_the_one_command_recipe(monkeypatch):
 
     d = {k: v.default for k, v in inspect.signature(train_toy_sd).parameters.items()}
     assert (d["n_images"], d["unet_steps"], d["minutes"], d["snr_gamma"], d["bf16"], d["lr"]) == \
-        (40000, 16000, 120.0, 5.0, None, 3e-4)
+        (40000, 11000, None, 5.0, None, 3e-4)
     seen = {}
     # the stand-in keeps the real signature (functools.wraps): main() reads its defaults from it
     fake = functools.wraps(train_toy_sd)(lambda out_dir, **kw: seen.update(kw) or out_dir)

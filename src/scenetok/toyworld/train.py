@@ -10,8 +10,9 @@ Stages (all on CPU in the shipped run):
 Everything is drawn from ``seed``. ``--minutes`` caps stage 2 by wall time: the step count is then chosen
 from the measured speed and printed, and passing that count as ``--unet-steps`` with ``--minutes 0``
 repeats the run. The defaults are the one-command recipe of docs/toy-sd.md (40 000 scenes, min-SNR-γ 5,
-bf16 autocast where the CPU computes bf16 natively, stage 2 capped at 120 minutes or 16 000 steps: about 140
-minutes on 2 CPU cores; how many steps fit in the 120 minutes depends on the CPU):
+bf16 autocast where the device computes bf16 natively, 11 000 UNet steps — a fixed count, so the same
+command gives the same model on every machine; about 135 minutes on a 2-core CPU with AVX-512 BF16, about 5
+hours on an AVX2-only one, minutes on a GPU; ``--minutes 120`` time-boxes it instead):
 
     scenetok toyworld train --out DIR            # = python -m scenetok.toyworld.train --out DIR
 """
@@ -232,13 +233,13 @@ def train_toy_sd(
     seed: int = 0,
     arch=None,
     vae_steps: int = 1500,
-    unet_steps: int = 16000,
+    unet_steps: int = 11000,
     batch_size: int = 32,
     vae_batch_size: int = 32,
     vae_crop: int = 32,
     vae_fg_weight: float = 4.0,
     n_images: int = 40000,
-    minutes: float | None = 120.0,
+    minutes: float | None = None,
     vae_minutes: float | None = None,
     render_minutes: float | None = None,
     save_every_minutes: float | None = 10.0,
