@@ -284,3 +284,32 @@ def test_bf16_only_where_the_device_computes_it(monkeypatch):
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True})
     assert computes_bf16(torch.device("cpu")) is True
     assert computes_bf16("meta") is False
+
+
+def test_bare_noun_captions():
+    """bare_nouns names an object by its shape word alone with that probability; 0 leaves captions and the
+    random stream exactly as before (earlier models stay reproducible)."""
+    from scenetok.toyworld import world
+
+    rng = np.random.default_rng(3)
+    specs = [world.sample_scene(rng, n_objects=(1, 3)) for _ in range(200)]
+    a, b = np.random.default_rng(7), np.random.default_rng(7)
+    assert [world.caption(s, a) for s in specs] == [world.caption(s, b, bare_nouns=0.0) for s in specs]
+    assert a.bit_generator.state == b.bit_generator.state
+    spec = world.SceneSpec((world.ObjectSpec("star", "red", "striped", 0.3, 0.3, 0.2),
+                            world.ObjectSpec("circle", "blue", "plain", 0.7, 0.7, 0.2)), "white")
+    text = world.caption(spec, np.random.default_rng(0), bare_nouns=1.0)
+    assert sorted(text.removeprefix("a photo of ").removesuffix(" on a white background").split(" and ")) == \
+        ["a circle", "a star"]
+    rng = np.random.default_rng(1)
+    words = [w for s in specs for w in world.caption_words(world.caption(s, rng, bare_nouns=0.3))]
+    n_obj = sum(len(s.objects) for s in specs)
+    n_colour = sum(w in world.COLORS for w in words)
+    assert 0.6 < n_colour / n_obj < 0.8  # about 70 % of the objects keep their colour word
+
+
+def test_bare_nouns_reach_training(tmp_path):
+    base = _weights(_tiny_train(tmp_path / "full", checkpoint_every_minutes=None))
+    bare = _weights(_tiny_train(tmp_path / "bare", checkpoint_every_minutes=None, bare_nouns=1.0))
+    assert json.loads((tmp_path / "bare" / "training_info.json").read_text())["bare_nouns"] == 1.0
+    assert max((base[k].float() - bare[k].float()).abs().max().item() for k in base if k.startswith("unet.")) > 0

@@ -258,6 +258,7 @@ def train_toy_sd(
     resume: bool = False,
     progress: bool = True,
     snr_gamma: float | None = 5.0,
+    bare_nouns: float = 0.0,
 ) -> Path:
     """Train toy-sd from scratch and save it (diffusers folder, safetensors) at ``out_dir``.
 
@@ -273,7 +274,11 @@ def train_toy_sd(
 
     ``snr_gamma`` turns on min-SNR-γ loss weighting (Hang et al. 2023): each sample's v-prediction loss is
     weighted by ``min(SNR, γ) / (SNR + 1)`` (:func:`min_snr_weights`), so the many nearly clean timesteps
-    stop dominating the gradient."""
+    stop dominating the gradient.
+
+    ``bare_nouns`` names each object of a training caption by its shape word alone with this probability
+    (:func:`scenetok.toyworld.world.caption`): toy-sd trained on full captions only localizes a bare shape
+    noun poorly (docs/toy-sd.md), which the mask-free methods rely on."""
     import torch
     import torch.nn.functional as F
     from diffusers import DDIMScheduler
@@ -309,6 +314,9 @@ def train_toy_sd(
         if state["run_state"]["info"].get("snr_gamma") != snr_gamma:
             raise ValueError(f"{ckpt} was written with snr_gamma={state['run_state']['info'].get('snr_gamma')}; "
                              f"resume with the same --snr-gamma")
+        if state["run_state"]["info"].get("bare_nouns", 0.0) != bare_nouns:
+            raise ValueError(f"{ckpt} was written with bare_nouns={state['run_state']['info'].get('bare_nouns', 0.0)}; "
+                             f"resume with the same --bare-nouns")
     elif has_checkpoint(ckpt):
         raise FileExistsError(f"{ckpt} holds the state of an unfinished run; pass --resume to continue it, or "
                               f"remove that folder to start again")
@@ -338,7 +346,7 @@ def train_toy_sd(
         "params": {k: count_params(getattr(pipe, k)) for k in ("vae", "unet", "text_encoder")},
         "n_images": n, "batch_size": batch_size, "vae_batch_size": vae_batch_size, "vae_crop": vae_crop,
         "vae_fg_weight": vae_fg_weight, "lr": lr, "vae_lr": vae_lr, "bf16": bf16,
-        "ema_decay": ema_decay, "snr_gamma": snr_gamma, "caption_dropout": CAPTION_DROPOUT, "threads": threads, "device": device,
+        "ema_decay": ema_decay, "snr_gamma": snr_gamma, "bare_nouns": bare_nouns, "caption_dropout": CAPTION_DROPOUT, "threads": threads, "device": device,
         "scores": [],
     }
     args_key = {"seed": seed, "arch": arch.to_dict()}
@@ -483,7 +491,8 @@ def train_toy_sd(
                mininterval=2.0)
     while step < total_ref[0]:
         idx = rng.integers(0, n, batch_size)
-        caps = [world.caption(specs[i], rng) if rng.random() >= CAPTION_DROPOUT else "" for i in idx]
+        caps = [world.caption(specs[i], rng, bare_nouns=bare_nouns) if rng.random() >= CAPTION_DROPOUT else ""
+                for i in idx]
         ti = torch.from_numpy(idx)
         fl = torch.from_numpy(rng.integers(0, 2, batch_size))
         mu, sd = lat_mean[fl, ti], lat_std[fl, ti]
@@ -670,6 +679,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--snr-gamma", type=float, default=d["snr_gamma"] or 0,
                    help="min-SNR-γ loss weighting with this γ (0: the plain v-prediction loss of v1/v1c; 5 made "
                         "toy-sd v1d: docs/toy-sd.md)")
+    p.add_argument("--bare-nouns", type=float, default=d["bare_nouns"],
+                   help="probability that a training caption names an object by its shape word alone ('a star'), "
+                        "so the model learns where a bare noun is (0: full phrases only, every model so far)")
     p.add_argument("--eval", type=int, default=0, help="after training, score N unseen captions with the oracle")
     a = p.parse_args(argv)
     from scenetok.toyworld.model import ARCHS
@@ -685,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
         save_every_minutes=a.save_every_minutes or None, log_every=a.log_every, lr=a.lr, device=a.device,
         threads=a.threads, vae_from=a.vae_from, init_from=a.init_from, arch=ARCHS[a.arch], bf16=a.bf16, resume=a.resume,
         checkpoint_every_minutes=a.checkpoint_every_minutes or None, eval_every_minutes=a.eval_every_minutes or None,
-        eval_n=a.eval_n, progress=not a.no_progress, snr_gamma=a.snr_gamma or None,
+        eval_n=a.eval_n, progress=not a.no_progress, snr_gamma=a.snr_gamma or None, bare_nouns=a.bare_nouns,
     )
     if a.eval:
         res = evaluate_toy_sd(path, n=a.eval, seed=a.seed)

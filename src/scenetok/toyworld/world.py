@@ -345,15 +345,20 @@ def _with_article(phrase: str) -> str:
     return f"{_article(phrase)} {phrase}"
 
 
-def caption(spec: SceneSpec, rng: np.random.Generator | None = None) -> str:
+def caption(spec: SceneSpec, rng: np.random.Generator | None = None, bare_nouns: float = 0.0) -> str:
     """``"a photo of a red striped star and a blue circle on a green background"``.
 
     With ``rng`` the objects are mentioned in a random order (the text never says which is in front);
-    without it they are mentioned in drawing order."""
+    without it they are mentioned in drawing order. ``bare_nouns`` (needs ``rng``): the probability that an
+    object is named by its shape word alone (``"a star"``: any colour, any texture), so that a model trained
+    on such captions learns where a shape noun is without its adjectives; 0 draws nothing from ``rng``."""
     objs = list(spec.objects)
     if rng is not None and len(objs) > 1:
         objs = [objs[int(j)] for j in rng.permutation(len(objs))]
-    items = [_with_article(object_phrase(o)) for o in objs]
+    if bare_nouns > 0 and rng is not None:
+        items = [_with_article(o.shape if rng.random() < bare_nouns else object_phrase(o)) for o in objs]
+    else:
+        items = [_with_article(object_phrase(o)) for o in objs]
     if not items:
         body = "nothing"
     elif len(items) == 1:
