@@ -67,8 +67,8 @@ def apply_low_memory_precision(cfg: dict, device: torch.device) -> None:
         cfg["mixed_precision"] = "bf16" if half_dtype(device) == torch.bfloat16 else "fp16"
         if device.type == "cpu" and not computes_bf16(device):
             warnings.warn("memory=low: this CPU has no native bf16 (no AVX-512 BF16 or AMX), so bf16 autocast "
-                          "emulates it and runs many times slower; pass --mixed-precision no to keep the memory "
-                          "savings of gradient checkpointing at fp32 speed", stacklevel=2)
+                          "emulates it and runs many times slower; for gradient checkpointing at fp32 speed, leave "
+                          "memory=low off and set gradient_checkpointing=true", stacklevel=2)
         if cfg["mixed_precision"] == "fp16" and cfg["optim"].get("step_in_backward"):
             cfg["optim"]["step_in_backward"] = False
             warnings.warn("memory=low: this GPU has no bf16, so the run autocasts to fp16, whose loss scaling needs "
