@@ -287,7 +287,6 @@ def train_toy_sd(
     from scenetok.toyworld import world
     from scenetok.toyworld.model import ToySDArch, build_toy_sd, count_params
     from scenetok.training.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
-
     from scenetok.training.memory import computes_bf16
 
     if threads:
@@ -311,12 +310,12 @@ def train_toy_sd(
         if saved["seed"] != seed or saved["arch"] != json.loads(json.dumps(arch.to_dict())):
             raise ValueError(f"{ckpt} was written by a run with seed {saved['seed']} and arch {saved['arch']}; "
                              f"resume with the same settings")
-        if state["run_state"]["info"].get("snr_gamma") != snr_gamma:
-            raise ValueError(f"{ckpt} was written with snr_gamma={state['run_state']['info'].get('snr_gamma')}; "
-                             f"resume with the same --snr-gamma")
-        if state["run_state"]["info"].get("bare_nouns", 0.0) != bare_nouns:
-            raise ValueError(f"{ckpt} was written with bare_nouns={state['run_state']['info'].get('bare_nouns', 0.0)}; "
-                             f"resume with the same --bare-nouns")
+        saved_info = state["run_state"]["info"]
+        # settings that change the training loss: a resumed run must keep them (older states lack bare_nouns)
+        for key, value, default in (("snr_gamma", snr_gamma, None), ("bare_nouns", bare_nouns, 0.0)):
+            if saved_info.get(key, default) != value:
+                raise ValueError(f"{ckpt} was written with {key}={saved_info.get(key, default)}; "
+                                 f"resume with the same --{key.replace('_', '-')}")
     elif has_checkpoint(ckpt):
         raise FileExistsError(f"{ckpt} holds the state of an unfinished run; pass --resume to continue it, or "
                               f"remove that folder to start again")

@@ -355,10 +355,8 @@ def caption(spec: SceneSpec, rng: np.random.Generator | None = None, bare_nouns:
     objs = list(spec.objects)
     if rng is not None and len(objs) > 1:
         objs = [objs[int(j)] for j in rng.permutation(len(objs))]
-    if bare_nouns > 0 and rng is not None:
-        items = [_with_article(o.shape if rng.random() < bare_nouns else object_phrase(o)) for o in objs]
-    else:
-        items = [_with_article(object_phrase(o)) for o in objs]
+    bare = bare_nouns > 0 and rng is not None  # short-circuits: no draw at all when off
+    items = [_with_article(o.shape if bare and rng.random() < bare_nouns else object_phrase(o)) for o in objs]
     if not items:
         body = "nothing"
     elif len(items) == 1:
