@@ -194,6 +194,28 @@ def test_train_warm_start_keeps_vae_and_starts_from_the_given_weights(tmp_path):
     assert max((a[k].float() - fresh[k].float()).abs().max().item() for k in a if k.startswith("unet.")) > 1e-3
 
 
+def test_train_warm_start_keeps_the_source_tokenizer(tmp_path):
+    """A warm start learns on the ids its text encoder knows: when the source's tokenizer differs from the
+    one a fresh model gets (the shipped v1d's splits some colour words into pieces), the source's tokenizer
+    and embedding table are kept (before: a size mismatch on loading the text encoder)."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    src = _tiny_train(tmp_path / "src", checkpoint_every_minutes=None)
+    tok = CLIPTokenizer.from_pretrained(str(src / "tokenizer"))
+    te = CLIPTextModel.from_pretrained(str(src / "text_encoder"))
+    tok.add_tokens(["zebrine", "quokka"])
+    te.resize_token_embeddings(len(tok), mean_resizing=False)
+    tok.save_pretrained(str(src / "tokenizer"))
+    te.save_pretrained(str(src / "text_encoder"))
+    out = _tiny_train(tmp_path / "warm", init_from=src, seed=1, lr=0.0, checkpoint_every_minutes=None)
+    got = CLIPTokenizer.from_pretrained(str(out / "tokenizer"))
+    assert len(got) == len(tok) and got("zebrine quokka").input_ids == tok("zebrine quokka").input_ids
+    a, b = _weights(src), _weights(out)
+    emb = [k for k in a if k.endswith("token_embedding.weight")]
+    assert emb and all(a[k].shape == b[k].shape for k in emb)
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) == 0.0
+
+
 def test_train_resume_without_state_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="start without --resume"):
         _tiny_train(tmp_path / "none", resume=True)

@@ -338,6 +338,13 @@ def train_toy_sd(
         pipe.scheduler.config, prediction_type="v_prediction", rescale_betas_zero_snr=True,
         timestep_spacing="trailing",
     )
+    if init_from is not None:
+        # a warm start keeps the source model's tokenizer: its text encoder learnt those ids (the shipped v1d's
+        # tokenizer splits some colour words into pieces; a fresh one keeps them whole, with other ids)
+        from transformers import CLIPTokenizer
+
+        pipe.tokenizer = CLIPTokenizer.from_pretrained(str(Path(init_from) / "tokenizer"))
+        pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer), mean_resizing=False)
     vae, unet, te, tok = pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer
     vae.to(device), unet.to(device), te.to(device)
     info = {
