@@ -69,6 +69,8 @@ def test_noun_localization_on_the_shipped_toy_model():
     finally:
         sys.path.pop(0)
     res = measure(None, n_scenes=2)
-    assert res["full caption"]["n_objects"] == res["bare nouns"]["n_objects"] == 4
+    assert res["full caption"]["n_objects"] == res["bare nouns"]["n_objects"] == res["bare nouns, articles"]["n_objects"] == 4
     assert all(0.0 <= x <= 1.0 for k in res for x in res[k]["per_object"])
+    for k, v in res.items():  # each prompt names one word first and one second: the split averages back to the mean
+        assert v["mean_iou"] == pytest.approx((v["named first"] + v["named second"]) / 2, abs=2e-3), (k, v)
     assert res["full caption"]["mean_iou"] >= 0.6, res

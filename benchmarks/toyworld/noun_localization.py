@@ -2,14 +2,16 @@
 method on the toy world (EM concept masks estimates its first masks from bare concept words).
 
 For 2-object scenes (seeds 0..N-1, held-out combinations allowed) it makes each shape word's attention
-mask (:func:`scenetok.masks.attention.attention_masks`: 50 noise levels, threshold, CRF) from two prompts —
-the full caption ("a photo of a pink dotted square and a purple dotted cross on a beige background") and
-EM's bare form ("a photo of square and cross") — and prints the mean IoU with the true masks:
+mask (:func:`scenetok.masks.attention.attention_masks`: 50 noise levels, threshold, CRF) from three prompts —
+the full caption ("a photo of a pink dotted square and a purple dotted cross on a beige background"),
+EM's bare form ("a photo of square and cross") and the bare form with articles ("a photo of a square and a
+cross", how ``scenetok toyworld train --bare-nouns`` names an object) — and prints the mean IoU with the
+true masks, also split by the place the word is named in (first or second):
 
     python benchmarks/toyworld/noun_localization.py [MODEL] [--scenes 8] [--json F]
 
 toy-sd v1d (2026-12-02, seeds 0-7, 16 objects): full caption 0.689, bare nouns 0.166
-(docs/toy-sd.md, "EM concept masks on v1d").
+(docs/toy-sd.md, "EM concept masks on v1d"; the other figures: docs/toy-sd.md, "toy-sd v1f").
 """
 
 from __future__ import annotations
@@ -28,8 +30,13 @@ def measure(model_path: str | None = None, n_scenes: int = 8) -> dict:
     from scenetok.toyworld.model import toy_sd_path
 
     model = load_model(str(model_path or toy_sd_path()))
-    forms = {"full caption": None, "bare nouns": lambda w: f"a photo of {w[0]} and {w[1]}"}
+    def a(word: str) -> str:
+        return ("an " if word[0] in "aeiou" else "a ") + word
+
+    forms = {"full caption": None, "bare nouns": lambda w: f"a photo of {w[0]} and {w[1]}",
+             "bare nouns, articles": lambda w: f"a photo of {a(w[0])} and {a(w[1])}"}
     ious: dict[str, list[float]] = {k: [] for k in forms}
+    place: dict[str, list[int]] = {k: [] for k in forms}  # 0: the word is named first in its prompt
     for seed in range(n_scenes):
         spec = world.sample_scene(np.random.default_rng(seed), n_objects=2, allow_held_out=True, overlap=False)
         image, masks = world.render(spec, size=64)
@@ -40,8 +47,14 @@ def measure(model_path: str | None = None, n_scenes: int = 8) -> dict:
             prompt = world.caption(spec, np.random.default_rng(0)) if form is None else form(words)
             found = attention_masks(model, image, words, prompt=prompt)
             ious[name] += [float(iou(f.mask, m)) for f, m in zip(found, masks)]
-    return {k: {"mean_iou": round(float(np.mean(v)), 3), "n_objects": len(v), "per_object": [round(x, 3) for x in v]}
-            for k, v in ious.items()}
+            first = min(words, key=lambda w: prompt.find(f" {w}"))
+            place[name] += [0 if w == first else 1 for w in words]
+    out = {}
+    for k, v in ious.items():
+        by_place = {p: [x for x, q in zip(v, place[k]) if q == i] for i, p in enumerate(("named first", "named second"))}
+        out[k] = {"mean_iou": round(float(np.mean(v)), 3), "n_objects": len(v), "per_object": [round(x, 3) for x in v],
+                  **{p: round(float(np.mean(x)), 3) for p, x in by_place.items() if x}}
+    return out
 
 
 def main(argv=None) -> int:
@@ -52,7 +65,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     res = measure(a.model, a.scenes)
     for k, v in res.items():
-        print(f"{k:14s} mean IoU {v['mean_iou']:.3f} over {v['n_objects']} objects")
+        print(f"{k:20s} mean IoU {v['mean_iou']:.3f} over {v['n_objects']} objects (named first "
+              f"{v.get('named first', float('nan')):.3f}, second {v.get('named second', float('nan')):.3f})")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)
