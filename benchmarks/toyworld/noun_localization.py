@@ -30,11 +30,8 @@ def measure(model_path: str | None = None, n_scenes: int = 8) -> dict:
     from scenetok.toyworld.model import toy_sd_path
 
     model = load_model(str(model_path or toy_sd_path()))
-    def a(word: str) -> str:
-        return ("an " if word[0] in "aeiou" else "a ") + word
-
     forms = {"full caption": None, "bare nouns": lambda w: f"a photo of {w[0]} and {w[1]}",
-             "bare nouns, articles": lambda w: f"a photo of {a(w[0])} and {a(w[1])}"}
+             "bare nouns, articles": lambda w: f"a photo of {world.with_article(w[0])} and {world.with_article(w[1])}"}
     ious: dict[str, list[float]] = {k: [] for k in forms}
     place: dict[str, list[int]] = {k: [] for k in forms}  # 0: the word is named first in its prompt
     for seed in range(n_scenes):

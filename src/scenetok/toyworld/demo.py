@@ -64,8 +64,8 @@ def demo_prompts(tokens: list[str], scene_background: str, rng: np.random.Genera
     for g in groups:
         out.append({"handles": g, "background": str(rng.choice(backgrounds))})
     for p in out:
-        article = "an" if p["background"][0] in "aeiou" else "a"
-        p["prompt"] = f"a photo of {' and '.join(tokens[i] for i in p['handles'])} on {article} {p['background']} background"
+        p["prompt"] = (f"a photo of {' and '.join(tokens[i] for i in p['handles'])} on "
+                       f"{world.with_article(p['background'])} background")
     return out
 
 

@@ -331,7 +331,8 @@ def sample_scene(
 
 
 # -------------------------------------------------------------------------------------------- captions
-def _article(word: str) -> str:
+def article(word: str) -> str:
+    """'a' or 'an' before a toy-world word."""
     return "an" if word[0] in "aeiou" else "a"
 
 
@@ -341,8 +342,9 @@ def object_phrase(obj: ObjectSpec) -> str:
     return " ".join(parts)
 
 
-def _with_article(phrase: str) -> str:
-    return f"{_article(phrase)} {phrase}"
+def with_article(phrase: str) -> str:
+    """The phrase with its article: 'an orange circle', 'a star'."""
+    return f"{article(phrase)} {phrase}"
 
 
 def caption(spec: SceneSpec, rng: np.random.Generator | None = None, bare_nouns: float = 0.0) -> str:
@@ -356,14 +358,14 @@ def caption(spec: SceneSpec, rng: np.random.Generator | None = None, bare_nouns:
     if rng is not None and len(objs) > 1:
         objs = [objs[int(j)] for j in rng.permutation(len(objs))]
     bare = bare_nouns > 0 and rng is not None  # short-circuits: no draw at all when off
-    items = [_with_article(o.shape if bare and rng.random() < bare_nouns else object_phrase(o)) for o in objs]
+    items = [with_article(o.shape if bare and rng.random() < bare_nouns else object_phrase(o)) for o in objs]
     if not items:
         body = "nothing"
     elif len(items) == 1:
         body = items[0]
     else:
         body = ", ".join(items[:-1]) + " and " + items[-1]
-    return f"a photo of {body} on {_article(spec.background)} {spec.background} background"
+    return f"a photo of {body} on {article(spec.background)} {spec.background} background"
 
 
 def vocabulary() -> list[str]:

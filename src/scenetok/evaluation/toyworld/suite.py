@@ -254,8 +254,7 @@ def prompt_text(method, cfg: dict, tokens: list[str], class_words: list[str], ha
     (:meth:`Method.prompt` with the run's config), then "on a <colour> background" if one is asked for."""
     text = method.prompt(list(tokens), [int(h) for h in handles], cfg, list(class_words))
     if background:
-        article = "an" if background[0] in "aeiou" else "a"
-        text = f"{text} on {article} {background} background"
+        text = f"{text} on {world.with_article(background)} background"
     return text
 
 
