@@ -231,3 +231,46 @@ def test_orders_must_be_a_positive_integer(tiny_sd, tmp_path):
     with pytest.raises(ConfigError, match="masks.orders"):
         train(_named_scene(["red", "blue"]), tmp_path / "x", method="em-masks", model=str(tiny_sd), progress=False,
               overrides=FAST + ["em.steps=1", "joint.steps=0", "masks.orders=0"])
+
+
+def test_skip_first_averages_each_map_only_where_its_concept_is_not_named_first(tiny_sd, tmp_path, monkeypatch):
+    """masks.skip_first: with three concepts and three orders, each concept's map is the mean of the two
+    rotations in which it is not named first. The attention reader is replaced by one whose map for a
+    concept is (rotation + 1) everywhere, so the expected average is known exactly."""
+    import scenetok.methods.em_masks as em
+
+    calls, seen = [], []
+
+    def fake_attention(unet, scheduler, lat, enc, positions, **kw):
+        r = len(calls)
+        calls.append(r)
+        n, side = len(positions), kw["size"]
+        return torch.full((n, side, side), float(r + 1))
+
+    real = em.maps_to_masks
+
+    def spy(image, maps, bg, mc):
+        seen.append(torch.as_tensor(maps).clone())
+        return real(image, maps, bg, mc)
+
+    monkeypatch.setattr(em, "token_attention", fake_attention)
+    monkeypatch.setattr(em, "maps_to_masks", spy)
+    for skip in (False, True):
+        calls.clear()
+        train(_named_scene(["red", "blue", "background"]), tmp_path / f"s{skip}", method="em-masks",
+              model=str(tiny_sd), progress=False,
+              overrides=FAST + ["em.steps=1", "em.every=0", "joint.steps=0", "masks.orders=3",
+                                f"masks.skip_first={str(skip).lower()}", "masks.crf.enabled=false"])
+        assert len(calls) == 3
+    plain, skipped = seen
+    # rotation r names present[r] first; maps are 1, 2, 3 for rotations 0, 1, 2
+    assert [float(plain[k].mean()) for k in range(3)] == pytest.approx([2.0, 2.0, 2.0])
+    assert [float(skipped[k].mean()) for k in range(3)] == pytest.approx([2.5, 2.0, 1.5])
+
+
+def test_skip_first_needs_more_than_one_order(tiny_sd, tmp_path):
+    from scenetok.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="skip_first"):
+        train(_named_scene(["red", "blue"]), tmp_path / "x", method="em-masks", model=str(tiny_sd), progress=False,
+              overrides=FAST + ["em.steps=1", "joint.steps=0", "masks.skip_first=true"])

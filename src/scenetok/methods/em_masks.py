@@ -108,6 +108,8 @@ class EMMaskSettings:
     orders: int = setting(1, "prompt orders the maps are averaged over: 1 names the concepts in their own order; "
                           "n > 1 also reads the n - 1 next rotations of it, so no concept's map depends on the "
                           "place it is named in")
+    skip_first: bool = setting(False, "with orders > 1, each concept's map averages only the orders in which it "
+                               "is not named first (a model that localizes the first-named word poorly)")
     background: str = setting("attention", "the background concept's mask: attention (its own token's map, like "
                               "every concept: the paper) or complement (what no object mask takes)")
     crf: EMCRF = group(EMCRF)
@@ -218,7 +220,8 @@ class EMMasks(BreakAScene):
                 present = list(src.present)
                 lat = m.scale_latents(src.latents[False][0])
                 n_orders = max(1, min(int(cfg["masks"].get("orders", 1)), len(present)))
-                maps = 0.0
+                skip_first = bool(cfg["masks"].get("skip_first", False)) and n_orders > 1
+                maps, weight = 0.0, torch.zeros(len(present))
                 for r in range(n_orders):
                     order = present[r:] + present[:r]  # rotation r; every order sees the same noise
                     prompt = self.prompt(run.handles.tokens, order, cfg, class_words)
@@ -231,7 +234,12 @@ class EMMasks(BreakAScene):
                                           batch_size=mc.batch_size, generator=g, autocast=run.accelerator.autocast,
                                           extra_conditioning=m.extra_conditioning(1, run.resolution))
                     back = [order.index(k) for k in present]  # rows back in the order of ``present``
-                    maps = maps + got[back] / n_orders
+                    # weight 0 for the concept named first in this order when skip_first (each concept is
+                    # first in at most one rotation, so with >= 2 orders every concept keeps a weight > 0)
+                    w = torch.tensor([0.0 if skip_first and k == order[0] else 1.0 for k in present])
+                    maps = maps + got[back] * w.view(-1, *([1] * (got.dim() - 1))).to(got)
+                    weight = weight + w
+                maps = maps / weight.view(-1, *([1] * (maps.dim() - 1))).to(maps)
                 bg = [is_background_concept(run.concepts[k]) for k in present]
                 masks, _ = maps_to_masks(src.image, maps, bg, mc)
                 full = np.zeros((len(run.concepts), run.resolution, run.resolution), np.float32)
@@ -268,12 +276,19 @@ class EMMasks(BreakAScene):
 
 
 def _mask_config(cfg: dict) -> AttentionMaskConfig:
-    """The run's ``masks`` settings as the shared mask-making config (``orders`` is this method's own)."""
+    """The run's ``masks`` settings as the shared mask-making config (``orders``, ``skip_first``: this method's own)."""
     orders = cfg["masks"].get("orders", 1)
     if not isinstance(orders, int) or isinstance(orders, bool) or orders < 1:
         raise ConfigError(f"masks.orders must be a positive integer, got {orders!r}",
                           hint="1: the concepts in their own order; 3: also the next two rotations of it")
-    return AttentionMaskConfig.from_dict({k: v for k, v in cfg["masks"].items() if k != "orders"}).validate()
+    skip = cfg["masks"].get("skip_first", False)
+    if not isinstance(skip, bool):
+        raise ConfigError(f"masks.skip_first must be true or false, got {skip!r}")
+    if skip and orders < 2:
+        raise ConfigError("masks.skip_first=true needs masks.orders >= 2 (with one order every concept is "
+                          "read only where it is named)", hint="add masks.orders=3 (or the number of concepts)")
+    own = ("orders", "skip_first")
+    return AttentionMaskConfig.from_dict({k: v for k, v in cfg["masks"].items() if k not in own}).validate()
 
 
 def _evaluation_masks(run: Any) -> list[np.ndarray | None]:
