@@ -245,7 +245,7 @@ def test_arch_presets_build_their_latent_sizes():
 def test_min_snr_weights_cap_the_clean_timesteps():
     import torch
 
-    from scenetok.toyworld.train import min_snr_weights
+    from scenetok.losses import min_snr_weights
 
     acp = torch.tensor([0.0, 0.5, 5 / 6, 0.99])  # SNR 0, 1, 5, 99
     w = min_snr_weights(acp, 5.0)

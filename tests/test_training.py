@@ -179,3 +179,51 @@ def test_compile_setting_compiles_the_unet_once(tiny_sd, two_square_scene, tmp_p
           overrides=["phase1.steps=1", "phase2.steps=0", "compile=true"], progress=False)
     assert calls == ["UNet2DConditionModel"]
     assert (tmp_path / "compiled" / "manifest.json").is_file()
+
+
+def test_snr_weighted_outputs_weigh_each_rows_squared_error():
+    """_snr_weighted scales pred and target by sqrt(w) per row, so the plain masked MSE of the scaled pair is
+    the mean of w_i × each row's own masked MSE, for ε- and v-prediction alike; gamma 0 leaves them as they are."""
+    from diffusers import DDPMScheduler
+
+    from scenetok.losses import masked_diffusion_loss, min_snr_weights
+    from scenetok.training.trainer import _snr_weighted
+
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    mask = (torch.rand(4, 1, 8, 8, generator=g) > 0.5).float()
+    t = torch.tensor([5, 200, 600, 990])
+    for kind in ("epsilon", "v_prediction"):
+        sch = DDPMScheduler(num_train_timesteps=1000, prediction_type=kind)
+        p, q = _snr_weighted(sch, t, pred, target, 5.0)
+        w = min_snr_weights(sch.alphas_cumprod[t], 5.0, kind)
+        rows = torch.stack([masked_diffusion_loss(pred[i:i + 1], target[i:i + 1], mask[i:i + 1]) for i in range(4)])
+        assert torch.allclose(masked_diffusion_loss(p, q, mask), (w * rows).mean(), rtol=1e-5)
+        assert w.max() <= 1.0 + 1e-6 and w[0] < 0.2  # the nearly clean timestep is capped hard
+    p, q = _snr_weighted(DDPMScheduler(), t, pred, target, 0.0)
+    assert p is pred and q is target
+
+
+def test_min_snr_weights_epsilon_prediction():
+    from scenetok.losses import min_snr_weights
+
+    acp = torch.tensor([0.0, 0.5, 5 / 6, 0.99])  # SNR 0, 1, 5, 99
+    w = min_snr_weights(acp, 5.0, "epsilon")
+    assert torch.allclose(w, torch.tensor([0.0, 1.0, 1.0, 5 / 99]), atol=1e-6)
+
+
+def test_snr_gamma_setting_changes_training_and_is_checked(tiny_sd, two_square_scene, tmp_path):
+    from scenetok.errors import ConfigError
+
+    # ε-prediction: weight 1 wherever SNR <= γ; a small γ (0.02) weighs nearly every row well below 1
+    sets = ["phase1.steps=3", "phase2.steps=1", "attn.weight=0", "checkpoint_every=0", "preview_every=0"]
+    a = train(two_square_scene, tmp_path / "a", model=str(tiny_sd), overrides=sets, progress=False)
+    b = train(two_square_scene, tmp_path / "b", model=str(tiny_sd), overrides=sets + ["snr_gamma=0.02"], progress=False)
+    da = [r["diffusion"] for r in _rows(a.path) if "diffusion" in r]
+    db = [r["diffusion"] for r in _rows(b.path) if "diffusion" in r]
+    assert len(da) == len(db) == 4 and db[0] < 0.9 * da[0]  # same model and noise at step 1: weights < 1
+    ea, _ = _final_weights(a.path)
+    eb, _ = _final_weights(b.path)
+    assert not torch.equal(ea["asset0.safetensors"]["<asset0>"], eb["asset0.safetensors"]["<asset0>"])
+    with pytest.raises(ConfigError, match="snr_gamma"):
+        train(two_square_scene, tmp_path / "c", model=str(tiny_sd), overrides=sets + ["snr_gamma=-1"], progress=False)

@@ -60,6 +60,22 @@ def resize_masks(masks: torch.Tensor, size: int, mode: str = "area") -> torch.Te
     return out.reshape(*lead, size, size)
 
 
+def min_snr_weights(alphas_cumprod_t: torch.Tensor, gamma: float,
+                    prediction_type: str = "v_prediction") -> torch.Tensor:
+    """Per-sample min-SNR-γ loss weights (Hang et al. 2023) for the noise levels ``alphas_cumprod_t``.
+
+    In x0 terms an ε-prediction loss weighs a timestep by SNR and a v-prediction loss by SNR + 1; these
+    weights make the effective x0 weight ``min(SNR, γ)`` in both cases — ``min(SNR, γ) / SNR`` (ε) or
+    ``min(SNR, γ) / (SNR + 1)`` (v) — so the many nearly clean timesteps no longer dominate. A timestep of
+    zero SNR (zero-terminal-SNR schedules) gets weight 0 under ε-prediction."""
+    a = alphas_cumprod_t.float()
+    snr = a / (1 - a).clamp_min(1e-8)
+    capped = snr.clamp(max=gamma)
+    if prediction_type == "v_prediction":
+        return capped / (snr + 1)
+    return capped / snr.clamp_min(1e-8)
+
+
 def masked_diffusion_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """``MSE(pred·m, target·m)`` averaged over every element (fp32).
 

@@ -121,15 +121,6 @@ def _to_tensor(images: np.ndarray):
 
 
 # -------------------------------------------------------------------------------------------- helpers
-def min_snr_weights(alphas_cumprod_t, gamma: float):
-    """Per-sample min-SNR-γ weights for a v-prediction loss: ``min(SNR, γ) / (SNR + 1)``.
-
-    In x0 terms a v-prediction loss already weighs each timestep by ``SNR + 1``; this makes the effective
-    weight ``min(SNR, γ)``, capping the nearly clean timesteps at γ."""
-    snr = alphas_cumprod_t / (1 - alphas_cumprod_t).clamp_min(1e-8)
-    return snr.clamp(max=gamma) / (snr + 1)
-
-
 def _lr_lambda(warmup: int, total_ref: list[int], floor: float = 0.1):
     def f(step: int) -> float:
         if step < warmup:
@@ -284,6 +275,7 @@ def train_toy_sd(
     from diffusers import DDIMScheduler
     from tqdm.auto import tqdm
 
+    from scenetok.losses import min_snr_weights
     from scenetok.toyworld import world
     from scenetok.toyworld.model import ToySDArch, build_toy_sd, count_params
     from scenetok.training.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint

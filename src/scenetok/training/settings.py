@@ -67,6 +67,9 @@ class TrainSettings:
     mask_resize: str = setting("nearest", "how masks shrink to the latent side (masked loss) and to the attention-loss "
                                "side: nearest (binary, the Break-A-Scene reference) or area (soft edges: the "
                                "covered fraction)")
+    snr_gamma: float = setting(0.0, "min-SNR-γ weighting of the diffusion loss (Hang et al. 2023): each row's "
+                               "squared error is weighed by min(SNR, γ)/SNR (ε-prediction) or min(SNR, γ)/(SNR+1) "
+                               "(v-prediction) of its noise level; 0: off, every timestep alike (the papers)")
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass (less memory)")
     compile: bool = setting(False, "torch.compile the UNet (a one-off compile of minutes on a CPU that a toy or "
                             "800-step run does not earn back; see docs/benchmarks.md)")
@@ -131,6 +134,9 @@ def validate_config(cfg: dict) -> None:
         raise ConfigError(f"mixed_precision must be no, fp16 or bf16, got {cfg['mixed_precision']!r}")
     if not 0.0 <= cfg["flip_p"] <= 1.0:
         raise ConfigError("flip_p must be in [0, 1]")
+    gamma = cfg.get("snr_gamma", 0.0)
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma < 0:
+        raise ConfigError(f"snr_gamma must be a number >= 0, got {gamma!r}", hint="5 is the usual value; 0 turns it off")
     if cfg.get("mask_resize", "nearest") not in MASK_RESIZE:
         raise ConfigError(f"mask_resize must be one of {', '.join(MASK_RESIZE)}, got {cfg['mask_resize']!r}")
     if cfg.get("rescale_aug", "off") not in RESCALE_AUG:

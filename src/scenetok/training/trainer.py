@@ -25,6 +25,7 @@ from scenetok.config import default_model
 from scenetok.bundle import read_bundle
 from scenetok.errors import ConfigError, ScenetokError
 from scenetok.io import atomic_write_text
+from scenetok.losses import min_snr_weights
 from scenetok.methods import Method, Outputs, Phase, get_method
 from scenetok.model import Model
 from scenetok.scene import Scene
@@ -211,6 +212,18 @@ def _progress_bar(total: int, initial: int, enabled: bool):
 # one step
 
 
+def _snr_weighted(scheduler, t: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, gamma: float):
+    """``pred`` and ``target`` with each row scaled by the square root of its min-SNR-γ weight, so every
+    method's squared-error diffusion term (masked, region, prior) becomes the weighted one without knowing
+    of it; unchanged when ``gamma`` is 0. The attention terms read the attention maps and are untouched."""
+    if not gamma:
+        return pred, target
+    acp = scheduler.alphas_cumprod.to(t.device)[t]
+    w = min_snr_weights(acp, float(gamma), scheduler.config.prediction_type).sqrt()
+    w = w.to(pred.device, pred.dtype).view(-1, *([1] * (pred.dim() - 1)))
+    return pred * w, target * w
+
+
 def _train_step(run: Run, phase: Phase, optimizer, store, global_step: int) -> dict[str, torch.Tensor]:
     m, cfg, acc = run.model, run.cfg, run.accelerator
     sums: dict[str, float] = {}
@@ -229,7 +242,8 @@ def _train_step(run: Run, phase: Phase, optimizer, store, global_step: int) -> d
             store.reset()
         with acc.autocast():
             pred = m.predict(noisy, t, m.encode_prompt(ids))
-        out = Outputs(pred=pred.float(), target=target.float(), store=store, attention_size=run.attention_size,
+        pred, target = _snr_weighted(m.scheduler, t, pred.float(), target.float(), cfg.get("snr_gamma", 0.0))
+        out = Outputs(pred=pred, target=target, store=store, attention_size=run.attention_size,
                       attention_sizes=tuple(run.attention_sizes))
         terms = run.method.losses(batch, out, cfg)
         if batch.n_instance < pred.shape[0] and "prior" not in terms:  # a method may weigh its prior rows itself
