@@ -74,3 +74,36 @@ def test_noun_localization_on_the_shipped_toy_model():
     for k, v in res.items():  # each prompt names one word first and one second: the split averages back to the mean
         assert v["mean_iou"] == pytest.approx((v["named first"] + v["named second"]) / 2, abs=2e-3), (k, v)
     assert res["full caption"]["mean_iou"] >= 0.6, res
+
+
+def test_text_ceiling_replaces_handles_by_their_words_and_scores(tmp_path):
+    """benchmarks/toyworld/text_ceiling.py: each handle becomes its object's words ("a pink circle"), a
+    background handle's prompt is skipped, and the base model's images are scored like the method's (the
+    shipped toy-sd draws a pink circle from text reliably: 8 of 8 on the tuning scene)."""
+    sys.path.insert(0, str(ROOT / "benchmarks" / "toyworld"))
+    try:
+        from text_ceiling import main, text_prompt
+    finally:
+        sys.path.pop(0)
+    concepts = [{"kind": "object", "name": "pink-circle", "class_word": "circle", "color": "pink", "shape": "circle",
+                 "texture": "plain"},
+                {"kind": "object", "name": "cyan-striped-triangle", "class_word": "triangle", "color": "cyan",
+                 "shape": "triangle", "texture": "striped"},
+                {"kind": "background", "name": "background", "class_word": "background", "background": "teal"}]
+    assert (text_prompt("a photo of <asset1> and <asset0> on a navy background", concepts)
+            == "a photo of a cyan striped triangle and a pink circle on a navy background")
+    assert text_prompt("a photo of <asset0> on <asset2>", concepts) is None
+    (tmp_path / "suite.json").write_text(json.dumps({"scenes": [{"name": "s", "background": "teal",
+                                                                  "concepts": concepts}]}))
+    run = tmp_path / "runs" / "break-a-scene" / "s"
+    run.mkdir(parents=True)
+    rows = [{"scene": "s", "prompt": 0, "kind": "single", "handles": [0], "background": "black", "seed": s,
+             "text": "a photo of <asset0> on a black background", "identity": 0.0, "identity_soft": 0.5, "multi": None}
+            for s in (0, 1)]
+    rows.append({"scene": "s", "prompt": 1, "kind": "single", "handles": [2], "background": None, "seed": 0,
+                 "text": "a photo of <asset2>", "identity": 1.0, "identity_soft": 1.0, "multi": None})
+    (run / "scores.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert main([str(tmp_path), "--out", str(tmp_path / "c.json")]) == 0
+    res = json.loads((tmp_path / "c.json").read_text())
+    assert [r["text"] for r in res["rows"]] == ["a photo of a pink circle on a black background"] * 2
+    assert res["summary"]["single"]["method"] == 0.0 and res["summary"]["single"]["text_ceiling"] >= 0.5
