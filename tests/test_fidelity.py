@@ -44,6 +44,62 @@ def test_latent_masks_are_binary_by_default_and_soft_with_area(tiny_sd, tmp_path
     assert batch.latent_mask.mean().item() == pytest.approx(full, abs=0.05)
 
 
+def test_mask_margin_grows_the_masked_loss_region_by_whole_latent_pixels(tiny_sd, tmp_path):
+    from scenetok.errors import ConfigError
+    from scenetok.training.batch import grow_masks, make_batch
+    from scenetok.training.run import setup_run
+
+    m = torch.zeros(1, 2, 8, 8)
+    m[0, 0, 3, 3] = 1.0
+    m[0, 1, 0, 7] = 0.5
+    g = grow_masks(m, 1)
+    assert g[0, 0].sum().item() == 9 and g[0, 0, 2:5, 2:5].min().item() == 1.0  # a 3x3 square around the pixel
+    assert g[0, 1].sum().item() == pytest.approx(0.5 * 4)  # clipped at the corner, soft value kept
+    method = get_method("break-a-scene")
+    areas = []
+    for margin in (0, 1, 2):
+        cfg = method_config(method, None, [f"mask_margin={margin}", "union_sampling=false", "flip_p=0"])
+        run = setup_run([_disc_scene()], method, cfg, str(tiny_sd), tmp_path / str(margin), "cpu", progress=False)
+        batch, _, _ = make_batch(run, cfg)
+        areas.append(batch.latent_mask.sum().item())
+        assert set(torch.unique(batch.latent_mask).tolist()) <= {0.0, 1.0}
+    assert areas[0] < areas[1] < areas[2]
+    with pytest.raises(ConfigError, match="mask_margin"):
+        method_config(method, None, ["mask_margin=-1"])
+
+
+def test_mask_margin_never_grows_into_an_object_the_prompt_does_not_name(tiny_sd, tmp_path):
+    from scenetok.scene import Scene
+    from scenetok.training.batch import make_batch
+    from scenetok.training.run import setup_run
+
+    img = np.full((32, 32, 3), 128, np.uint8)
+    a = np.zeros((32, 32), bool)
+    b = np.zeros((32, 32), bool)
+    a[8:24, 4:16] = True
+    b[8:24, 16:28] = True  # touching a along x = 16
+    img[a], img[b] = (220, 30, 30), (30, 30, 220)
+    scene = Scene.from_arrays(img, [a, b], names=["red", "blue"], class_words=["box", "box"])
+    method = get_method("break-a-scene")
+    cfg = method_config(method, None, ["mask_margin=1", "flip_p=0", "batch_size=16"])
+    run = setup_run([scene], method, cfg, str(tiny_sd), tmp_path, "cpu", progress=False)
+    batch, _, _ = make_batch(run, cfg)
+    lat = batch.latent_mask[:, 0]
+    side = lat.shape[-1]
+    cells = [torch.nn.functional.adaptive_max_pool2d(torch.from_numpy(m).float()[None], side)[0] > 0 for m in (a, b)]
+    seen = set()
+    for row, chosen in enumerate(batch.chosen):
+        seen.add(tuple(sorted(chosen)))
+        if len(chosen) == 1:
+            own, other = cells[chosen[0]], cells[1 - chosen[0]]
+            assert lat[row][other & ~own].max().item() == 0.0  # the neighbour is not learnt by this handle
+            assert lat[row].sum().item() > own.sum().item()  # but the outline on the free sides is
+        else:
+            both = cells[0] | cells[1]
+            assert lat[row][both].min().item() > 0 and (lat[row] > 0).sum().item() > both.sum().item()
+    assert (0,) in seen or (1,) in seen
+
+
 @pytest.fixture(scope="module")
 def toy_unet():
     from scenetok.config import toy_sd_path

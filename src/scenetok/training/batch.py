@@ -55,6 +55,12 @@ def make_batch(run: Run, cfg: dict) -> tuple[Batch, torch.Tensor, torch.Tensor]:
     # what a run configured before the setting existed used: a resumed old run keeps it)
     lat_masks = resize_masks(masks, run.latent_size, mode=cfg.get("mask_resize", "area"))  # (B, N, h, w)
     union = (lat_masks * valid[:, :, None, None].to(lat_masks)).amax(dim=1, keepdim=True)
+    margin = int(cfg.get("mask_margin", 0))
+    if margin > 0:  # the chosen masks grown, so the loss also sees each outline, but not into other objects
+        objects = torch.tensor([not c.is_background for c in run.concepts], dtype=torch.bool)
+        others = (lat_masks * (~valid & objects).to(lat_masks)[:, :, None, None]).amax(dim=1, keepdim=True)
+        grown = (grow_masks(lat_masks, margin) * valid[:, :, None, None].to(lat_masks)).amax(dim=1, keepdim=True)
+        union = torch.maximum(union, grown * (1.0 - others))
     ids = m.token_ids(prompts)
     positions = token_positions(m.tokenizer, prompts, run.handles.ids)
     class_positions = class_positions_of(m.tokenizer, prompts, positions, class_words)
@@ -71,6 +77,15 @@ def make_batch(run: Run, cfg: dict) -> tuple[Batch, torch.Tensor, torch.Tensor]:
         class_positions=class_positions, loss_region=region,
     )
     return batch, latents, ids
+
+
+def grow_masks(masks: torch.Tensor, margin: int) -> torch.Tensor:
+    """Masks ``(B, N, h, w)`` grown by ``margin`` pixels: each pixel takes the largest value within its
+    (2·margin + 1)² neighbourhood (a square dilation; a soft edge moves outwards with the mask)."""
+    b, n, h, w = masks.shape
+    k = 2 * margin + 1
+    grown = torch.nn.functional.max_pool2d(masks.reshape(b * n, 1, h, w), k, stride=1, padding=margin)
+    return grown.reshape(b, n, h, w)
 
 
 def class_positions_of(tokenizer, prompts: list[str], positions: torch.Tensor,

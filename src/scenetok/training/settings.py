@@ -67,6 +67,10 @@ class TrainSettings:
     mask_resize: str = setting("nearest", "how masks shrink to the latent side (masked loss) and to the attention-loss "
                                "side: nearest (binary, the Break-A-Scene reference) or area (soft edges: the "
                                "covered fraction)")
+    mask_margin: int = setting(0, "latent pixels by which each chosen concept's mask grows before the masked "
+                               "diffusion loss takes their union: the loss then also sees a band of the "
+                               "surroundings, i.e. the object's outline, never the cells of an object not named in the "
+                               "prompt (0: the mask itself, the papers)")
     snr_gamma: float = setting(0.0, "min-SNR-γ weighting of the diffusion loss (Hang et al. 2023): each row's "
                                "squared error is weighed by min(SNR, γ)/SNR (ε-prediction) or min(SNR, γ)/(SNR+1) "
                                "(v-prediction) of its noise level; 0: off, every timestep alike (the papers)")
@@ -137,6 +141,10 @@ def validate_config(cfg: dict) -> None:
     gamma = cfg.get("snr_gamma", 0.0)
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma < 0:
         raise ConfigError(f"snr_gamma must be a number >= 0, got {gamma!r}", hint="5 is the usual value; 0 turns it off")
+    margin = cfg.get("mask_margin", 0)
+    if isinstance(margin, bool) or not isinstance(margin, int) or margin < 0:
+        raise ConfigError(f"mask_margin must be a whole number of latent pixels >= 0, got {margin!r}",
+                          hint="1 grows each mask by one latent pixel (the VAE factor in image pixels)")
     if cfg.get("mask_resize", "nearest") not in MASK_RESIZE:
         raise ConfigError(f"mask_resize must be one of {', '.join(MASK_RESIZE)}, got {cfg['mask_resize']!r}")
     if cfg.get("rescale_aug", "off") not in RESCALE_AUG:
