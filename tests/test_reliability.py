@@ -385,15 +385,38 @@ def test_threads_follow_the_free_cpus(monkeypatch):
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(config, "available_cpus", lambda: 4)
-    monkeypatch.setattr(config.os, "getloadavg", lambda: (1.2, 0.0, 0.0))
-    assert config.choose_threads()[0] == 3  # one core busy elsewhere
-    monkeypatch.setattr(config.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    monkeypatch.setattr(config, "_busy_cpus_now", lambda: 1.2)
+    monkeypatch.setattr(config.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert config.choose_threads() == (3, "4 CPUs, 1.2 busy now")  # one core busy elsewhere, measured now
+    monkeypatch.setattr(config, "_busy_cpus_now", lambda: 9.0)
     assert config.choose_threads()[0] == 1  # never below one
+    # where /proc/stat cannot be read, the 1-minute load average stands in
+    monkeypatch.setattr(config, "_busy_cpus_now", lambda: None)
+    monkeypatch.setattr(config.os, "getloadavg", lambda: (2.2, 0.0, 0.0))
+    assert config.choose_threads() == (2, "4 CPUs, 2.2 load average")
     assert config.choose_threads(2) == (2, "--threads")
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert config.choose_threads()[0] == 2
     with pytest.raises(ConfigError):
         config.choose_threads(0)
+
+
+def test_busy_cpus_are_read_from_two_proc_stat_snapshots():
+    from scenetok.config import busy_cpus_between
+
+    #        user nice system idle iowait irq softirq steal
+    before = ("cpu  300 0 100 800 0 0 0 0\n"
+              "cpu0 100 0 50 300 0 0 0 0\ncpu1 200 0 50 500 0 0 0 0\ncpu2 0 0 0 0 0 0 0 0\nintr 5 0\n")
+    # in 100 jiffies per CPU: cpu0 fully busy (user 80 + system 20), cpu1 idle (idle 90 + iowait 10), cpu2 half
+    after = ("cpu  480 0 120 990 10 0 0 0\n"
+             "cpu0 180 0 70 300 0 0 0 0\ncpu1 200 0 50 590 10 0 0 0\ncpu2 50 0 0 50 0 0 0 0\nintr 9 0\n")
+    assert busy_cpus_between(before, after, {0, 1}) == pytest.approx(1.0)  # one of two cores busy
+    assert busy_cpus_between(before, after, {1}) == pytest.approx(0.0)  # iowait is not busy
+    assert busy_cpus_between(before, after, {0, 2}) == pytest.approx(1.5)
+    assert busy_cpus_between(before, after) == pytest.approx(3 * 150 / 300)  # every cpuN line
+    assert busy_cpus_between(before, before, {0}) is None  # no time passed
+    assert busy_cpus_between("intr 1\n", after, {0}) is None  # nothing to read
+    assert busy_cpus_between(before, after, {7}) is None  # a CPU /proc/stat does not list
 
 
 def test_disk_full_on_the_command_line_is_one_line_with_a_resume_hint(reference, tiny_sd, tmp_path, monkeypatch,

@@ -103,11 +103,63 @@ def available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _cpu_ticks(stat_text: str, cpus: set[int] | None) -> tuple[int, int] | None:
+    """(busy, total) jiffies summed over the ``cpuN`` lines of a ``/proc/stat`` text whose N is in ``cpus``
+    (None: every CPU); None when no such line is there. Busy is everything but idle and iowait."""
+    busy = total = 0
+    seen = False
+    for line in stat_text.splitlines():
+        name, _, rest = line.partition(" ")
+        if not name.startswith("cpu") or not name[3:].isdigit():
+            continue
+        if cpus is not None and int(name[3:]) not in cpus:
+            continue
+        ticks = [int(v) for v in rest.split()[:8]]  # user nice system idle iowait irq softirq steal
+        if len(ticks) < 5:
+            continue
+        seen = True
+        total += sum(ticks)
+        busy += sum(ticks) - ticks[3] - ticks[4]
+    return (busy, total) if seen else None
+
+
+def busy_cpus_between(before: str, after: str, cpus: set[int] | None = None) -> float | None:
+    """How many of ``cpus`` were busy between two ``/proc/stat`` snapshots (e.g. 1.0 = one core's worth);
+    None when the snapshots do not say (no matching ``cpuN`` lines, or no time passed)."""
+    a, b = _cpu_ticks(before, cpus), _cpu_ticks(after, cpus)
+    if a is None or b is None or b[1] <= a[1]:
+        return None
+    n = len(cpus) if cpus is not None else sum(
+        1 for line in after.splitlines() if line.startswith("cpu") and line[3:4].isdigit())
+    return n * (b[0] - a[0]) / (b[1] - a[1])
+
+
+def _busy_cpus_now(interval: float = 0.2) -> float | None:
+    """CPUs of this process's affinity mask that other processes keep busy right now: two ``/proc/stat``
+    reads ``interval`` seconds apart (this process sleeps in between, so it does not count). None where
+    ``/proc/stat`` cannot be read (not Linux)."""
+    import time
+
+    try:
+        cpus = set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = None
+    try:
+        before = Path("/proc/stat").read_text()
+        time.sleep(interval)
+        after = Path("/proc/stat").read_text()
+    except OSError:
+        return None
+    return busy_cpus_between(before, after, cpus)
+
+
 def choose_threads(requested: int | None = None) -> tuple[int, str]:
     """How many CPU threads torch should use, and why.
 
     ``requested`` (``--threads``) wins, then ``OMP_NUM_THREADS``; otherwise the CPUs of this process's
-    affinity mask less the ones other processes keep busy (the 1-minute load average), at least one.
+    affinity mask less the ones other processes keep busy, at least one. "Busy" is measured now (0.2 s of
+    ``/proc/stat``); only where that cannot be read, the 1-minute load average stands in — it lags: right
+    after a job ends it still counts it (a demo started just after ``pip install`` got one thread of two).
     torch's own default — every core — makes its threads wait on each other when another process holds a
     core: measured 5–7× slower on a shared 2-core machine (docs/reliability.md)."""
     cpus = available_cpus()
@@ -118,12 +170,16 @@ def choose_threads(requested: int | None = None) -> tuple[int, str]:
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env), "OMP_NUM_THREADS"
-    try:
-        busy = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        busy = 0.0
+    busy = _busy_cpus_now()
+    how = "busy now"
+    if busy is None:
+        how = "load average"
+        try:
+            busy = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            busy = 0.0
     free = int(cpus - busy + 0.5)
-    return max(1, min(cpus, free)), f"{cpus} CPUs, load {busy:.1f}"
+    return max(1, min(cpus, free)), f"{cpus} CPUs, {busy:.1f} {how}"
 
 
 def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
