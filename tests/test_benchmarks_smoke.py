@@ -107,3 +107,22 @@ def test_text_ceiling_replaces_handles_by_their_words_and_scores(tmp_path):
     res = json.loads((tmp_path / "c.json").read_text())
     assert [r["text"] for r in res["rows"]] == ["a photo of a pink circle on a black background"] * 2
     assert res["summary"]["single"]["method"] == 0.0 and res["summary"]["single"]["text_ceiling"] >= 0.5
+
+
+def test_demo_text_ceiling_draws_each_demo_object_from_its_words(tmp_path):
+    """benchmarks/toyworld/demo_text_ceiling.py: the demo's solo prompts with the handle replaced by its object's
+    words, on the demo's own scene and seeds (the shipped toy-sd draws the default scene's purple circle from
+    words in both images of each of its two solo prompts at the demo's sampler settings)."""
+    sys.path.insert(0, str(ROOT / "benchmarks" / "toyworld"))
+    try:
+        from demo_text_ceiling import main
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "c.json"
+    assert main(["--seeds", "0", "--images-per-prompt", "1", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["rows"][0]["text"] == "a photo of a purple circle on an olive background"
+    assert [r["seed"] for r in res["rows"][:2]] == [0, 100]  # the demo's seeds: image 0 of prompts 0 and 1
+    assert len(res["rows"]) == 6 and {r["handle"] for r in res["rows"]} == {"<asset0>", "<asset1>", "<asset2>"}
+    assert res["summary"]["0 <asset0>"] == {"object": "purple circle", "recognised": 1.0, "n": 2}
+    assert all(0.0 <= v["recognised"] <= 1.0 for v in res["summary"].values())
