@@ -103,11 +103,11 @@ def available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _cpu_ticks(stat_text: str, cpus: set[int] | None) -> tuple[int, int] | None:
-    """(busy, total) jiffies summed over the ``cpuN`` lines of a ``/proc/stat`` text whose N is in ``cpus``
-    (None: every CPU); None when no such line is there. Busy is everything but idle and iowait."""
-    busy = total = 0
-    seen = False
+def _cpu_ticks(stat_text: str, cpus: set[int] | None) -> tuple[int, int, int] | None:
+    """(busy, total, lines) — jiffies summed over the ``cpuN`` lines of a ``/proc/stat`` text whose N is in
+    ``cpus`` (None: every CPU), and how many such lines there were; None when there is none. Busy is
+    everything but idle and iowait."""
+    busy = total = seen = 0
     for line in stat_text.splitlines():
         name, _, rest = line.partition(" ")
         if not name.startswith("cpu") or not name[3:].isdigit():
@@ -117,10 +117,10 @@ def _cpu_ticks(stat_text: str, cpus: set[int] | None) -> tuple[int, int] | None:
         ticks = [int(v) for v in rest.split()[:8]]  # user nice system idle iowait irq softirq steal
         if len(ticks) < 5:
             continue
-        seen = True
+        seen += 1
         total += sum(ticks)
         busy += sum(ticks) - ticks[3] - ticks[4]
-    return (busy, total) if seen else None
+    return (busy, total, seen) if seen else None
 
 
 def busy_cpus_between(before: str, after: str, cpus: set[int] | None = None) -> float | None:
@@ -129,9 +129,7 @@ def busy_cpus_between(before: str, after: str, cpus: set[int] | None = None) -> 
     a, b = _cpu_ticks(before, cpus), _cpu_ticks(after, cpus)
     if a is None or b is None or b[1] <= a[1]:
         return None
-    n = len(cpus) if cpus is not None else sum(
-        1 for line in after.splitlines() if line.startswith("cpu") and line[3:4].isdigit())
-    return n * (b[0] - a[0]) / (b[1] - a[1])
+    return b[2] * (b[0] - a[0]) / (b[1] - a[1])
 
 
 def _busy_cpus_now(interval: float = 0.2) -> float | None:
