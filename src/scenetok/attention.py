@@ -270,19 +270,26 @@ class AttentionStore:
             total = grid if total is None else total + grid
         return total / len(items)
 
-    def token_maps(self, positions: torch.Tensor, size: int, native=None) -> torch.Tensor:
+    def token_maps(self, positions: torch.Tensor, size: int, native=None, span: int = 1) -> torch.Tensor:
         """(B, K, size, size): the maps of chosen token positions.
 
         ``positions`` (B, K) long: a token position per batch row and slot; -1 (absent) gives an
-        all-zero map. Rows beyond ``positions.shape[0]`` (prior-preservation rows) are dropped.
+        all-zero map. ``span`` > 1: each slot's map is the sum of the maps at ``p … p + span - 1`` (a
+        multi-vector handle's tokens, which share the attention its one token would get). Rows beyond
+        ``positions.shape[0]`` (prior-preservation rows) are dropped.
         """
         maps = self.maps(size, native=native)
         b = positions.shape[0]
         maps = maps[:b]
         pos = positions.to(maps.device)
-        idx = pos.clamp(min=0)[:, :, None, None].expand(-1, -1, maps.shape[-2], maps.shape[-1])
-        picked = torch.gather(maps, 1, idx)
-        return picked * (pos >= 0)[:, :, None, None].to(picked.dtype)
+        present = (pos >= 0)[:, :, None, None].to(maps.dtype)
+        total = None
+        for j in range(max(1, int(span))):
+            idx = (pos.clamp(min=0) + j).clamp(max=maps.shape[1] - 1)
+            idx = idx[:, :, None, None].expand(-1, -1, maps.shape[-2], maps.shape[-1])
+            picked = torch.gather(maps, 1, idx)
+            total = picked if total is None else total + picked
+        return total * present
 
     def word_maps(self, positions: list[list[list[int]]], size: int, native=None) -> torch.Tensor:
         """(B, K, size, size): for each batch row b and slot k, the mean of the maps at the token positions

@@ -10,6 +10,7 @@ of the whole vocabulary.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,43 @@ def handle_token(i: int) -> str:
     return f"<asset{i}>"
 
 
+#: Most vectors one handle may have (textual inversion's multi-vector tokens).
+MAX_VECTORS = 16
+
+
+def vector_tokens(token: str, n: int) -> list[str]:
+    """The tokenizer entries of a handle of ``n`` vectors: the handle itself, then ``<token>_1`` …
+    ``<token>_{n-1}``, diffusers' naming for a multi-vector textual inversion (its ``load_textual_inversion``
+    makes the same entries from an ``(n, D)`` tensor, and its pipelines expand the handle in a prompt)."""
+    return [token] + [f"{token}_{j}" for j in range(1, n)]
+
+
+def multi_vector_handles(tokenizer) -> dict[str, str]:
+    """``{handle: "handle handle_1 … handle_{n-1}"}`` for every added token of ``tokenizer`` that has
+    ``_1`` siblings (a multi-vector handle); empty when there is none."""
+    added = getattr(tokenizer, "get_added_vocab", None)
+    vocab = added() if added is not None else {}
+    out = {}
+    for tok in vocab:
+        if f"{tok}_1" in vocab and not re.search(r"_\d+$", tok):
+            n = 1
+            while f"{tok}_{n}" in vocab:
+                n += 1
+            out[tok] = " ".join(vector_tokens(tok, n))
+    return out
+
+
+def expand_handles(tokenizer, prompt: str) -> str:
+    """``prompt`` with each multi-vector handle written out as its vectors' tokens (``<asset0>`` → ``<asset0>
+    <asset0>_1 <asset0>_2``), as the text encoder must read it; a prompt already written out is unchanged, and
+    so is every prompt of a tokenizer without multi-vector handles."""
+    spans = multi_vector_handles(tokenizer)
+    for tok, phrase in spans.items():
+        # the handle not already followed by its own second vector, and not part of a longer name
+        prompt = re.sub(re.escape(tok) + r"(?!_\d)(?!\s*" + re.escape(f"{tok}_1") + r")", phrase, prompt)
+    return prompt
+
+
 def word_ids(tokenizer, word: str) -> list[int]:
     """Token ids of ``word`` without special tokens (several for a multi-piece word)."""
     ids = tokenizer(word, add_special_tokens=False).input_ids
@@ -36,7 +74,7 @@ class HandleEmbedding(nn.Module):
     """Token embedding whose handle rows come from a trainable ``(K, D)`` parameter.
 
     ``base`` is the (frozen) resized vocabulary embedding; ids ``first_id .. first_id + K - 1`` are the
-    handles and read from :attr:`vectors` instead of ``base``.
+    handles' vectors (``K`` = handles × vectors per handle) and read from :attr:`vectors` instead of ``base``.
     """
 
     def __init__(self, base: nn.Embedding, first_id: int, vectors: torch.Tensor):
@@ -70,11 +108,16 @@ class HandleEmbedding(nn.Module):
 
 @dataclass
 class Handles:
-    """The handles of one training run: tokens, their ids, and how they were initialised."""
+    """The handles of one training run: tokens, their ids, and how they were initialised.
+
+    ``ids`` holds each handle's own id (its first vector); a handle of ``num_vectors`` > 1 also owns the
+    next ``num_vectors - 1`` ids (``<asset0>_1`` …), which a prompt gets right after the handle
+    (:func:`expand_handles`)."""
 
     tokens: list[str]
     ids: list[int]
     init_words: list[str]
+    num_vectors: int = 1
 
     def module(self, text_encoder) -> HandleEmbedding:
         emb = text_encoder.get_input_embeddings()
@@ -83,32 +126,42 @@ class Handles:
         return emb
 
     def vectors(self, text_encoder) -> torch.Tensor:
-        """The current handle embeddings, ``(K, D)``."""
+        """The current handle embeddings, ``(K × num_vectors, D)`` (handle k's rows are ``k·n … k·n + n - 1``)."""
         return self.module(text_encoder).vectors
 
     def as_dict(self, text_encoder) -> dict[str, torch.Tensor]:
+        """token → its ``(D,)`` vector, or ``(num_vectors, D)`` rows for a multi-vector handle."""
         vecs = self.vectors(text_encoder).detach().float().cpu()
-        return {t: vecs[i].clone() for i, t in enumerate(self.tokens)}
+        n = self.num_vectors
+        if n == 1:
+            return {t: vecs[i].clone() for i, t in enumerate(self.tokens)}
+        return {t: vecs[i * n:(i + 1) * n].clone() for i, t in enumerate(self.tokens)}
 
     def detach(self, text_encoder) -> None:
         """Write the learned rows into a plain ``nn.Embedding`` again (for saving/inference)."""
         mod = self.module(text_encoder)
         base = mod.base
         with torch.no_grad():
-            base.weight[mod.first_id : mod.first_id + len(self.ids)] = mod.vectors.to(base.weight.dtype)
+            base.weight[mod.first_id : mod.first_id + mod.vectors.shape[0]] = mod.vectors.to(base.weight.dtype)
         text_encoder.set_input_embeddings(base)
 
 
-def add_handles(tokenizer, text_encoder, tokens: list[str], init_words: list[str | int]) -> Handles:
+def add_handles(tokenizer, text_encoder, tokens: list[str], init_words: list[str | int],
+                num_vectors: int = 1) -> Handles:
     """Add ``tokens`` to the tokenizer and text encoder; initialise each from its init word.
 
     A word of several BPE pieces is initialised with the mean of its pieces; an int is a token id whose
     row is copied (e.g. a rare vocabulary token). ``Handles.init_words`` records each as text. The embedding matrix is
     frozen afterwards and the handle rows become the trainable :class:`HandleEmbedding` parameter.
+    ``num_vectors`` > 1 gives each handle that many vectors (:func:`vector_tokens`), all starting from its
+    init word; prompts tokenized with :func:`scenetok.model.token_ids` get them written out.
     """
     if len(tokens) != len(init_words):
         raise ValueError("one init word per handle is needed")
-    for tok in tokens:
+    if isinstance(num_vectors, bool) or not isinstance(num_vectors, int) or not 1 <= num_vectors <= MAX_VECTORS:
+        raise ConfigError(f"num_vectors must be a whole number from 1 to {MAX_VECTORS}, got {num_vectors!r}")
+    entries = [v for tok in tokens for v in vector_tokens(tok, num_vectors)]
+    for tok in entries:
         if tok in tokenizer.get_vocab():
             raise ConfigError(
                 f"the handle {tok!r} already exists in the tokenizer",
@@ -130,20 +183,20 @@ def add_handles(tokenizer, text_encoder, tokens: list[str], init_words: list[str
             ids = word_ids(tokenizer, word)
             init_vectors.append(base_emb.weight[ids].float().mean(0))
             names.append(str(word))
-    added = tokenizer.add_tokens(list(tokens))
-    if added != len(tokens):
-        raise RuntimeError(f"tokenizer added {added} of {len(tokens)} handles")
-    ids = tokenizer.convert_tokens_to_ids(list(tokens))
+    added = tokenizer.add_tokens(entries)
+    if added != len(entries):
+        raise RuntimeError(f"tokenizer added {added} of {len(entries)} handle entries")
+    ids = tokenizer.convert_tokens_to_ids(entries)
     if ids != list(range(ids[0], ids[0] + len(ids))):
         raise RuntimeError(f"handle ids are not contiguous: {ids}")
     text_encoder.resize_token_embeddings(len(tokenizer))
     base = text_encoder.get_input_embeddings()
-    vecs = torch.stack(init_vectors).to(base.weight.dtype)
+    vecs = torch.stack(init_vectors).repeat_interleave(num_vectors, dim=0).to(base.weight.dtype)
     with torch.no_grad():
         base.weight[ids[0] : ids[0] + len(ids)] = vecs
     base.weight.requires_grad_(False)
     text_encoder.set_input_embeddings(HandleEmbedding(base, ids[0], vecs.float()))
-    return Handles(tokens=list(tokens), ids=list(ids), init_words=names)
+    return Handles(tokens=list(tokens), ids=list(ids[::num_vectors]), init_words=names, num_vectors=num_vectors)
 
 
 def token_positions(tokenizer, prompts: list[str], token_ids: list[int]) -> torch.Tensor:

@@ -64,6 +64,7 @@ def model_card(manifest: dict, folder_name: str = "my-bundle") -> str:
                      "ComfyUI: copy it into `models/Lora/`).")
     if partial or lora:
         lines.append("")
+    nv = max((int(h.get("vectors", 1)) for h in handles), default=1)  # vectors per handle (the same for all)
     lines += [
         "## Use with scenetok",
         "",
@@ -103,8 +104,8 @@ def model_card(manifest: dict, folder_name: str = "my-bundle") -> str:
         "## Use with AUTOMATIC1111 / ComfyUI",
         "",
         f"The files in `{EMBEDDINGS_DIR}/{A1111_DIR}/` hold "
-        + ('`{"clip_l": (1, 768), "clip_g": (1, 1280)}`, the SDXL embedding format' if sdxl
-           else '`{"emb_params": (1, D)}`, the embedding format')
+        + (f'`{{"clip_l": ({nv}, 768), "clip_g": ({nv}, 1280)}}`, the SDXL embedding format' if sdxl
+           else f'`{{"emb_params": ({nv}, D)}}`, the embedding format')
         + " those tools read. The prompt word is the file name:",
         "",
         "- AUTOMATIC1111: copy them into `stable-diffusion-webui/embeddings/` and write e.g. "

@@ -69,8 +69,8 @@ class Bundle:
         raise KeyError(token)
 
     def embeddings(self, encoder: int = 1) -> dict[str, torch.Tensor]:
-        """token → ``(D,)`` float tensor, read from the diffusers-form textual-inversion files (``encoder=2``:
-        the rows of SDXL's second text encoder)."""
+        """token → ``(D,)`` float tensor (``(N, D)`` for a handle of N vectors), read from the diffusers-form
+        textual-inversion files (``encoder=2``: the rows of SDXL's second text encoder)."""
         from safetensors.torch import load_file
 
         out = {}
@@ -85,7 +85,8 @@ class Bundle:
             if h.token not in state:
                 raise BundleError(f"{f} does not hold the embedding of {h.token} (keys: {sorted(state)})",
                                   hint="the bundle is damaged; extract it again")
-            out[h.token] = state[h.token].reshape(-1)
+            vec = state[h.token]
+            out[h.token] = vec.reshape(-1) if vec.dim() < 2 or vec.shape[0] == 1 else vec.reshape(vec.shape[0], -1)
         return out
 
     def component_dirs(self) -> dict[str, Path]:

@@ -74,6 +74,16 @@ def _is_transformers_model(module) -> bool:
     return isinstance(module, PreTrainedModel)
 
 
+def _embedding_rows(vec: torch.Tensor) -> torch.Tensor:
+    """A handle's embedding as ``(N, D)`` float rows (``(D,)`` → one row)."""
+    vec = vec.detach().float().cpu()
+    if vec.dim() == 1:
+        vec = vec[None]
+    if vec.dim() != 2 or vec.shape[0] < 1:
+        raise ValueError(f"a handle embedding must be (D,) or (N, D), got shape {tuple(vec.shape)}")
+    return vec.contiguous()
+
+
 def _save_component(name: str, module: torch.nn.Module, dst: Path, vocab_size: int | None) -> None:
     """Save one changed component as a normal diffusers / transformers folder (safetensors).
 
@@ -113,7 +123,7 @@ def write_bundle(out_dir: str | os.PathLike, content: BundleContent, *, overwrit
 
     Fields of :class:`BundleContent`: ``method``, ``base_model``, ``handles`` (:class:`HandleInfo` each),
     ``config`` (the hyperparameters), ``resolution``, ``input_hashes``, ``image`` (the input), ``masks`` and
-    ``mask_names``, ``extra`` (free manifest entries). ``embeddings`` maps each handle token to its ``(D,)`` vector. ``components`` holds only the modules
+    ``mask_names``, ``extra`` (free manifest entries). ``embeddings`` maps each handle token to its ``(D,)`` vector (``(N, D)``: a multi-vector handle). ``components`` holds only the modules
     the method changed (``{"unet": unet, "text_encoder": te}``); a changed text encoder is saved with the
     base vocabulary size ``text_encoder_vocab_size`` (the handle rows are sliced off; they are in the
     textual-inversion files). ``partial_weights`` maps a component to ``(groups, {state-dict key: tensor})``
@@ -177,22 +187,28 @@ def write_bundle(out_dir: str | os.PathLike, content: BundleContent, *, overwrit
     written: list[str] = []
     handle_entries = []
     for h, stem in zip(handles, stems):
-        vec = embeddings[h.token].detach().float().cpu().reshape(-1).contiguous()
+        vec = _embedding_rows(embeddings[h.token])
         rel = f"{EMBEDDINGS_DIR}/{stem}.safetensors"
         rel_a1111 = f"{EMBEDDINGS_DIR}/{A1111_DIR}/{stem}.safetensors"
         meta = {"token": h.token, "name": h.name, "base_model": str(base_model), "method": method}
-        atomic_save_safetensors({h.token: vec}, out / rel, metadata=meta)
-        entry = {**asdict(h), "file": rel, "a1111_file": rel_a1111, "dim": int(vec.numel())}
+        # one vector: (D,), the common textual-inversion file; a multi-vector handle: (N, D), which diffusers'
+        # load_textual_inversion reads as <token>, <token>_1, …
+        atomic_save_safetensors({h.token: vec[0] if vec.shape[0] == 1 else vec}, out / rel, metadata=meta)
+        entry = {**asdict(h), "file": rel, "a1111_file": rel_a1111, "dim": int(vec.shape[1])}
+        if vec.shape[0] > 1:
+            entry["vectors"] = int(vec.shape[0])
         if embeddings_2 is None:
-            atomic_save_safetensors({"emb_params": vec.reshape(1, -1).clone()}, out / rel_a1111, metadata=meta)
+            atomic_save_safetensors({"emb_params": vec.clone()}, out / rel_a1111, metadata=meta)
         else:  # SDXL: the second encoder's row in diffusers form, and both rows in the A1111 / ComfyUI form
-            vec2 = embeddings_2[h.token].detach().float().cpu().reshape(-1).contiguous()
+            vec2 = _embedding_rows(embeddings_2[h.token])
+            if vec2.shape[0] != vec.shape[0]:
+                raise ValueError(f"{h.token} has {vec.shape[0]} vectors in the first text encoder, {vec2.shape[0]} "
+                                 "in the second")
             rel_2 = f"{EMBEDDINGS_DIR}/{TEXT_ENCODER_2_DIR}/{stem}.safetensors"
-            atomic_save_safetensors({h.token: vec2}, out / rel_2, metadata=meta)
-            atomic_save_safetensors({"clip_l": vec.reshape(1, -1).clone(), "clip_g": vec2.reshape(1, -1).clone()},
-                                    out / rel_a1111, metadata=meta)
+            atomic_save_safetensors({h.token: vec2[0] if vec2.shape[0] == 1 else vec2}, out / rel_2, metadata=meta)
+            atomic_save_safetensors({"clip_l": vec.clone(), "clip_g": vec2.clone()}, out / rel_a1111, metadata=meta)
             written.append(rel_2)
-            entry.update(file_2=rel_2, dim_2=int(vec2.numel()))
+            entry.update(file_2=rel_2, dim_2=int(vec2.shape[1]))
         written += [rel, rel_a1111]
         handle_entries.append(entry)
 

@@ -132,8 +132,8 @@ def load_inpaint_pipeline(bundle, inpaint_model: str, *, base_model: str | None 
     dim = pipe.text_encoder.get_input_embeddings().weight.shape[1]
     embeddings = bundle.embeddings()
     for token, vec in embeddings.items():
-        if vec.numel() != dim:
-            raise BundleError(f"handle {token} has {vec.numel()} dimensions but the text encoder of {inpaint_model} "
+        if vec.shape[-1] != dim:
+            raise BundleError(f"handle {token} has {vec.shape[-1]} dimensions but the text encoder of {inpaint_model} "
                               f"has {dim}", hint=f"use an inpainting model of the bundle's family ({bundle.base_model})")
     pipe.load_textual_inversion([str(bundle.embedding_file(t)) for t in embeddings], token=list(embeddings))
     if bundle.family == "sdxl" and getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: the second rows too

@@ -27,6 +27,7 @@ from scenetok.errors import BundleError, ConfigError, PromptError, shorten
 from scenetok.io import atomic_write_bytes, atomic_write_text, png_bytes
 from scenetok.lora import ADAPTER_NAME
 from scenetok.model import check_weight_files, default_device, family_of, token_ids
+from scenetok.tokens import expand_handles, multi_vector_handles
 from scenetok.params import load_partial_state
 from scenetok.viz import normalize_map
 
@@ -202,18 +203,18 @@ _FAMILY_NAMES = {"sd": "Stable Diffusion 1/2 (sd)", "sdxl": "Stable Diffusion XL
 def _check_embeddings(text_encoder, embeddings: dict, bundle: Bundle, base: str, base_model) -> None:
     """Refuse handle embeddings whose size is not the text encoder's, saying whose fault it is."""
     dim = text_encoder.get_input_embeddings().weight.shape[1]
-    sizes = {vec.numel() for vec in embeddings.values()}
+    sizes = {vec.shape[-1] for vec in embeddings.values()}
     for token, vec in embeddings.items():
-        if vec.numel() == dim:
+        if vec.shape[-1] == dim:
             continue
         if len(sizes) > 1 or base_model is None or str(base_model) == str(bundle.base_model):
             # the bundle's own base model (or handles that disagree among themselves): the bundle is at fault
             raise BundleError(
                 f"bundle {bundle.path}: the embedding of {token} ({bundle.embedding_file(token).name}) has "
-                f"{vec.numel()} values, but its base model's text encoder takes {dim}: the embedding file is damaged "
+                f"{vec.shape[-1]} values, but its base model's text encoder takes {dim}: the embedding file is damaged "
                 "or was replaced", hint="extract the bundle again")
         raise BundleError(
-            f"handle {token} has {vec.numel()} dimensions but the text encoder of {base} has {dim}",
+            f"handle {token} has {vec.shape[-1]} dimensions but the text encoder of {base} has {dim}",
             hint=f"this bundle was made for {bundle.base_model}; use that base model",
         )
 
@@ -256,7 +257,7 @@ def check_prompt_tokens(tokenizer, prompt: str, tokens: list[str] = (), what: st
     (``tokenizer.model_max_length`` tokens, start and end tokens included), naming any handle of ``tokens``
     that would fall past the limit: the text encoder would silently drop the rest."""
     limit = int(tokenizer.model_max_length)
-    ids = tokenizer(prompt, truncation=False).input_ids
+    ids = tokenizer(expand_handles(tokenizer, prompt), truncation=False).input_ids
     if len(ids) <= limit:
         return
     lost = []
@@ -291,12 +292,15 @@ def check_generate_options(*, n: Any = 1, steps: Any = 1, guidance: Any = 7.5, b
 
 
 def handle_positions(tokenizer, prompt: str, tokens: list[str]) -> dict[str, list[int]]:
-    """Positions of each handle token in ``prompt`` as the text encoder sees it (by tokenizing)."""
+    """Positions of each handle token in ``prompt`` as the text encoder sees it (by tokenizing); a
+    multi-vector handle's list also holds the positions of its other vectors (``<asset0>_1`` …)."""
     ids = token_ids(tokenizer, prompt, tensors=False)[0]
+    spans = multi_vector_handles(tokenizer)
     out = {}
     for tok in tokens:
-        tid = tokenizer.convert_tokens_to_ids(tok)
-        pos = [i for i, x in enumerate(ids) if x == tid]
+        entries = spans[tok].split() if tok in spans else [tok]
+        tids = set(tokenizer.convert_tokens_to_ids(entries))
+        pos = [i for i, x in enumerate(ids) if x in tids]
         if pos:
             out[tok] = pos
     return out

@@ -86,6 +86,9 @@ class Batch:
     # (n_instance, 1, h, w): latent cells the diffusion loss counts (Custom Diffusion's rescale augmentation:
     # the placed image of a shrunk row); None without the augmentation (every cell)
     loss_region: torch.Tensor | None = None
+    # vectors per handle: a handle at position p also owns positions p+1 … p+handle_span-1 (num_vectors);
+    # its attention map is the sum of theirs (AttentionStore.token_maps(span=...))
+    handle_span: int = 1
 
 
 @dataclass

@@ -98,6 +98,6 @@ def attention_term(batch: Batch, out: Outputs, mask_resize: str = "nearest") -> 
     the map side with ``mask_resize`` (nearest: binary, as the reference; area: soft edges)."""
     n = batch.n_instance
     size = out.attention_size
-    handle_maps = out.store.token_maps(batch.positions[:n], size, native=size).float()  # (n, N, s, s)
+    handle_maps = out.store.token_maps(batch.positions[:n], size, native=size, span=batch.handle_span).float()  # (n, N, s, s)
     masks = resize_masks(batch.masks[:n], size, mode=mask_resize).to(handle_maps.device)
     return bas_attention_loss(handle_maps, masks, batch.valid[:n].to(handle_maps.device))

@@ -172,7 +172,7 @@ class DisenDiff(KVTokenMethod):
         sides = list(out.attention_sizes)
         size = max(sides)
         handle_pos = batch.positions[:n]
-        mod = out.store.token_maps(handle_pos, size, native=sides).float()
+        mod = out.store.token_maps(handle_pos, size, native=sides, span=batch.handle_span).float()
         cls = out.store.word_maps(batch.class_positions[:n], size, native=sides).float()
         valid = batch.valid[:n].clone()
         for b in range(n):
@@ -207,7 +207,7 @@ class DisenDiff(KVTokenMethod):
             pieces = word_positions(m.tokenizer, [prompt], word, after=[int(hpos[i])])[0] if hpos[i] >= 0 else []
             if not pieces:
                 return {}
-            mods.append(maps[int(hpos[i])])
+            mods.append(maps[int(hpos[i]):int(hpos[i]) + run.handles.num_vectors].sum(0))
             clss.append(maps[pieces].mean(0))
         mod, cls = calibrate(torch.stack(mods)[None], torch.stack(clss)[None], run.cfg)
         pairs = [float(soft_iou(cls[0, i], cls[0, j])) for i in range(k) for j in range(i + 1, k)]

@@ -222,6 +222,7 @@ class EMMasks(BreakAScene):
                 n_orders = max(1, min(int(cfg["masks"].get("orders", 1)), len(present)))
                 skip_first = bool(cfg["masks"].get("skip_first", False)) and n_orders > 1
                 maps, weight = 0.0, torch.zeros(len(present))
+                span = run.handles.num_vectors  # a multi-vector handle: its vectors' positions together
                 for r in range(n_orders):
                     order = present[r:] + present[:r]  # rotation r; every order sees the same noise
                     prompt = self.prompt(run.handles.tokens, order, cfg, class_words)
@@ -229,7 +230,7 @@ class EMMasks(BreakAScene):
                     with run.accelerator.autocast():
                         enc = m.encode_prompt(prompt)
                     g = torch.Generator("cpu").set_state(gen.get_state()) if r + 1 < n_orders else gen
-                    got = token_attention(m.unet, m.scheduler, lat, enc, [[int(p)] for p in pos], layers=layers,
+                    got = token_attention(m.unet, m.scheduler, lat, enc, [list(range(int(p), int(p) + span)) for p in pos], layers=layers,
                                           size=size, timesteps=mc.timesteps, t_range=mc.t_range,
                                           batch_size=mc.batch_size, generator=g, autocast=run.accelerator.autocast,
                                           extra_conditioning=m.extra_conditioning(1, run.resolution))

@@ -112,7 +112,7 @@ class TextualLocalization(KVTokenMethod):
         if out.store is None or w <= 0:
             return terms
         size = int(cfg["attn"]["size"])
-        per_side = [out.store.token_maps(batch.positions[:n], s, native=s).float() for s in out.attention_sizes]
+        per_side = [out.store.token_maps(batch.positions[:n], s, native=s, span=batch.handle_span).float() for s in out.attention_sizes]
         maps = multiscale_maps(per_side, size)
         seg = resize_masks(batch.masks[:n], size, mode="area").to(maps.device)
         valid = batch.valid[:n].to(maps.device) & (batch.positions[:n].to(maps.device) >= 0)

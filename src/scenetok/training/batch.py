@@ -74,7 +74,7 @@ def make_batch(run: Run, cfg: dict) -> tuple[Batch, torch.Tensor, torch.Tensor]:
     batch = Batch(
         prompts=prompts, chosen=chosen, valid=valid, positions=positions, masks=masks, latent_mask=union,
         timesteps=torch.empty(0), n_instance=bs, input_ids=ids, sources=picked, flips=flips,
-        class_positions=class_positions, loss_region=region,
+        class_positions=class_positions, loss_region=region, handle_span=run.handles.num_vectors,
     )
     return batch, latents, ids
 

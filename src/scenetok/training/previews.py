@@ -30,7 +30,8 @@ def preview_maps(run: Run, timesteps=PREVIEW_TIMESTEPS) -> dict[str, np.ndarray]
                                [c.class_word for c in run.concepts])
     acc = run.prompt_attention(prompt, size, native=size, timesteps=timesteps, blocks=blocks)
     pos = token_positions(m.tokenizer, [prompt], run.handles.ids)[0]
-    return {tok: acc[int(p)].cpu().numpy() for tok, p in zip(run.handles.tokens, pos) if p >= 0}
+    n = run.handles.num_vectors  # a multi-vector handle's map: the sum over its vectors' positions
+    return {tok: acc[int(p):int(p) + n].sum(0).cpu().numpy() for tok, p in zip(run.handles.tokens, pos) if p >= 0}
 
 
 def attention_iou(maps: dict[str, np.ndarray], masks: np.ndarray, tokens: list[str]) -> dict[str, float]:

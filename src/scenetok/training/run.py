@@ -184,9 +184,10 @@ def setup_run(scenes: list[Scene], method: Method, cfg: dict, model: str | Path 
 
     tokens = [handle_token(i) for i in range(len(concepts))]
     init = method.init_words(concepts, cfg, m.tokenizer)
-    handles = add_handles(m.tokenizer, m.text_encoder, tokens, init)
+    nv = int(cfg.get("num_vectors", 1))
+    handles = add_handles(m.tokenizer, m.text_encoder, tokens, init, num_vectors=nv)
     for _, tok, te in m.text_encoders[1:]:  # SDXL: each handle also gets a row in the second text encoder,
-        second = add_handles(tok, te, tokens, init)  # initialised from the same word (or token id) there
+        second = add_handles(tok, te, tokens, init, num_vectors=nv)  # from the same word (or token id) there
         if second.ids != handles.ids:
             raise ConfigError(f"the two tokenizers of {m.model_id} give the handles different ids ({handles.ids} "
                               f"and {second.ids}): their vocabularies differ, which no SDXL checkpoint does")

@@ -12,6 +12,7 @@ from scenetok.config import group, setting
 from scenetok import lora as loralib
 from scenetok.errors import ConfigError
 from scenetok.methods import Method
+from scenetok.tokens import MAX_VECTORS
 
 @dataclass
 class OptimSettings:
@@ -71,6 +72,9 @@ class TrainSettings:
                                "diffusion loss takes their union: the loss then also sees a band of the "
                                "surroundings, i.e. the object's outline, never the cells of an object not named in the "
                                "prompt (0: the mask itself, the papers)")
+    num_vectors: int = setting(1, "embedding vectors per handle (textual inversion's multi-vector tokens): a prompt's "
+                               "<asset0> is read as <asset0> <asset0>_1 … and the attention losses take the handle's map "
+                               "as the sum of its vectors' maps; 1: one vector, the papers")
     snr_gamma: float = setting(0.0, "min-SNR-γ weighting of the diffusion loss (Hang et al. 2023): each row's "
                                "squared error is weighed by min(SNR, γ)/SNR (ε-prediction) or min(SNR, γ)/(SNR+1) "
                                "(v-prediction) of its noise level; 0: off, every timestep alike (the papers)")
@@ -145,6 +149,10 @@ def validate_config(cfg: dict) -> None:
     if isinstance(margin, bool) or not isinstance(margin, int) or margin < 0:
         raise ConfigError(f"mask_margin must be a whole number of latent pixels >= 0, got {margin!r}",
                           hint="1 grows each mask by one latent pixel (the VAE factor in image pixels)")
+    nv = cfg.get("num_vectors", 1)
+    if isinstance(nv, bool) or not isinstance(nv, int) or not 1 <= nv <= MAX_VECTORS:
+        raise ConfigError(f"num_vectors must be a whole number from 1 to {MAX_VECTORS}, got {nv!r}",
+                          hint="1 is the papers' one vector per handle; 2-4 give a handle more room")
     if cfg.get("mask_resize", "nearest") not in MASK_RESIZE:
         raise ConfigError(f"mask_resize must be one of {', '.join(MASK_RESIZE)}, got {cfg['mask_resize']!r}")
     if cfg.get("rescale_aug", "off") not in RESCALE_AUG:
