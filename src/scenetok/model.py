@@ -26,6 +26,7 @@ import torch
 
 from scenetok.config import check_model_source
 from scenetok.errors import ConfigError, ModelLoadError, ScenetokError
+from scenetok.handle_text import expand_handles
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _MAX_HEADER = 100 << 20  # safetensors caps its JSON header at 100 MB
@@ -88,8 +89,6 @@ def token_ids(tokenizer, prompts: str | list[str], tensors: bool = True):
     """Token ids of ``prompts``, padded and cut to the tokenizer's length: a ``(B, L)`` tensor, or lists of
     ints with ``tensors=False``. Multi-vector handles are written out first
     (:func:`scenetok.tokens.expand_handles`)."""
-    from scenetok.tokens import expand_handles
-
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     prompts = [expand_handles(tokenizer, p) for p in prompts]
     out = tokenizer(prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,

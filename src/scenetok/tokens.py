@@ -10,7 +10,6 @@ of the whole vocabulary.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,48 +17,12 @@ import torch
 from torch import nn
 
 from scenetok.errors import ConfigError
+from scenetok.handle_text import MAX_VECTORS, expand_handles, multi_vector_handles, vector_tokens  # noqa: F401
 from scenetok import model as modellib
 
 
 def handle_token(i: int) -> str:
     return f"<asset{i}>"
-
-
-#: Most vectors one handle may have (textual inversion's multi-vector tokens).
-MAX_VECTORS = 16
-
-
-def vector_tokens(token: str, n: int) -> list[str]:
-    """The tokenizer entries of a handle of ``n`` vectors: the handle itself, then ``<token>_1`` …
-    ``<token>_{n-1}``, diffusers' naming for a multi-vector textual inversion (its ``load_textual_inversion``
-    makes the same entries from an ``(n, D)`` tensor, and its pipelines expand the handle in a prompt)."""
-    return [token] + [f"{token}_{j}" for j in range(1, n)]
-
-
-def multi_vector_handles(tokenizer) -> dict[str, str]:
-    """``{handle: "handle handle_1 … handle_{n-1}"}`` for every added token of ``tokenizer`` that has
-    ``_1`` siblings (a multi-vector handle); empty when there is none."""
-    added = getattr(tokenizer, "get_added_vocab", None)
-    vocab = added() if added is not None else {}
-    out = {}
-    for tok in vocab:
-        if f"{tok}_1" in vocab and not re.search(r"_\d+$", tok):
-            n = 1
-            while f"{tok}_{n}" in vocab:
-                n += 1
-            out[tok] = " ".join(vector_tokens(tok, n))
-    return out
-
-
-def expand_handles(tokenizer, prompt: str) -> str:
-    """``prompt`` with each multi-vector handle written out as its vectors' tokens (``<asset0>`` → ``<asset0>
-    <asset0>_1 <asset0>_2``), as the text encoder must read it; a prompt already written out is unchanged, and
-    so is every prompt of a tokenizer without multi-vector handles."""
-    spans = multi_vector_handles(tokenizer)
-    for tok, phrase in spans.items():
-        # the handle not already followed by its own second vector, and not part of a longer name
-        prompt = re.sub(re.escape(tok) + r"(?!_\d)(?!\s*" + re.escape(f"{tok}_1") + r")", phrase, prompt)
-    return prompt
 
 
 def word_ids(tokenizer, word: str) -> list[int]:

@@ -27,7 +27,7 @@ from scenetok.errors import BundleError, ConfigError, PromptError, shorten
 from scenetok.io import atomic_write_bytes, atomic_write_text, png_bytes
 from scenetok.lora import ADAPTER_NAME
 from scenetok.model import check_weight_files, default_device, family_of, token_ids
-from scenetok.tokens import expand_handles, multi_vector_handles
+from scenetok.handle_text import expand_handles, multi_vector_handles
 from scenetok.params import load_partial_state
 from scenetok.viz import normalize_map
 
