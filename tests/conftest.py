@@ -16,6 +16,14 @@ from scenetok.testing import two_squares  # noqa: E402, F401  (tests import it f
 torch.set_num_threads(2)
 
 
+def load_tokenizer_and_text_encoder(path):
+    """The CLIP tokenizer and text encoder of the SD folder ``path`` (e.g. the ``tiny_sd`` fixture's)."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    return (CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
+            CLIPTextModel.from_pretrained(path, subfolder="text_encoder"))
+
+
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory):
     """Path of a tiny random SD folder: 32 px images, 16×16 latents, cross-attention at 16 and 8."""

@@ -10,7 +10,6 @@ import os
 
 import pytest
 import torch
-from transformers import CLIPTextModel, CLIPTokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -24,11 +23,7 @@ from scenetok.tokens import (  # noqa: E402
     token_positions,
     vector_tokens,
 )
-
-
-def _load(path):
-    return (CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
-            CLIPTextModel.from_pretrained(path, subfolder="text_encoder"))
+from conftest import load_tokenizer_and_text_encoder  # noqa: E402
 
 
 def test_vector_tokens_follow_the_diffusers_naming():
@@ -37,7 +32,7 @@ def test_vector_tokens_follow_the_diffusers_naming():
 
 
 def test_add_handles_with_three_vectors(tiny_sd):
-    tok, te = _load(tiny_sd)
+    tok, te = load_tokenizer_and_text_encoder(tiny_sd)
     base = te.get_input_embeddings().weight.detach().clone()
     h = add_handles(tok, te, ["<asset0>", "<asset1>"], ["cat", "dog"], num_vectors=3)
     assert h.num_vectors == 3
@@ -56,7 +51,7 @@ def test_add_handles_with_three_vectors(tiny_sd):
 
 
 def test_prompt_expansion_is_idempotent_and_leaves_other_text(tiny_sd):
-    tok, te = _load(tiny_sd)
+    tok, te = load_tokenizer_and_text_encoder(tiny_sd)
     assert expand_handles(tok, "a photo of <asset0>") == "a photo of <asset0>"  # no handles: unchanged
     add_handles(tok, te, ["<asset0>", "<asset1>"], ["cat", "dog"], num_vectors=2)
     once = expand_handles(tok, "<asset1> beside <asset0>, and <asset0>.")
@@ -70,7 +65,7 @@ def test_prompt_expansion_is_idempotent_and_leaves_other_text(tiny_sd):
 
 
 def test_num_vectors_is_checked(tiny_sd):
-    tok, te = _load(tiny_sd)
+    tok, te = load_tokenizer_and_text_encoder(tiny_sd)
     for bad in (0, 17, 2.5, True):
         with pytest.raises(ConfigError, match="num_vectors"):
             add_handles(tok, te, ["<asset0>"], ["cat"], num_vectors=bad)

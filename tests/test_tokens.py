@@ -1,16 +1,12 @@
 import torch
-from transformers import CLIPTextModel, CLIPTokenizer
+
+from conftest import load_tokenizer_and_text_encoder
 
 from scenetok.tokens import add_handles, token_positions, word_ids
 
 
-def _load(path):
-    return (CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
-            CLIPTextModel.from_pretrained(path, subfolder="text_encoder"))
-
-
 def test_init_from_single_and_multi_piece_words(tiny_sd):
-    tok, te = _load(tiny_sd)
+    tok, te = load_tokenizer_and_text_encoder(tiny_sd)
     base = te.get_input_embeddings().weight.detach().clone()
     cat_ids = word_ids(tok, "cat")
     multi = word_ids(tok, "zebra")  # not in the tiny vocabulary: several byte pieces
@@ -24,7 +20,7 @@ def test_init_from_single_and_multi_piece_words(tiny_sd):
 
 
 def test_other_rows_bit_identical_after_training_steps(tiny_sd):
-    tok, te = _load(tiny_sd)
+    tok, te = load_tokenizer_and_text_encoder(tiny_sd)
     before = te.get_input_embeddings().weight.detach().clone()
     h = add_handles(tok, te, ["<asset0>"], ["dog"])
     te.requires_grad_(False)
@@ -48,7 +44,7 @@ def test_other_rows_bit_identical_after_training_steps(tiny_sd):
 
 
 def test_handle_embedding_matches_plain_lookup(tiny_sd):
-    tok, te = _load(tiny_sd)
+    tok, te = load_tokenizer_and_text_encoder(tiny_sd)
     h = add_handles(tok, te, ["<asset0>", "<asset1>"], ["red", "blue"])
     ids = tok(["a <asset1> and <asset0>"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
@@ -59,7 +55,7 @@ def test_handle_embedding_matches_plain_lookup(tiny_sd):
 
 
 def test_token_positions_found_by_tokenizing(tiny_sd):
-    tok, te = _load(tiny_sd)
+    tok, te = load_tokenizer_and_text_encoder(tiny_sd)
     h = add_handles(tok, te, ["<asset0>", "<asset1>"], ["red", "blue"])
     pos = token_positions(tok, ["a photo of <asset1>", "zebra <asset0> and <asset1>"], h.ids)
     assert pos[0].tolist() == [-1, 4]

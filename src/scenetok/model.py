@@ -88,7 +88,7 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
 def token_ids(tokenizer, prompts: str | list[str], tensors: bool = True):
     """Token ids of ``prompts``, padded and cut to the tokenizer's length: a ``(B, L)`` tensor, or lists of
     ints with ``tensors=False``. Multi-vector handles are written out first
-    (:func:`scenetok.tokens.expand_handles`)."""
+    (:func:`scenetok.handle_text.expand_handles`)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     prompts = [expand_handles(tokenizer, p) for p in prompts]
     out = tokenizer(prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
