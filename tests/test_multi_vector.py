@@ -131,3 +131,25 @@ def test_training_a_multi_vector_handle_round_trips_through_the_bundle(tiny_sd, 
     assert (theirs - one).abs().max() > 1e-3  # without the second vector the encoding differs
     out = generate((pipe2, bundle), "a photo of <asset0>", n=1, steps=2, seed=0, progress=False, attention=True)
     assert out[0].attention["<asset0>"].shape[0] > 0
+
+
+def test_prompt_check_names_a_handle_whose_later_vectors_are_cut(tiny_sd):
+    from scenetok.errors import PromptError
+    from scenetok.generation import check_prompt_tokens
+
+    tok, te = load_tokenizer_and_text_encoder(tiny_sd)
+    add_handles(tok, te, ["<asset0>", "<asset1>"], ["cat", "dog"], num_vectors=3)
+    limit = tok.model_max_length
+    one = len(tok("a", add_special_tokens=False).input_ids)
+    assert one == 1
+    # the first vector of <asset1> is the last token the encoder reads (before the end token); its other
+    # two vectors fall past the limit
+    filler = " ".join(["a"] * (limit - 2 - 3 - 1))
+    prompt = f"<asset0> {filler} <asset1>"
+    ids = token_ids(tok, [prompt], tensors=False)[0]
+    assert ids.index(tok.convert_tokens_to_ids("<asset1>")) == limit - 2
+    with pytest.raises(PromptError) as err:
+        check_prompt_tokens(tok, prompt, ["<asset0>", "<asset1>"])
+    assert "<asset1> would be cut off" in str(err.value) and "<asset0>" not in str(err.value).split(";")[1]
+    # two words shorter, every vector fits: no error
+    check_prompt_tokens(tok, f"<asset0> {' '.join(['a'] * (limit - 2 - 3 - 3))} <asset1>", ["<asset0>", "<asset1>"])

@@ -261,10 +261,12 @@ def check_prompt_tokens(tokenizer, prompt: str, tokens: list[str] = (), what: st
     if len(ids) <= limit:
         return
     lost = []
+    spans = multi_vector_handles(tokenizer)
     for tok in tokens:
-        tid = tokenizer.convert_tokens_to_ids(tok)
-        pos = [i for i, x in enumerate(ids) if x == tid]
-        if pos and min(pos) >= limit - 1:
+        # every vector of a multi-vector handle must fit: a handle with its later vectors cut is cut too
+        tids = set(tokenizer.convert_tokens_to_ids(spans.get(tok, tok).split()))
+        pos = [i for i, x in enumerate(ids) if x in tids]
+        if pos and max(pos) >= limit - 1:
             lost.append(tok)
     where = f"; {', '.join(lost)} would be cut off and have no effect" if lost else " and would be cut off"
     raise PromptError(f"the {what} is {len(ids)} tokens long, more than the text encoder's limit of {limit} "
