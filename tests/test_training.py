@@ -227,3 +227,30 @@ def test_snr_gamma_setting_changes_training_and_is_checked(tiny_sd, two_square_s
     assert not torch.equal(ea["asset0.safetensors"]["<asset0>"], eb["asset0.safetensors"]["<asset0>"])
     with pytest.raises(ConfigError, match="snr_gamma"):
         train(two_square_scene, tmp_path / "c", model=str(tiny_sd), overrides=sets + ["snr_gamma=-1"], progress=False)
+
+
+def test_handles_lr_scale_moves_the_handles_at_their_own_rate(tiny_sd, two_square_scene, tmp_path):
+    """One joint step (handles + UNet + text encoder): AdamW's first step moves a tensor by about its learning
+    rate, so with optim.handles_lr_scale=10 the handles move ~10x as far and the UNet exactly as far."""
+    from conftest import load_tokenizer_and_text_encoder
+    from scenetok.errors import ConfigError
+    from scenetok.tokens import add_handles
+
+    sets = ["phase1.steps=0", "phase2.steps=1", "phase2.lr=1e-4", "attn.weight=0", "checkpoint_every=0",
+            "preview_every=0"]
+    a = train(two_square_scene, tmp_path / "a", model=str(tiny_sd), overrides=sets, progress=False)
+    b = train(two_square_scene, tmp_path / "b", model=str(tiny_sd), overrides=sets + ["optim.handles_lr_scale=10"],
+              progress=False)
+    tok, te = load_tokenizer_and_text_encoder(tiny_sd)
+    init = [h["init_word"] for h in json.loads((a.path / "manifest.json").read_text())["handles"]]
+    start = add_handles(tok, te, ["<asset0>", "<asset1>"], init).as_dict(te)
+    (ea, ua), (eb, ub) = _final_weights(a.path), _final_weights(b.path)
+    for i, name in enumerate(["<asset0>", "<asset1>"]):
+        da = (ea[f"asset{i}.safetensors"][name] - start[name]).abs().max().item()
+        db = (eb[f"asset{i}.safetensors"][name] - start[name]).abs().max().item()
+        assert 0.9e-4 < da < 1.2e-4 and 9.0 < db / da < 11.0, (da, db)
+    assert ua.keys() == ub.keys() and all(torch.allclose(ua[k], ub[k], atol=1e-7) for k in ua)
+    for bad in ("0", "-1"):
+        with pytest.raises(ConfigError, match="handles_lr_scale"):
+            train(two_square_scene, tmp_path / f"c{bad}", model=str(tiny_sd),
+                  overrides=sets + [f"optim.handles_lr_scale={bad}"], progress=False)

@@ -24,11 +24,11 @@ def setup_phase(run: Run, phase: Phase) -> torch.optim.Optimizer:
     vectors = [run.handles.vectors(te) for te in encoders]
     for v in vectors:
         v.requires_grad_(False)
-    params = []
+    params, handle_params = [], []
     if "handles" in phase.train:
         for v in vectors:
             v.requires_grad_(True)
-            params.append(v)
+            handle_params.append(v)
     # with LoRA (adapter.type=lora) the weight groups train through their adapters only
     adapters = run.lora.parameters(phase.train) if run.lora is not None else []
     for p in adapters:
@@ -52,7 +52,13 @@ def setup_phase(run: Run, phase: Phase) -> torch.optim.Optimizer:
         te.train("text_encoder" in phase.train)
     o = cfg["optim"]
     kwargs = dict(lr=phase.lr, betas=(o["beta1"], o["beta2"]), weight_decay=o["weight_decay"], eps=o["eps"])
-    groups = [{"params": params}] if params else []
+    # the handles are their own group when they learn at another rate than the weights beside them
+    scale = float(o.get("handles_lr_scale", 1.0))
+    if handle_params and params and scale != 1.0:
+        groups = [{"params": handle_params, "lr": phase.lr * scale}, {"params": params}]
+    else:
+        groups = [{"params": handle_params + params}] if handle_params or params else []
+    params = handle_params + params
     if adapters:  # LoRA weights learn at their own rate (adapter.lr); the handles keep the phase's
         groups.append({"params": adapters, "lr": cfg["adapter"]["lr"]})
     if o["use_8bit"]:

@@ -22,6 +22,9 @@ class OptimSettings:
     eps: float = setting(1e-8, "AdamW epsilon")
     grad_clip: float = setting(1.0, "clip the gradient norm to this (0: no clipping)")
     use_8bit: bool = setting(False, "8-bit AdamW (needs bitsandbytes)")
+    handles_lr_scale: float = setting(1.0, "the handles learn at the phase's learning rate times this (1: the "
+                                      "papers, one rate for everything a phase trains); only matters in phases "
+                                      "that also train model weights")
     fused: bool = setting(True, "PyTorch's fused AdamW kernel where it applies (false: the multi-tensor path)")
     step_in_backward: bool = setting(False, "step each trained weight inside the backward pass as soon as its gradient "
                                      "is complete, then free that gradient: no gradient buffer for the model "
@@ -183,3 +186,7 @@ def validate_config(cfg: dict) -> None:
             raise ConfigError(f"{key} must be >= 0, got {value}")
         if key.endswith(".lr") and isinstance(value, float) and value <= 0:
             raise ConfigError(f"{key} must be > 0, got {value}")
+    scale = cfg["optim"]["handles_lr_scale"]
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ConfigError(f"optim.handles_lr_scale must be a number > 0, got {scale!r}",
+                          hint="e.g. --set optim.handles_lr_scale=6 (1: the papers' single learning rate)")
