@@ -260,14 +260,8 @@ def check_prompt_tokens(tokenizer, prompt: str, tokens: list[str] = (), what: st
     ids = tokenizer(expand_handles(tokenizer, prompt), truncation=False).input_ids
     if len(ids) <= limit:
         return
-    lost = []
-    spans = multi_vector_handles(tokenizer)
-    for tok in tokens:
-        # every vector of a multi-vector handle must fit: a handle with its later vectors cut is cut too
-        tids = set(tokenizer.convert_tokens_to_ids(spans.get(tok, tok).split()))
-        pos = [i for i, x in enumerate(ids) if x in tids]
-        if pos and max(pos) >= limit - 1:
-            lost.append(tok)
+    # every vector of a multi-vector handle must fit: a handle with its later vectors cut is cut too
+    lost = [tok for tok, pos in _vector_positions(tokenizer, ids, tokens).items() if max(pos) >= limit - 1]
     where = f"; {', '.join(lost)} would be cut off and have no effect" if lost else " and would be cut off"
     raise PromptError(f"the {what} is {len(ids)} tokens long, more than the text encoder's limit of {limit} "
                       f"(start and end tokens included){where}",
@@ -296,12 +290,16 @@ def check_generate_options(*, n: Any = 1, steps: Any = 1, guidance: Any = 7.5, b
 def handle_positions(tokenizer, prompt: str, tokens: list[str]) -> dict[str, list[int]]:
     """Positions of each handle token in ``prompt`` as the text encoder sees it (by tokenizing); a
     multi-vector handle's list also holds the positions of its other vectors (``<asset0>_1`` …)."""
-    ids = token_ids(tokenizer, prompt, tensors=False)[0]
+    return _vector_positions(tokenizer, token_ids(tokenizer, prompt, tensors=False)[0], tokens)
+
+
+def _vector_positions(tokenizer, ids: list[int], tokens: list[str]) -> dict[str, list[int]]:
+    """Positions in ``ids`` of each handle of ``tokens`` found there, with every vector of a multi-vector
+    handle (``<asset0>``, ``<asset0>_1`` …)."""
     spans = multi_vector_handles(tokenizer)
     out = {}
     for tok in tokens:
-        entries = spans[tok].split() if tok in spans else [tok]
-        tids = set(tokenizer.convert_tokens_to_ids(entries))
+        tids = set(tokenizer.convert_tokens_to_ids(spans.get(tok, tok).split()))
         pos = [i for i, x in enumerate(ids) if x in tids]
         if pos:
             out[tok] = pos
