@@ -8,9 +8,10 @@ from scenetok.generation.pipeline import (
     check_prompt,
     check_prompt_tokens,
     generate,
+    generate_many,
     handle_positions,
     load_pipeline,
     write_outputs,
 )
 
-__all__ = ["MAX_PROMPT_CHARS", "Generated", "check_bundle_files", "check_generate_options", "check_prompt", "check_prompt_tokens", "generate", "handle_positions", "load_pipeline", "write_outputs"]
+__all__ = ["MAX_PROMPT_CHARS", "Generated", "check_bundle_files", "check_generate_options", "check_prompt", "check_prompt_tokens", "generate", "generate_many", "handle_positions", "load_pipeline", "write_outputs"]

@@ -320,33 +320,35 @@ def _resolve(bundle_or_pipe):
 
 
 class _AttentionAccumulator:
-    """Sums the conditional-half cross-attention maps at the handle positions over denoising steps."""
+    """Sums the conditional-half cross-attention maps at each row's handle positions over denoising steps
+    (``positions[j]``: the handles of row ``j``'s prompt and where they sit; rows may hold different prompts)."""
 
-    def __init__(self, store, size: int, positions: dict[str, list[int]], batch: int, cfg: bool,
+    def __init__(self, store, size: int, positions: list[dict[str, list[int]]], cfg: bool,
                  display: int | None = None):
         self.store = store
         self.size = size
         self.display = display  # upsample each averaged map (bilinear) to this side, e.g. TL's 256
         self.positions = positions
-        self.batch = batch
+        self.batch = len(positions)
         self.cfg = cfg
-        self.sums: dict[str, torch.Tensor] = {}
+        self.sums: list[dict[str, torch.Tensor]] = [{} for _ in positions]
         self.steps = 0
 
     def __call__(self, pipe, step, timestep, callback_kwargs):
         maps = self.store.maps(self.size).detach().float().cpu()  # (B', T, s, s)
         cond = maps[-self.batch:] if self.cfg else maps
-        for tok, pos in self.positions.items():
-            m = cond[:, pos].mean(1)
-            self.sums[tok] = self.sums[tok] + m if tok in self.sums else m
+        for j, row in enumerate(self.positions):
+            for tok, pos in row.items():
+                m = cond[j, pos].mean(0)
+                self.sums[j][tok] = self.sums[j][tok] + m if tok in self.sums[j] else m
         self.steps += 1
         self.store.reset()
         return {}
 
     def result(self, j: int) -> dict[str, np.ndarray]:
         out = {}
-        for tok, s in self.sums.items():
-            m = s[j] / max(self.steps, 1)
+        for tok, s in self.sums[j].items():
+            m = s / max(self.steps, 1)
             if self.display and m.shape[-1] != self.display:
                 m = torch.nn.functional.interpolate(m[None, None], size=(self.display, self.display), mode="bilinear",
                                                     align_corners=False)[0, 0]
@@ -400,17 +402,55 @@ def generate(
     the largest map size ≤ latent/2; for a Textual Localization bundle the paper's Fig. 5 view: the
     latent/4 layers (SD at 512 px: 16×16) upsampled bilinearly to 256×256). ``out_dir`` receives ``{i:02d}_seed{s}.png``, the overlays
     ``{i:02d}_seed{s}_asset0.png``, ``grid.png`` and ``prompts.jsonl`` (one appended row per image).
+    Several prompts in one batch: :func:`generate_many`.
     """
     check_generate_options(n=n, steps=steps, guidance=guidance, batch_size=batch_size, size=height, seed=seed)
+    pipe, bundle = _resolve(bundle_or_pipe)
+    results = generate_many((pipe, bundle), [(prompt, seed + i) for i in range(n)], steps=steps, guidance=guidance,
+                            negative_prompt=negative_prompt, height=height, width=width, batch_size=batch_size,
+                            attention=attention, progress=progress)
+    if out_dir is not None:
+        write_outputs(results, out_dir, bundle=bundle, negative_prompt=negative_prompt, steps=steps,
+                      guidance=guidance, first_index=next_free_index(out_dir),
+                      scheduler=type(pipe.scheduler).__name__)
+    return results
+
+
+def generate_many(
+    bundle_or_pipe,
+    requests: list[tuple[str, int]],
+    *,
+    steps: int = 50,
+    guidance: float = 7.5,
+    negative_prompt: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    batch_size: int = 4,
+    attention: bool = False,
+    progress: bool = True,
+) -> list[Generated]:
+    """One image per ``(prompt, seed)`` of ``requests``, in that order, batched ``batch_size`` at a time
+    whatever their prompts (so many short jobs, e.g. one or two images of each of ten prompts, share the
+    UNet's batches). Image ``(p, s)`` is the one :func:`generate` makes for prompt ``p`` with seed ``s``
+    (up to the last bits of batched arithmetic). Other arguments as in :func:`generate`; nothing is written."""
+    if not isinstance(requests, (list, tuple)) or not requests or not all(
+            isinstance(r, (tuple, list)) and len(r) == 2 and isinstance(r[0], str) for r in requests):
+        raise ConfigError(f"generate_many needs a non-empty list of (prompt, seed) pairs, got {shorten(requests)}")
+    requests = [tuple(r) for r in requests]
+    check_generate_options(steps=steps, guidance=guidance, batch_size=batch_size, size=height)
+    for _, s in requests:
+        check_generate_options(seed=s)
     if width is not None:
         check_generate_options(size=width)
     pipe, bundle = _resolve(bundle_or_pipe)
-    if bundle is not None:
-        check_prompt(prompt, bundle)
+    handles = bundle.tokens if bundle is not None else list(getattr(pipe.tokenizer, "get_added_vocab", dict)())
+    prompts = list(dict.fromkeys(p for p, _ in requests))
+    for prompt in prompts:
+        if bundle is not None:
+            check_prompt(prompt, bundle)
+        check_prompt_tokens(pipe.tokenizer, prompt, handles)
     if negative_prompt and bundle is not None:
         check_prompt(negative_prompt, bundle, what="negative prompt")
-    handles = bundle.tokens if bundle is not None else list(getattr(pipe.tokenizer, "get_added_vocab", dict)())
-    check_prompt_tokens(pipe.tokenizer, prompt, handles)
     if negative_prompt:
         check_prompt_tokens(pipe.tokenizer, negative_prompt, handles, what="negative prompt")
     vae_factor = getattr(pipe, "vae_scale_factor", 8)
@@ -423,25 +463,25 @@ def generate(
     if attention and height != width:
         raise ConfigError("attention overlays need a square image (height == width)")
 
-    if bundle is not None:
-        tokens = bundle.tokens
-    else:
-        added = set(getattr(pipe.tokenizer, "get_added_vocab", dict)())
-        tokens = [t for t in dict.fromkeys(HANDLE_RE.findall(prompt)) if t in added]
-    positions = handle_positions(pipe.tokenizer, prompt, tokens) if attention else {}
+    positions: dict[str, dict[str, list[int]]] = {}
     if attention:
+        added = set(getattr(pipe.tokenizer, "get_added_vocab", dict)())
+        for prompt in prompts:
+            tokens = bundle.tokens if bundle is not None else [
+                t for t in dict.fromkeys(HANDLE_RE.findall(prompt)) if t in added]
+            positions[prompt] = handle_positions(pipe.tokenizer, prompt, tokens)
         size, layers, display = _attention_size(pipe, height // vae_factor,
                                                 bundle.method if bundle is not None else None)
     cfg = guidance > 1.0 and pipe.unet.config.time_cond_proj_dim is None
     pipe.set_progress_bar_config(disable=not progress)
 
     results: list[Generated] = []
-    for start in range(0, n, batch_size):
-        count = min(batch_size, n - start)
-        seeds = [seed + start + j for j in range(count)]
-        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    for start in range(0, len(requests), batch_size):
+        chunk = requests[start:start + batch_size]
+        count = len(chunk)
+        generators = [torch.Generator("cpu").manual_seed(s) for _, s in chunk]
         kwargs = dict(
-            prompt=[prompt] * count,
+            prompt=[p for p, _ in chunk],
             negative_prompt=[negative_prompt] * count if negative_prompt is not None else None,
             num_inference_steps=steps,
             guidance_scale=guidance,
@@ -450,10 +490,10 @@ def generate(
             generator=generators,
             output_type="pil",
         )
-        if attention and positions:
-
+        rows = [positions.get(p, {}) for p, _ in chunk]
+        if attention and any(rows):
             with capture_attention(pipe.unet, layers) as store:
-                acc = _AttentionAccumulator(store, size, positions, count, cfg, display)
+                acc = _AttentionAccumulator(store, size, rows, cfg, display)
                 with torch.no_grad():
                     images = pipe(**kwargs, callback_on_step_end=acc).images
             maps = [acc.result(j) for j in range(count)]
@@ -461,13 +501,8 @@ def generate(
             with torch.no_grad():
                 images = pipe(**kwargs).images
             maps = [({} if attention else None)] * count
-        for img, s, m in zip(images, seeds, maps):
-            results.append(Generated(image=img, prompt=prompt, seed=s, attention=m))
-
-    if out_dir is not None:
-        write_outputs(results, out_dir, bundle=bundle, negative_prompt=negative_prompt, steps=steps,
-                      guidance=guidance, first_index=next_free_index(out_dir),
-                      scheduler=type(pipe.scheduler).__name__)
+        for img, (p, s), m in zip(images, chunk, maps):
+            results.append(Generated(image=img, prompt=p, seed=s, attention=m))
     return results
 
 

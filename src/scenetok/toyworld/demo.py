@@ -31,6 +31,9 @@ from scenetok.toyworld import world
 #: within a minute on 2 cores.
 DEMO_STEPS = ("phase1.steps=200", "phase2.steps=50")
 
+#: Images per UNet batch when the demo generates (all prompts mixed).
+GENERATION_BATCH = 10
+
 
 def demo_overrides() -> list[str]:
     """Break-A-Scene's toy-sd settings (the toy-world benchmark's, tuned on its tuning scenes:
@@ -145,7 +148,7 @@ def _run_demo(out_dir: Path, t0: float, *, scene, seed, n_objects, images_per_pr
               progress) -> Path:
     from tqdm.auto import tqdm
 
-    from scenetok.generation import generate, load_pipeline
+    from scenetok.generation import generate_many, load_pipeline, write_outputs
     from scenetok.scene import Scene, load_scene, save_scene
     from scenetok.toyworld.model import toy_sd_path
     from scenetok.training import train
@@ -175,11 +178,17 @@ def _run_demo(out_dir: Path, t0: float, *, scene, seed, n_objects, images_per_pr
     rng = np.random.default_rng(seed)
     prompts = demo_prompts(tokens, spec.background if spec else "", rng)
     pipe, bundle = load_pipeline(bundle, scheduler=DEFAULT_SAMPLER)
+    # every image of every prompt in a few large batches (on a CPU, ~0.45 s per image instead of ~0.75 at
+    # two per batch); prompt k's images use seeds seed + 100 k + i, as a generate() call per prompt would
+    requests = [(p["prompt"], seed + 100 * k + i) for k, p in enumerate(prompts) for i in range(images_per_prompt)]
+    gens = generate_many((pipe, bundle), requests, steps=steps, guidance=5.0, attention=True,
+                         batch_size=GENERATION_BATCH, progress=False)
     results = []
     for k, p in enumerate(prompts):
-        gens = generate((pipe, bundle), p["prompt"], n=images_per_prompt, seed=seed + 100 * k, steps=steps,
-                        guidance=5.0, attention=True, out_dir=out_dir / "images" / f"prompt{k:02d}", progress=False)
-        results.append((p, gens))
+        mine = gens[k * images_per_prompt:(k + 1) * images_per_prompt]
+        write_outputs(mine, out_dir / "images" / f"prompt{k:02d}", bundle=bundle, steps=steps, guidance=5.0,
+                      scheduler=type(pipe.scheduler).__name__)
+        results.append((p, mine))
     stages.update(1)
     stages.set_description("demo: scoring")
     rows = []
