@@ -173,12 +173,61 @@ def test_train_resume_after_interrupt_is_exact(tmp_path, monkeypatch):
     with pytest.raises(FileExistsError, match="--resume"):
         _tiny_train(tmp_path / "run")
     monkeypatch.setattr(world, "caption", real_caption)
+    # the encoded latents were kept beside the state: the resumed run neither renders nor encodes the data set
+    assert (checkpoint_dir(tmp_path / "run") / "latents.safetensors").is_file()
+    from diffusers import AutoencoderKL
+
+    real_encode, real_render = AutoencoderKL.encode, world.render
+    counts = {"encode": 0, "render": 0}
+
+    def counting_encode(self, *a, **k):
+        counts["encode"] += 1
+        return real_encode(self, *a, **k)
+
+    def counting_render(*a, **k):
+        counts["render"] += 1
+        return real_render(*a, **k)
+
+    monkeypatch.setattr(AutoencoderKL, "encode", counting_encode)
+    monkeypatch.setattr(world, "render", counting_render)
     out = _tiny_train(tmp_path / "run", resume=True)
+    assert counts["encode"] == 0 and counts["render"] == 6  # only the reconstruction check's scenes
     got = _weights(out)
     assert got.keys() == ref.keys()
     diff = max((got[k].float() - ref[k].float()).abs().max().item() for k in ref)
     assert diff == 0.0
     assert not checkpoint_dir(out).exists()
+
+
+def test_train_resume_ignores_latents_of_another_vae(tmp_path, monkeypatch, capsys):
+    """A latent cache that another VAE made (or a torn file) is not used: the resumed run encodes again and
+    still ends bit for bit where an uninterrupted run does."""
+    from scenetok.toyworld import world
+    from scenetok.toyworld.train import _cache_matches, _read_latent_cache, _write_latent_cache, checkpoint_dir
+
+    ref = _weights(_tiny_train(tmp_path / "ref"))
+    real_caption = world.caption
+    calls = {"n": 0}
+
+    def flaky_caption(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2 * 2 + 1:
+            raise KeyboardInterrupt
+        return real_caption(*a, **k)
+
+    monkeypatch.setattr(world, "caption", flaky_caption)
+    with pytest.raises(KeyboardInterrupt):
+        _tiny_train(tmp_path / "run")
+    monkeypatch.setattr(world, "caption", real_caption)
+    cache = checkpoint_dir(tmp_path / "run") / "latents.safetensors"
+    mean, std = _read_latent_cache(cache)
+    assert _cache_matches(cache, n=6, seed=0)
+    _write_latent_cache(cache, mean + 1.0, std, n=6, seed=0, vae_digest="0" * 64)  # the right scenes, another VAE
+    capsys.readouterr()
+    out = _tiny_train(tmp_path / "run", resume=True)
+    assert "made by another VAE" in capsys.readouterr().out
+    got = _weights(out)
+    assert max((got[k].float() - ref[k].float()).abs().max().item() for k in ref) == 0.0
 
 
 def test_train_warm_start_keeps_vae_and_starts_from_the_given_weights(tmp_path):

@@ -41,9 +41,11 @@ def _log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- data
-def render_dataset(n: int, seed: int, *, max_seconds: float | None = None, with_masks: bool = False):
+def render_dataset(n: int, seed: int, *, max_seconds: float | None = None, with_masks: bool = False,
+                   specs_only: bool = False):
     """Render ``n`` training scenes: (uint8 images (n,64,64,3), list of SceneSpec) and, with
-    ``with_masks``, the union of each scene's object masks (bool (n,64,64))."""
+    ``with_masks``, the union of each scene's object masks (bool (n,64,64)). ``specs_only``: draw the same
+    scenes without rendering them (images and masks are None; a resumed run whose latents are cached)."""
     from scenetok.toyworld import world
 
     rng = np.random.default_rng([seed, 1])
@@ -54,18 +56,81 @@ def render_dataset(n: int, seed: int, *, max_seconds: float | None = None, with_
     for i in range(n):
         k = int(rng.choice(ks, p=p / p.sum()))
         spec = world.sample_scene(rng, n_objects=(k, k), allow_held_out=False)
-        img, masks = world.render(spec, size=64)
-        images.append(img)
         specs.append(spec)
-        fg.append(masks.any(axis=0))
+        if not specs_only:
+            img, masks = world.render(spec, size=64)
+            images.append(img)
+            fg.append(masks.any(axis=0))
         if max_seconds is not None and time.time() - t0 > max_seconds:
             _log(f"render budget reached after {i + 1} scenes")
             break
         if (i + 1) % 2000 == 0:
             _log(f"rendered {i + 1}/{n} scenes ({time.time() - t0:.0f}s)")
+    if specs_only:
+        return (None, specs, None) if with_masks else (None, specs)
     if with_masks:
         return np.stack(images), specs, np.stack(fg)
     return np.stack(images), specs
+
+
+LATENTS_CACHE = "latents.safetensors"
+
+
+def _vae_digest(vae) -> str:
+    """A fingerprint of the VAE's weights (the cached latents are valid only for the VAE that made them)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(vae.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _cache_matches(path: Path, *, n: int, seed: int, vae_digest: str | None = None) -> bool:
+    """Whether ``path`` holds the encoded latents of these ``n`` scenes of ``seed`` (and, when given, of the
+    VAE with this digest); a missing, torn or foreign file is simply not a match."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # noqa: BLE001 - unreadable: encode again
+        return False
+    return (meta.get("n") == str(n) and meta.get("seed") == str(seed) and "mean_order" in meta
+            and "std_order" in meta and (vae_digest is None or meta.get("vae") == vae_digest))
+
+
+# The encoder's output keeps the memory layout its convolutions chose (on a CPU, channels-last), and the UNet
+# steps compute (and round) differently on another layout; so the cache stores each tensor in its memory order
+# and gives it back with the very same strides: a resumed run then trains bit for bit like an uninterrupted one.
+def _memory_order(t) -> list[int]:
+    return sorted(range(t.dim()), key=lambda d: -t.stride(d))
+
+
+def _read_latent_cache(path: Path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        out = []
+        for name in ("mean", "std"):
+            order = json.loads(meta[f"{name}_order"])
+            out.append(f.get_tensor(name).permute(*np.argsort(order).tolist()))
+        return tuple(out)
+
+
+def _write_latent_cache(path: Path, mean, std, *, n: int, seed: int, vae_digest: str) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.parent / f".{path.name}.tmp"
+    orders = {name: _memory_order(t) for name, t in (("mean", mean), ("std", std))}
+    save_file({"mean": mean.permute(*orders["mean"]).contiguous(), "std": std.permute(*orders["std"]).contiguous()},
+              str(tmp), metadata={"n": str(n), "seed": str(seed), "vae": vae_digest,
+                                  **{f"{k}_order": json.dumps(v) for k, v in orders.items()}})
+    os.replace(tmp, path)
 
 
 def train_vae(vae, images: np.ndarray, fg: np.ndarray, *, steps: int, batch_size: int, lr: float, crop: int,
@@ -255,7 +320,8 @@ def train_toy_sd(
 
     Every ``checkpoint_every_minutes`` the whole state (weights, EMA, optimizer, position in the schedule,
     random streams) goes to :func:`checkpoint_dir`; ``resume=True`` continues from there to the same
-    schedule (the data set is rendered again from ``seed``: the same scenes, bit for bit). Every
+    schedule (the data set is drawn again from ``seed``: the same scenes, bit for bit; the encoded latents are
+    kept beside the state, so a resumed UNet stage neither renders nor encodes them again). Every
     ``eval_every_minutes`` the EMA weights are scored by the oracle on ``eval_n`` unseen captions; the
     scores are printed and kept in ``training_info.json`` (``scores``).
 
@@ -315,11 +381,16 @@ def train_toy_sd(
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng([seed, 2])
 
-    # ---- data (rendered again on resume: the same seed gives the same scenes)
+    # ---- data (rendered again on resume: the same seed gives the same scenes; a resumed UNet stage whose
+    # encoded latents are cached beside its state draws the scenes' captions only)
+    cache = ckpt / LATENTS_CACHE
+    cached = (state is not None and state["progress"].get("stage") == "unet"
+              and _cache_matches(cache, n=state["run_state"]["info"]["n_images"], seed=seed))
     images, specs, fg = render_dataset(n_images, seed, max_seconds=None if not render_minutes else render_minutes * 60,
-                                       with_masks=True)
+                                       with_masks=True, specs_only=cached)
     n = len(specs)
-    _log(f"data: {n} scenes rendered in {time.time() - t_start:.0f}s")
+    _log(f"data: {n} scenes {'drawn (their latents are cached)' if cached else 'rendered'} in "
+         f"{time.time() - t_start:.0f}s")
     if state is not None and n != state["run_state"]["info"]["n_images"]:
         raise RuntimeError(f"rendered {n} scenes but the saved run had {state['run_state']['info']['n_images']}; "
                            "resume without --render-minutes")
@@ -391,16 +462,28 @@ def train_toy_sd(
     enc_gen = torch.Generator().manual_seed(seed + 2)
     # both the images and their mirror images (every toy shape is left-right symmetric and captions never
     # name positions, so a flip is a free second view of each scene): index [flip, scene]
-    means, stds = [[], []], [[], []]
-    with torch.no_grad():
-        for flip in (0, 1):
-            for i in range(0, n, 128):
-                x = _to_tensor(images[i:i + 128])
-                post = vae.encode((x.flip(-1) if flip else x).to(device)).latent_dist
-                means[flip].append(post.mean.cpu())
-                stds[flip].append(post.std.cpu())
-    lat_mean = torch.stack([torch.cat(m) for m in means])
-    lat_std = torch.stack([torch.cat(s) for s in stds])
+    digest = _vae_digest(vae)
+    if cached and not _cache_matches(cache, n=n, seed=seed, vae_digest=digest):
+        _log(f"{cache} was made by another VAE; rendering and encoding again")
+        cached = False
+        images, _, fg = render_dataset(n_images, seed, with_masks=True)
+    if cached:
+        lat_mean, lat_std = _read_latent_cache(cache)
+        images = np.stack([world.render(sp, size=64)[0] for sp in specs[:64]])  # for the reconstruction check
+        info["latents_from_cache"] = True
+    else:
+        means, stds = [[], []], [[], []]
+        with torch.no_grad():
+            for flip in (0, 1):
+                for i in range(0, n, 128):
+                    x = _to_tensor(images[i:i + 128])
+                    post = vae.encode((x.flip(-1) if flip else x).to(device)).latent_dist
+                    means[flip].append(post.mean.cpu())
+                    stds[flip].append(post.std.cpu())
+        lat_mean = torch.stack([torch.cat(m) for m in means])
+        lat_std = torch.stack([torch.cat(s) for s in stds])
+        if checkpoint_every_minutes:  # a resumed run reads them back instead of rendering and encoding again
+            _write_latent_cache(cache, lat_mean, lat_std, n=n, seed=seed, vae_digest=digest)
     with torch.no_grad():
         sample = lat_mean[0] + lat_std[0] * torch.randn(lat_mean[0].shape, generator=enc_gen)
         recon = vae.decode(sample[:64].to(device)).sample.cpu()
