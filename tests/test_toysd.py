@@ -199,6 +199,39 @@ def test_train_resume_after_interrupt_is_exact(tmp_path, monkeypatch):
     assert not checkpoint_dir(out).exists()
 
 
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_finishes_the_step_and_writes_the_state(tmp_path, monkeypatch, signame):
+    """A signal in the middle of UNet step 4 (with no periodic checkpoint due): the step is finished, the state
+    written at step 4, the run stops as the signal asks, the handlers are given back, and --resume ends bit for
+    bit where an uninterrupted run does."""
+    import signal
+
+    from scenetok.toyworld import world
+    from scenetok.toyworld.train import checkpoint_dir
+
+    ref = _weights(_tiny_train(tmp_path / "ref"))
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    real_caption = world.caption
+    calls = {"n": 0}
+
+    def signalling_caption(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2 * 3 + 1:  # the first caption of step 4
+            signal.raise_signal(getattr(signal, signame))
+        return real_caption(*a, **k)
+
+    monkeypatch.setattr(world, "caption", signalling_caption)
+    expected = KeyboardInterrupt if signame == "SIGINT" else SystemExit
+    with pytest.raises(expected):
+        _tiny_train(tmp_path / "run", checkpoint_every_minutes=60.0)
+    assert {s: signal.getsignal(s) for s in before} == before
+    state = json.loads((checkpoint_dir(tmp_path / "run") / "checkpoint" / "state.json").read_text())
+    assert state["progress"]["step"] == 4  # the interrupted step was finished, not lost
+    monkeypatch.setattr(world, "caption", real_caption)
+    got = _weights(_tiny_train(tmp_path / "run", resume=True, checkpoint_every_minutes=60.0))
+    assert max((got[k].float() - ref[k].float()).abs().max().item() for k in ref) == 0.0
+
+
 def test_train_resume_ignores_latents_of_another_vae(tmp_path, monkeypatch, capsys):
     """A latent cache that another VAE made (or a torn file) is not used: the resumed run encodes again and
     still ends bit for bit where an uninterrupted run does."""

@@ -205,6 +205,44 @@ def _replan(step: int, max_steps: int, t0: float, minutes: float) -> int:
     return max(step, min(max_steps, step + int((minutes * 60 - elapsed) / rate)))
 
 
+class _StopRequest:
+    """While open (main thread only), the first SIGINT or SIGTERM only asks the UNet loop to stop: the loop ends
+    the step it is in, writes the resumable state, and then :meth:`reraise` raises what the signal would have
+    (``KeyboardInterrupt``, or ``SystemExit(128 + signum)``). A second signal stops at once."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.signum: int | None = None
+        self._old: dict = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            self.close()
+            raise KeyboardInterrupt
+        self.signum = signum
+        _log("stop requested: finishing this step and writing the training state (press Ctrl-C again to stop at "
+             "once, without it)")
+
+    def close(self) -> None:
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+    def reraise(self):
+        import signal
+
+        if self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + int(self.signum))
+
+
 class _EMA:
     def __init__(self, params, decay: float):
         self.params = list(params)
@@ -570,60 +608,72 @@ def train_toy_sd(
 
     bar = tqdm(total=total_ref[0], initial=step, desc="toy-sd UNet", disable=not progress, dynamic_ncols=True,
                mininterval=2.0)
-    while step < total_ref[0]:
-        idx = rng.integers(0, n, batch_size)
-        caps = [world.caption(specs[i], rng, bare_nouns=bare_nouns) if rng.random() >= CAPTION_DROPOUT else ""
-                for i in idx]
-        ti = torch.from_numpy(idx)
-        fl = torch.from_numpy(rng.integers(0, 2, batch_size))
-        mu, sd = lat_mean[fl, ti], lat_std[fl, ti]
-        x0 = (mu + sd * torch.randn(mu.shape, generator=gen)).to(device)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        t = torch.randint(0, acp.numel(), (batch_size,), generator=gen).to(device)
-        a = acp[t].sqrt().view(-1, 1, 1, 1)
-        s = (1 - acp[t]).sqrt().view(-1, 1, 1, 1)
-        xt = a * x0 + s * noise
-        target = a * noise - s * x0
-        with amp:
-            pred = unet(xt, t, encode_captions(caps)).sample
-        if snr_gamma:
-            per = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
-            loss = (per * min_snr_weights(acp[t], snr_gamma)).mean()
-        else:
-            loss = F.mse_loss(pred.float(), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        ema.update(step)
-        step += 1
-        run_loss += loss.item()
-        n_loss += 1
-        bar.update(1)
-        if minutes and step % 25 == 0:  # re-plan the step count from the measured speed
-            total_ref[0] = _replan(step, unet_steps, t_unet, minutes)
-            bar.total = total_ref[0]
-        if step % log_every == 0 or step == total_ref[0]:
-            el = time.time() - t_unet
-            bar.set_postfix(loss=f"{run_loss / n_loss:.4f}", refresh=False)
-            if not progress:
-                _log(f"unet step {step}/{total_ref[0]} loss={run_loss / n_loss:.4f} lr={sched.get_last_lr()[0]:.2e} "
-                     f"elapsed {el / 60:.1f}min")
-            run_loss, n_loss = 0.0, 0
-        now = time.time()
-        if eval_every_minutes and now - last_eval > eval_every_minutes * 60 and step < total_ref[0]:
-            score_now()
-            last_eval = time.time()
-        if save_every_minutes and now - last_save > save_every_minutes * 60 and step < total_ref[0]:
-            ema.swap()
-            save_pipeline(pipe, out_dir, extra_info={**info, "unet_steps": step, "snapshot": True})
-            ema.swap()
-            last_save = time.time()
-        if checkpoint_every_minutes and now - last_ckpt > checkpoint_every_minutes * 60 and step < total_ref[0]:
-            checkpoint(snapshot_state(), opt, {"stage": "unet", "step": step, "total": total_ref[0],
-                                               "seconds": time.time() - t_unet})
-            last_ckpt = time.time()
+    stop = _StopRequest()  # Ctrl-C / SIGTERM: finish the step, write the state, then stop
+    try:
+        while step < total_ref[0]:
+            idx = rng.integers(0, n, batch_size)
+            caps = [world.caption(specs[i], rng, bare_nouns=bare_nouns) if rng.random() >= CAPTION_DROPOUT else ""
+                    for i in idx]
+            ti = torch.from_numpy(idx)
+            fl = torch.from_numpy(rng.integers(0, 2, batch_size))
+            mu, sd = lat_mean[fl, ti], lat_std[fl, ti]
+            x0 = (mu + sd * torch.randn(mu.shape, generator=gen)).to(device)
+            noise = torch.randn(x0.shape, generator=gen).to(device)
+            t = torch.randint(0, acp.numel(), (batch_size,), generator=gen).to(device)
+            a = acp[t].sqrt().view(-1, 1, 1, 1)
+            s = (1 - acp[t]).sqrt().view(-1, 1, 1, 1)
+            xt = a * x0 + s * noise
+            target = a * noise - s * x0
+            with amp:
+                pred = unet(xt, t, encode_captions(caps)).sample
+            if snr_gamma:
+                per = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
+                loss = (per * min_snr_weights(acp[t], snr_gamma)).mean()
+            else:
+                loss = F.mse_loss(pred.float(), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            ema.update(step)
+            step += 1
+            run_loss += loss.item()
+            n_loss += 1
+            bar.update(1)
+            if minutes and step % 25 == 0:  # re-plan the step count from the measured speed
+                total_ref[0] = _replan(step, unet_steps, t_unet, minutes)
+                bar.total = total_ref[0]
+            if step % log_every == 0 or step == total_ref[0]:
+                el = time.time() - t_unet
+                bar.set_postfix(loss=f"{run_loss / n_loss:.4f}", refresh=False)
+                if not progress:
+                    _log(f"unet step {step}/{total_ref[0]} loss={run_loss / n_loss:.4f} lr={sched.get_last_lr()[0]:.2e} "
+                         f"elapsed {el / 60:.1f}min")
+                run_loss, n_loss = 0.0, 0
+            now = time.time()
+            if eval_every_minutes and now - last_eval > eval_every_minutes * 60 and step < total_ref[0]:
+                score_now()
+                last_eval = time.time()
+            if save_every_minutes and now - last_save > save_every_minutes * 60 and step < total_ref[0]:
+                ema.swap()
+                save_pipeline(pipe, out_dir, extra_info={**info, "unet_steps": step, "snapshot": True})
+                ema.swap()
+                last_save = time.time()
+            if checkpoint_every_minutes and now - last_ckpt > checkpoint_every_minutes * 60 and step < total_ref[0]:
+                checkpoint(snapshot_state(), opt, {"stage": "unet", "step": step, "total": total_ref[0],
+                                                   "seconds": time.time() - t_unet})
+                last_ckpt = time.time()
+            if stop.signum is not None and step < total_ref[0]:
+                bar.close()
+                if checkpoint_every_minutes:
+                    checkpoint(snapshot_state(), opt, {"stage": "unet", "step": step, "total": total_ref[0],
+                                                       "seconds": time.time() - t_unet})
+                    _log(f"stopped after UNet step {step}; the state is in {ckpt} (continue with --resume)")
+                stop.close()
+                stop.reraise()
+    finally:
+        stop.close()
     bar.close()
     info["unet_steps"] = step
     info["unet_seconds"] = round(time.time() - t_unet)
