@@ -178,8 +178,8 @@ def _run_demo(out_dir: Path, t0: float, *, scene, seed, n_objects, images_per_pr
     rng = np.random.default_rng(seed)
     prompts = demo_prompts(tokens, spec.background if spec else "", rng)
     pipe, bundle = load_pipeline(bundle, scheduler=DEFAULT_SAMPLER)
-    # every image of every prompt in a few large batches (on a CPU, ~0.45 s per image instead of ~0.75 at
-    # two per batch); prompt k's images use seeds seed + 100 k + i, as a generate() call per prompt would
+    # every image of every prompt in a few large batches (2-core CPU: 0.77x the time of one generate() call
+    # per prompt); prompt k's images use seeds seed + 100 k + i, as that call per prompt would
     requests = [(p["prompt"], seed + 100 * k + i) for k, p in enumerate(prompts) for i in range(images_per_prompt)]
     gens = generate_many((pipe, bundle), requests, steps=steps, guidance=5.0, attention=True,
                          batch_size=GENERATION_BATCH, progress=False)
