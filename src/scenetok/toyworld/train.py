@@ -585,12 +585,14 @@ def train_toy_sd(
     run_loss, n_loss = 0.0, 0
     amp = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
 
-    def snapshot_state() -> dict:
+    def save_unet_state() -> None:
+        """The resumable state after UNet step ``step`` (weights, EMA, optimizer, schedule position)."""
         tensors = {f"vae.{k}": v for k, v in vae.state_dict().items()}
         tensors.update({f"unet.{k}": v for k, v in unet.state_dict().items()})
         tensors.update({f"te.{k}": v for k, v in te.state_dict().items()})
         tensors.update({f"ema.{i}": s_ for i, s_ in enumerate(ema.shadow)})
-        return tensors
+        checkpoint(tensors, opt, {"stage": "unet", "step": step, "total": total_ref[0],
+                                  "seconds": time.time() - t_unet})
 
     def score_now() -> dict:
         ema.swap()
@@ -661,17 +663,14 @@ def train_toy_sd(
                 ema.swap()
                 last_save = time.time()
             if checkpoint_every_minutes and now - last_ckpt > checkpoint_every_minutes * 60 and step < total_ref[0]:
-                checkpoint(snapshot_state(), opt, {"stage": "unet", "step": step, "total": total_ref[0],
-                                                   "seconds": time.time() - t_unet})
+                save_unet_state()
                 last_ckpt = time.time()
             if stop.signum is not None and step < total_ref[0]:
                 bar.close()
                 if checkpoint_every_minutes:
-                    checkpoint(snapshot_state(), opt, {"stage": "unet", "step": step, "total": total_ref[0],
-                                                       "seconds": time.time() - t_unet})
+                    save_unet_state()
                     _log(f"stopped after UNet step {step}; the state is in {ckpt} (continue with --resume)")
-                stop.close()
-                stop.reraise()
+                stop.reraise()  # the finally below gives the signal handlers back
     finally:
         stop.close()
     bar.close()
