@@ -140,6 +140,20 @@ def _tiny_train(out, **kw):
     return train_toy_sd(out, **args)
 
 
+def test_log_lines_say_how_long_is_left(tmp_path, capsys):
+    """--no-progress log lines give the time left at this process's speed; the last step has none left."""
+    import re
+
+    from scenetok.toyworld.train import _duration
+
+    assert (_duration(42 * 60), _duration(4.4 * 3600), _duration(-3)) == ("42 min", "4.4 h", "0 min")
+    _tiny_train(tmp_path / "run")
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "unet step" in ln]
+    assert len(lines) == 5
+    assert all(re.search(r"about \d+ min left$", ln) for ln in lines), lines
+    assert lines[-1].endswith("about 0 min left")
+
+
 def _weights(folder):
     from safetensors.torch import load_file
 

@@ -36,6 +36,12 @@ CAPTION_DROPOUT = 0.1
 EVAL_SEED_OFFSET = 1_000_003  # evaluation scenes come from seeds the training data never uses
 
 
+def _duration(seconds: float) -> str:
+    """``seconds`` as "42 min" or "4.4 h" (log lines of a run that may last hours)."""
+    minutes = max(0.0, seconds) / 60
+    return f"{minutes:.0f} min" if minutes < 90 else f"{minutes / 60:.1f} h"
+
+
 def _log(msg: str) -> None:
     print(f"[toy-sd {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -611,6 +617,7 @@ def train_toy_sd(
     bar = tqdm(total=total_ref[0], initial=step, desc="toy-sd UNet", disable=not progress, dynamic_ncols=True,
                mininterval=2.0)
     stop = _StopRequest()  # Ctrl-C / SIGTERM: finish the step, write the state, then stop
+    t_here, step_here = time.time(), step  # this process's speed, for the time left in the log lines
     try:
         while step < total_ref[0]:
             idx = rng.integers(0, n, batch_size)
@@ -650,8 +657,9 @@ def train_toy_sd(
                 el = time.time() - t_unet
                 bar.set_postfix(loss=f"{run_loss / n_loss:.4f}", refresh=False)
                 if not progress:
+                    left = (total_ref[0] - step) * (time.time() - t_here) / (step - step_here)
                     _log(f"unet step {step}/{total_ref[0]} loss={run_loss / n_loss:.4f} lr={sched.get_last_lr()[0]:.2e} "
-                         f"elapsed {el / 60:.1f}min")
+                         f"elapsed {el / 60:.1f}min, about {_duration(left)} left")
                 run_loss, n_loss = 0.0, 0
             now = time.time()
             if eval_every_minutes and now - last_eval > eval_every_minutes * 60 and step < total_ref[0]:
