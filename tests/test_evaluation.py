@@ -172,6 +172,16 @@ def test_dino_identity_of_identical_masked_images_is_one(tiny_models):
     assert raw.shape == (1, 32) and not torch.allclose(raw.norm(dim=-1), torch.ones(1))  # KID features: unnormalized
 
 
+def test_scorers_give_the_same_embeddings_in_any_batch_size(tiny_models):
+    """Five images in batches of 2 (2 + 2 + 1) embed exactly as in one batch of 32, in the same order."""
+    imgs = _images(5)
+    for cls, key, fn in ((metrics.ClipScorer, "clip", "image_embeds"), (metrics.DinoScorer, "dino", "raw")):
+        one = getattr(cls(str(tiny_models[key]), device="cpu"), fn)(imgs)
+        small = getattr(cls(str(tiny_models[key]), device="cpu", batch_size=2), fn)(imgs)
+        assert one.shape[0] == 5 and torch.allclose(one, small, atol=1e-5), key
+        assert not torch.allclose(one[0], one[1])  # different images, so the order is checked too
+
+
 def test_choose_segment_rules():
     def seg(label, x0):
         m = np.zeros((8, 8), bool)

@@ -103,6 +103,13 @@ def _processor(model: str):
         return AutoImageProcessor.from_pretrained(model)
 
 
+def _pixel_batches(scorer, images: Sequence):
+    """``images`` as the scorer's processor's ``pixel_values``, ``scorer.batch_size`` at a time, on its device."""
+    for start in range(0, len(images), scorer.batch_size):
+        chunk = [to_rgb_array(im) for im in images[start : start + scorer.batch_size]]
+        yield scorer.processor(images=chunk, return_tensors="pt")["pixel_values"].to(scorer.device)
+
+
 class ClipScorer:
     """CLIP text and image embeddings (projected, L2-normalized) for CLIP-T and CLIP-I.
 
@@ -130,9 +137,7 @@ class ClipScorer:
         """``(B, D)`` normalized projected image embeddings (float32, on the CPU)."""
         torch = self._torch
         outs = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = [to_rgb_array(im) for im in images[start : start + self.batch_size]]
-            px = self.processor(images=chunk, return_tensors="pt")["pixel_values"].to(self.device)
+        for px in _pixel_batches(self, images):
             with torch.no_grad():
                 pooled = self.model.vision_model(pixel_values=px).pooler_output
                 emb = self.model.visual_projection(pooled)
@@ -182,9 +187,7 @@ class DinoScorer:
     def raw(self, images: Sequence) -> "torch.Tensor":  # noqa: F821
         torch = self._torch
         outs = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = [to_rgb_array(im) for im in images[start : start + self.batch_size]]
-            px = self.processor(images=chunk, return_tensors="pt")["pixel_values"].to(self.device)
+        for px in _pixel_batches(self, images):
             with torch.no_grad():
                 hidden = self.model(pixel_values=px).last_hidden_state
             outs.append(hidden[:, 0].float().cpu())
