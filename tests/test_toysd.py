@@ -187,6 +187,10 @@ def test_train_resume_after_interrupt_is_exact(tmp_path, monkeypatch):
     with pytest.raises(FileExistsError, match="--resume"):
         _tiny_train(tmp_path / "run")
     monkeypatch.setattr(world, "caption", real_caption)
+    # a resume with a setting that changes what is trained is refused, naming it, and the state is kept
+    for kw, name in (({"lr": 1e-3}, "lr"), ({"batch_size": 3}, "batch_size"), ({"ema_decay": 0.9}, "ema_decay")):
+        with pytest.raises(ValueError, match=f"with {name}=.*resume with the same setting"):
+            _tiny_train(tmp_path / "run", resume=True, **kw)
     # the encoded latents were kept beside the state: the resumed run neither renders nor encodes the data set
     assert (checkpoint_dir(tmp_path / "run") / "latents.safetensors").is_file()
     from diffusers import AutoencoderKL

@@ -413,11 +413,19 @@ def train_toy_sd(
             raise ValueError(f"{ckpt} was written by a run with seed {saved['seed']} and arch {saved['arch']}; "
                              f"resume with the same settings")
         saved_info = state["run_state"]["info"]
-        # settings that change the training loss: a resumed run must keep them (older states lack bare_nouns)
-        for key, value, default in (("snr_gamma", snr_gamma, None), ("bare_nouns", bare_nouns, 0.0)):
-            if saved_info.get(key, default) != value:
-                raise ValueError(f"{ckpt} was written with {key}={saved_info.get(key, default)}; "
-                                 f"resume with the same --{key.replace('_', '-')}")
+        # settings that change what is trained: a resumed run must keep them, or it would silently become
+        # another run (the VAE's only while the VAE stage is unfinished; older states lack bare_nouns)
+        keep = [("lr", lr, None), ("batch_size", batch_size, None), ("ema_decay", ema_decay, None),
+                ("snr_gamma", snr_gamma, None), ("bare_nouns", bare_nouns, 0.0)]
+        if state["progress"].get("stage") == "vae":
+            keep += [("vae_lr", vae_lr, None), ("vae_batch_size", vae_batch_size, None), ("vae_crop", vae_crop, None),
+                     ("vae_fg_weight", vae_fg_weight, None)]
+        for key, value, default in keep:
+            was = saved_info.get(key, default)
+            if was != value:
+                how = f"--{key.replace('_', '-')} {was}" if key not in ("ema_decay", "vae_lr") else f"{key}={was}"
+                raise ValueError(f"{ckpt} was written by a run with {key}={was}, and this one has {key}={value}; "
+                                 f"resume with the same setting ({how})")
     elif has_checkpoint(ckpt):
         raise FileExistsError(f"{ckpt} holds the state of an unfinished run; pass --resume to continue it, or "
                               f"remove that folder to start again")
