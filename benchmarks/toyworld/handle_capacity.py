@@ -41,6 +41,9 @@ def main(argv=None) -> dict:
     p.add_argument("--vectors", type=int, default=1, help="vectors per handle")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per object (batch 8, Adam, lr 5e-3)")
     p.add_argument("--images", type=int, default=8, help="images per background when judging")
+    p.add_argument("--no-background-words", action="store_true",
+                   help="train on 'a photo of <h>' (the papers' template) instead of 'a photo of <h> on a B "
+                        "background' (toy-sd's caption form); images are still drawn with the background words")
     p.add_argument("--out", default=None, help="write the per-object rates here (JSON)")
     a = p.parse_args(argv)
 
@@ -97,7 +100,8 @@ def main(argv=None) -> dict:
                         target = unet(xt, t, encode([f"a photo of {words} {on(bg)}" for bg in bgs])).sample
                 else:
                     target = al * noise - sg * x0  # toy-sd predicts v
-                pred = unet(xt, t, encode([f"a photo of {handle} {on(bg)}" for bg in bgs])).sample
+                pred = unet(xt, t, encode([f"a photo of {handle}" + ("" if a.no_background_words else f" {on(bg)}")
+                                           for bg in bgs])).sample
                 loss = torch.nn.functional.mse_loss(pred, target)
                 opt.zero_grad()
                 loss.backward()
@@ -126,7 +130,8 @@ def main(argv=None) -> dict:
     print("mean", mean)
     if a.out:
         with open(a.out, "w") as f:
-            json.dump({"mode": a.mode, "vectors": a.vectors, "steps": a.steps, "objects": results, "mean": mean}, f,
+            json.dump({"mode": a.mode, "vectors": a.vectors, "steps": a.steps,
+                       "background_words": not a.no_background_words, "objects": results, "mean": mean}, f,
                       indent=1)
     return results
 
