@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 
 import numpy as np
 import pytest
@@ -385,12 +386,27 @@ def test_cli_passes_every_option_to_the_trainer(monkeypatch):
     from scenetok import cli
 
     seen = []
-    monkeypatch.setattr("scenetok.toyworld.train.main", lambda argv: seen.append(list(argv)) or 0)
+    monkeypatch.setattr("scenetok.toyworld.train.main", lambda argv, prog: seen.append((list(argv), prog)) or 0)
     assert cli.main(["toyworld", "train", "--out", "x", "--seed", "3"]) == 0
     assert cli.main(["toyworld", "train", "--bf16", "--out", "y"]) == 0
-    assert seen == [["--out", "x", "--seed", "3"], ["--bf16", "--out", "y"]]
+    assert seen == [(["--out", "x", "--seed", "3"], "scenetok toyworld train"),
+                    (["--bf16", "--out", "y"], "scenetok toyworld train")]
     with pytest.raises(SystemExit):
         cli.main(["demo", "--no-such-option"])
+
+
+def test_train_help_names_the_command_and_every_default(capsys):
+    """`scenetok toyworld train --help` is headed by the command the user typed, and every option shows its
+    default (the same values as train_toy_sd's)."""
+    from scenetok.toyworld.train import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"], prog="scenetok toyworld train")
+    text = " ".join(capsys.readouterr().out.split())
+    assert text.startswith("usage: scenetok toyworld train")
+    for option, default in (("--seed", "0"), ("--unet-steps", "11000"), ("--batch-size", "32"), ("--lr", "0.0003"),
+                            ("--threads", "2"), ("--snr-gamma", "5.0")):
+        assert re.search(re.escape(option) + r" [A-Z_]+ .*?\(default: " + re.escape(default) + r"\)", text), option
 
 
 def test_bf16_only_where_the_device_computes_it(monkeypatch):

@@ -598,7 +598,7 @@ def _cmd_toyworld(args) -> int:
     from scenetok.toyworld.train import main as train_main
 
     rest = list(args.args)
-    return train_main(rest[1:] if rest[:1] == ["--"] else rest)
+    return train_main(rest[1:] if rest[:1] == ["--"] else rest, prog="scenetok toyworld train")
 
 
 def _cmd_eval(args) -> int:

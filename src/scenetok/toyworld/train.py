@@ -783,26 +783,28 @@ def evaluate_toy_sd(
 
 
 # ----------------------------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m scenetok.toyworld.train") -> int:
     # the CLI's defaults are train_toy_sd's (one source of truth); "0 = none" options map None to 0
     d = {k: v.default for k, v in inspect.signature(train_toy_sd).parameters.items()
          if v.default is not inspect.Parameter.empty}
-    p = argparse.ArgumentParser(prog="python -m scenetok.toyworld.train", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (diffusers pipeline)")
-    p.add_argument("--seed", type=int, default=d["seed"])
-    p.add_argument("--vae-steps", type=int, default=d["vae_steps"])
+    p.add_argument("--seed", type=int, default=d["seed"], help="seeds the scenes, the noise and the weights")
+    p.add_argument("--vae-steps", type=int, default=d["vae_steps"], help="stage 1: VAE steps")
     p.add_argument("--unet-steps", type=int, default=d["unet_steps"], help="UNet steps (the cap when --minutes ends first)")
-    p.add_argument("--batch-size", type=int, default=d["batch_size"])
-    p.add_argument("--vae-batch-size", type=int, default=d["vae_batch_size"])
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="stage 2: scenes per UNet step")
+    p.add_argument("--vae-batch-size", type=int, default=d["vae_batch_size"], help="stage 1: crops per VAE step")
     p.add_argument("--vae-crop", type=int, default=d["vae_crop"], help="VAE trains on random crops of this side")
     p.add_argument("--vae-fg-weight", type=float, default=d["vae_fg_weight"], help="extra weight of object pixels in the VAE loss")
     p.add_argument("--n-images", type=int, default=d["n_images"], help="scenes rendered (each also used mirrored)")
     p.add_argument("--minutes", type=float, default=d["minutes"] or 0, help="wall-time cap for the UNet stage (0 = none)")
     p.add_argument("--vae-minutes", type=float, default=d["vae_minutes"] or 0, help="wall-time cap for the VAE stage (0 = none)")
     p.add_argument("--render-minutes", type=float, default=d["render_minutes"] or 0, help="wall-time cap for rendering (0 = none)")
-    p.add_argument("--save-every-minutes", type=float, default=d["save_every_minutes"] or 0)
-    p.add_argument("--log-every", type=int, default=d["log_every"])
-    p.add_argument("--lr", type=float, default=d["lr"])
+    p.add_argument("--save-every-minutes", type=float, default=d["save_every_minutes"] or 0,
+                   help="write the EMA weights to OUT this often, as a usable snapshot (0 = only at the end)")
+    p.add_argument("--log-every", type=int, default=d["log_every"], help="steps between log lines (--no-progress)")
+    p.add_argument("--lr", type=float, default=d["lr"], help="stage 2: peak learning rate (warm-up, then cosine to 10 %%)")
     p.add_argument("--arch", default="v1", help="model sizes: v1 (16×16 latents, the shipped model) or v2 (×2 VAE, "
                    "32×32 latents)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=d["bf16"],
@@ -816,8 +818,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="score the EMA weights with the oracle this often, and at the end (0 = never)")
     p.add_argument("--eval-n", type=int, default=d["eval_n"], help="captions per periodic oracle score")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
-    p.add_argument("--device", default=d["device"])
-    p.add_argument("--threads", type=int, default=d["threads"])
+    p.add_argument("--device", default=d["device"], help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=d["threads"], help="CPU threads")
     p.add_argument("--vae-from", default=None, help="skip stage 1: take the VAE of this toy-sd folder (trained "
                    "by an earlier run with the same seed gives the same result as the full run)")
     p.add_argument("--init-from", default=None, help="warm start: VAE, UNet and text encoder from this toy-sd folder "
