@@ -423,9 +423,8 @@ def train_toy_sd(
         for key, value, default in keep:
             was = saved_info.get(key, default)
             if was != value:
-                how = f"--{key.replace('_', '-')} {was}" if key not in ("ema_decay", "vae_lr") else f"{key}={was}"
                 raise ValueError(f"{ckpt} was written by a run with {key}={was}, and this one has {key}={value}; "
-                                 f"resume with the same setting ({how})")
+                                 f"resume with the same setting")
     elif has_checkpoint(ckpt):
         raise FileExistsError(f"{ckpt} holds the state of an unfinished run; pass --resume to continue it, or "
                               f"remove that folder to start again")
