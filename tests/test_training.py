@@ -229,6 +229,32 @@ def test_snr_gamma_setting_changes_training_and_is_checked(tiny_sd, two_square_s
         train(two_square_scene, tmp_path / "c", model=str(tiny_sd), overrides=sets + ["snr_gamma=-1"], progress=False)
 
 
+def test_timestep_range_limits_the_drawn_noise_levels(tiny_sd, two_square_scene, tmp_path, monkeypatch):
+    from scenetok.errors import ConfigError
+    from scenetok.methods.break_a_scene import BreakAScene
+    from scenetok.training.trainer import timestep_bounds
+
+    assert timestep_bounds({}, 1000) == (0, 1000)  # the papers: every timestep, the same randint call as before
+    assert timestep_bounds({"timestep_min": 0.2, "timestep_max": 0.8}, 1000) == (200, 800)
+    assert timestep_bounds({"timestep_min": 0.9999, "timestep_max": 1.0}, 1000) == (999, 1000)  # never empty
+    seen = []
+    losses = BreakAScene.losses
+
+    def spy(self, batch, out, cfg):
+        seen.extend(batch.timesteps.tolist())
+        return losses(self, batch, out, cfg)
+
+    monkeypatch.setattr(BreakAScene, "losses", spy)
+    sets = ["phase1.steps=6", "phase2.steps=2", "batch_size=2", "checkpoint_every=0", "preview_every=0"]
+    train(two_square_scene, tmp_path / "a", model=str(tiny_sd), overrides=sets + ["timestep_min=0.6", "timestep_max=0.7"],
+          progress=False)
+    assert len(seen) >= 16 and all(600 <= t < 700 for t in seen), seen
+    assert len(set(seen)) > 4  # still drawn, not fixed
+    for bad in (["timestep_min=0.5", "timestep_max=0.5"], ["timestep_max=1.5"], ["timestep_min=-0.1"]):
+        with pytest.raises(ConfigError, match="timestep_min and timestep_max"):
+            train(two_square_scene, tmp_path / "b", model=str(tiny_sd), overrides=sets + bad, progress=False)
+
+
 def test_handles_lr_scale_moves_the_handles_at_their_own_rate(tiny_sd, two_square_scene, tmp_path):
     """One joint step (handles + UNet + text encoder): AdamW's first step moves a tensor by about its learning
     rate, so with optim.handles_lr_scale=10 the handles move ~10x as far and the UNet exactly as far."""

@@ -81,6 +81,11 @@ class TrainSettings:
     snr_gamma: float = setting(0.0, "min-SNR-γ weighting of the diffusion loss (Hang et al. 2023): each row's "
                                "squared error is weighed by min(SNR, γ)/SNR (ε-prediction) or min(SNR, γ)/(SNR+1) "
                                "(v-prediction) of its noise level; 0: off, every timestep alike (the papers)")
+    timestep_min: float = setting(0.0, "lowest noise level the training draws, as a fraction of the scheduler's "
+                                  "timesteps: each row's timestep is uniform in [timestep_min, timestep_max) × T "
+                                  "(0 and 1: every timestep, the papers)")
+    timestep_max: float = setting(1.0, "highest noise level the training draws (fraction of the timesteps, "
+                                  "exclusive); see timestep_min")
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass (less memory)")
     compile: bool = setting(False, "torch.compile the UNet (a one-off compile of minutes on a CPU that a toy or "
                             "800-step run does not earn back; see docs/benchmarks.md)")
@@ -148,6 +153,11 @@ def validate_config(cfg: dict) -> None:
     gamma = cfg.get("snr_gamma", 0.0)
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma < 0:
         raise ConfigError(f"snr_gamma must be a number >= 0, got {gamma!r}", hint="5 is the usual value; 0 turns it off")
+    tmin, tmax = cfg.get("timestep_min", 0.0), cfg.get("timestep_max", 1.0)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (tmin, tmax)) \
+            or not 0.0 <= tmin < tmax <= 1.0:
+        raise ConfigError(f"timestep_min and timestep_max must be fractions with 0 <= min < max <= 1, got "
+                          f"{tmin!r} and {tmax!r}", hint="timestep_min=0.2 timestep_max=0.8 keeps the middle noise levels")
     margin = cfg.get("mask_margin", 0)
     if isinstance(margin, bool) or not isinstance(margin, int) or margin < 0:
         raise ConfigError(f"mask_margin must be a whole number of latent pixels >= 0, got {margin!r}",

@@ -224,13 +224,21 @@ def _snr_weighted(scheduler, t: torch.Tensor, pred: torch.Tensor, target: torch.
     return pred * w, target * w
 
 
+def timestep_bounds(cfg: dict, total: int) -> tuple[int, int]:
+    """``(low, high)`` for ``torch.randint``: the timesteps ``timestep_min`` … ``timestep_max`` allow (at least one)."""
+    low = min(int(round(cfg.get("timestep_min", 0.0) * total)), total - 1)
+    high = max(int(round(cfg.get("timestep_max", 1.0) * total)), low + 1)
+    return low, high
+
+
 def _train_step(run: Run, phase: Phase, optimizer, store, global_step: int) -> dict[str, torch.Tensor]:
     m, cfg, acc = run.model, run.cfg, run.accelerator
     sums: dict[str, float] = {}
     for _ in range(cfg["grad_accum"]):
         batch, latents, ids = make_batch(run, cfg)
         noise = torch.randn(latents.shape, generator=run.torch_gen).to(run.device)
-        t = torch.randint(0, m.scheduler.config.num_train_timesteps, (latents.shape[0],), generator=run.torch_gen)
+        t = torch.randint(*timestep_bounds(cfg, m.scheduler.config.num_train_timesteps), (latents.shape[0],),
+                          generator=run.torch_gen)
         t = t.to(run.device)
         batch.timesteps = t
         noisy = m.scheduler.add_noise(latents, noise, t)
