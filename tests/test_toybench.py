@@ -203,6 +203,15 @@ def test_variants_and_prompt_forms():
     assert S.parse_variant("break-a-scene:adapter=lora")[0].overrides == ("adapter.type=lora",)
     with pytest.raises(Exception, match="no ablation switch"):
         S.parse_variant("break-a-scene:no-such-thing")
+    (v,) = S.parse_variant("break-a-scene:timestep_min=0.2 timestep_max=0.8")  # several settings in one variant
+    assert v.overrides == ("timestep_min=0.2", "timestep_max=0.8")
+    assert v.label == "break-a-scene --set timestep_min=0.2 --set timestep_max=0.8"
+    assert method_config(get_method("break-a-scene"), None, v.overrides)["timestep_max"] == 0.8
+    for bad, msg in (("break-a-scene:timestep_min=0.9 timestep_max=0.8", "timestep_min and timestep_max"),
+                     ("break-a-scene:timestep_min=0.2 no-attn-loss", "not a KEY=VALUE"),
+                     ("break-a-scene:attn.weight=heavy", "attn.weight")):
+        with pytest.raises(ConfigError, match=msg):  # refused before any run starts
+            S.parse_variant(bad)
     tokens, words = ["<asset0>", "<asset1>"], ["circle", "star"]
     expected = {
         "break-a-scene": "a photo of <asset0> and <asset1> on a navy background",

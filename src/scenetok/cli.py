@@ -289,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-o", "--output", default="toyworld-benchmark", help="output folder")
     b.add_argument("--quick", action="store_true", help="the quick subset of scenes (2 of the 8; --estimate prints the time)")
     b.add_argument("--methods", default="", help="comma-separated methods (each with all its ablations) or variants "
-                   "METHOD:base, METHOD:SWITCH, METHOD:OPTION=VALUE, METHOD:adapter=lora (empty: every method)")
+                   "METHOD:base, METHOD:SWITCH, METHOD:OPTION=VALUE, METHOD:adapter=lora, METHOD:KEY=VALUE, or several "
+                   "settings as one variant: 'METHOD:KEY=VALUE KEY2=VALUE2' (empty: every method)")
     b.add_argument("--no-ablations", action="store_true", help="only each method's paper recipe")
     b.add_argument("--scenes", default="", help="comma-separated suite scenes (empty: all, or the quick ones)")
     b.add_argument("--scene-set", default="suite", choices=("suite", "tuning"),

@@ -275,6 +275,8 @@ class Variant:
     def label(self) -> str:
         if not self.flag:
             return self.method
+        if " " in self.flag:  # several --set assignments
+            return f"{self.method} " + " ".join(f"--set {a}" for a in self.flag.split())
         key, eq, value = self.flag.partition("=")
         if not eq:
             return f"{self.method} --{key}"
@@ -322,7 +324,9 @@ def method_variants(name: str, ablations: bool = True) -> list[Variant]:
 
 def parse_variant(text: str) -> list[Variant]:
     """``method`` (recipe + every ablation), ``method:base`` (recipe only), ``method:no-attn-loss``,
-    ``method:guidance=soft``, ``method:adapter=lora``, ``method:some.key=value``."""
+    ``method:guidance=soft``, ``method:adapter=lora``, ``method:some.key=value``, or several settings at once
+    separated by spaces (``"method:timestep_min=0.2 timestep_max=0.8"``). Settings are checked here, so a
+    wrong value fails before any run starts."""
 
     name, _, flag = text.strip().partition(":")
     name, flag = name.strip(), flag.strip()
@@ -331,6 +335,15 @@ def parse_variant(text: str) -> list[Variant]:
         return method_variants(name)
     if flag == "base":
         return [Variant(name)]
+    if len(flag.split()) > 1:
+        parts = tuple(flag.split())
+        for part in parts:
+            key = part.partition("=")[0]
+            if "=" not in part or not ("." in key or key in _top_level_keys(m)):
+                raise ConfigError(f"variant {text!r}: {part!r} is not a KEY=VALUE setting of {name}",
+                                  hint="several settings in one variant: METHOD:KEY=VALUE KEY2=VALUE2 (quoted)")
+        _check_settings(m, text, parts)
+        return [Variant(name, " ".join(parts), parts)]
     key, eq, value = flag.partition("=")
     if not eq:
         if key not in m.switches:
@@ -345,10 +358,18 @@ def parse_variant(text: str) -> list[Variant]:
     if key == "adapter":
         return [Variant(name, flag, (f"adapter.type={value}",))]
     if "." in key or key in _top_level_keys(m):
+        _check_settings(m, text, (flag,))
         return [Variant(name, flag, (flag,))]
     raise ConfigError(f"unknown variant {text!r}",
                       hint=f"write METHOD, METHOD:base, METHOD:SWITCH ({', '.join(m.switches) or 'none'}), "
                            f"METHOD:OPTION=VALUE ({', '.join(m.options) or 'none'}), METHOD:adapter=lora or METHOD:KEY=VALUE")
+
+
+def _check_settings(method, text: str, overrides) -> None:
+    try:
+        method_config(method, None, list(overrides))
+    except ConfigError as e:
+        raise ConfigError(f"variant {text!r}: {e.message}", hint=e.hint) from e
 
 
 def _top_level_keys(method) -> set[str]:
