@@ -255,6 +255,28 @@ def test_timestep_range_limits_the_drawn_noise_levels(tiny_sd, two_square_scene,
             train(two_square_scene, tmp_path / "b", model=str(tiny_sd), overrides=sets + bad, progress=False)
 
 
+def test_handle_norm_cap_keeps_handles_as_long_as_words(tiny_sd, two_square_scene, tmp_path):
+    from scenetok.errors import ConfigError
+
+    sets = ["phase1.steps=6", "phase1.lr=0.05", "phase2.steps=0", "checkpoint_every=0", "preview_every=0"]
+    free = train(two_square_scene, tmp_path / "a", model=str(tiny_sd), overrides=sets, progress=False)
+    capped = train(two_square_scene, tmp_path / "b", model=str(tiny_sd), overrides=sets + ["optim.handle_norm_cap=1.0"],
+                   progress=False)
+    from transformers import CLIPTextModel
+
+    words = CLIPTextModel.from_pretrained(str(tiny_sd), subfolder="text_encoder").get_input_embeddings().weight
+    mean = float(words.norm(dim=-1).mean())
+    def norms(out):
+        return [float(v.norm()) for p in sorted((out / "embeddings").glob("*.safetensors")) for v in load_file(str(p)).values()]
+
+    na, nb = norms(free.path), norms(capped.path)
+    assert max(na) > 1.5 * mean  # at this rate the handles grow well beyond a word
+    assert max(nb) <= mean * 1.001 and min(nb) > 0.5 * mean, (nb, mean)
+    with pytest.raises(ConfigError, match="handle_norm_cap"):
+        train(two_square_scene, tmp_path / "c", model=str(tiny_sd), overrides=sets + ["optim.handle_norm_cap=-1"],
+              progress=False)
+
+
 def test_handles_lr_scale_moves_the_handles_at_their_own_rate(tiny_sd, two_square_scene, tmp_path):
     """One joint step (handles + UNet + text encoder): AdamW's first step moves a tensor by about its learning
     rate, so with optim.handles_lr_scale=10 the handles move ~10x as far and the UNet exactly as far."""

@@ -58,6 +58,18 @@ class HandleEmbedding(nn.Module):
     def embedding_dim(self) -> int:
         return self.base.embedding_dim
 
+    def cap_norms(self, factor: float) -> None:
+        """Scale every handle vector whose norm exceeds ``factor`` × the vocabulary's mean embedding norm down
+        to that norm (in place, no gradient); ``factor`` <= 0 does nothing."""
+        if factor <= 0:
+            return
+        if getattr(self, "_mean_norm", None) is None:
+            self._mean_norm = float(torch.linalg.vector_norm(self.base.weight.detach().float(), dim=-1).mean())
+        with torch.no_grad():
+            norms = torch.linalg.vector_norm(self.vectors.float(), dim=-1, keepdim=True)
+            scale = (factor * self._mean_norm / norms.clamp_min(1e-12)).clamp(max=1.0)
+            self.vectors.mul_(scale.to(self.vectors.dtype))
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         out = self.base(input_ids)
         k = self.vectors.shape[0]

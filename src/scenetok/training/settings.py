@@ -25,6 +25,9 @@ class OptimSettings:
     handles_lr_scale: float = setting(1.0, "the handles learn at the phase's learning rate times this (1: the "
                                       "papers, one rate for everything a phase trains); only matters in phases "
                                       "that also train model weights")
+    handle_norm_cap: float = setting(0.0, "after each step, scale every handle vector longer than this many times "
+                                     "the vocabulary's mean embedding norm back to that length (0: off, the "
+                                     "papers; learned handles often grow several times longer than any word)")
     fused: bool = setting(True, "PyTorch's fused AdamW kernel where it applies (false: the multi-tensor path)")
     step_in_backward: bool = setting(False, "step each trained weight inside the backward pass as soon as its gradient "
                                      "is complete, then free that gradient: no gradient buffer for the model "
@@ -153,6 +156,10 @@ def validate_config(cfg: dict) -> None:
     gamma = cfg.get("snr_gamma", 0.0)
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma < 0:
         raise ConfigError(f"snr_gamma must be a number >= 0, got {gamma!r}", hint="5 is the usual value; 0 turns it off")
+    cap = cfg.get("optim", {}).get("handle_norm_cap", 0.0)
+    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap < 0:
+        raise ConfigError(f"optim.handle_norm_cap must be a number >= 0, got {cap!r}",
+                          hint="0 turns it off; 1-3 keeps the handles as long as 1-3 average words")
     tmin, tmax = cfg.get("timestep_min", 0.0), cfg.get("timestep_max", 1.0)
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (tmin, tmax)) \
             or not 0.0 <= tmin < tmax <= 1.0:

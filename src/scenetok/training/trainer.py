@@ -29,6 +29,7 @@ from scenetok.losses import min_snr_weights
 from scenetok.methods import Method, Outputs, Phase, get_method
 from scenetok.model import Model
 from scenetok.scene import Scene
+from scenetok.tokens import HandleEmbedding
 from scenetok.training import checkpoint as ckpt
 from scenetok.training.batch import make_batch
 from scenetok.training.export import write_run_bundle
@@ -274,4 +275,10 @@ def _train_step(run: Run, phase: Phase, optimizer, store, global_step: int) -> d
         acc.clip_grad_norm_(run.trainable, cfg["optim"]["grad_clip"])
     optimizer.step()  # a StepInBackward optimizer stepped (and clipped) each tensor in the backward pass
     optimizer.zero_grad(set_to_none=True)
+    cap = cfg["optim"].get("handle_norm_cap", 0.0)
+    if cap > 0:
+        for te in (m.text_encoder, getattr(m, "text_encoder_2", None)):
+            emb = te.get_input_embeddings() if te is not None else None
+            if isinstance(emb, HandleEmbedding):
+                emb.cap_norms(cap)
     return sums
