@@ -172,3 +172,51 @@ def test_make_scheduler_keeps_the_base_schedule_and_refuses_unknown_names():
             check_sampler(bad)
     with pytest.raises(ConfigError, match="unknown scheduler"):
         make_scheduler("base", base)
+
+
+def test_excite_changes_only_prompts_with_handles_and_is_checked(loaded):
+    two = "a photo of <asset0> and <asset1>"
+    base = generate(loaded, two, n=2, steps=STEPS, progress=False)
+    excited = generate(loaded, two, n=2, steps=STEPS, progress=False, excite=500.0, excite_steps=1.0)
+    assert max(np.abs(_arr(a.image) - _arr(b.image)).max() for a, b in zip(base, excited)) > 5
+    again = generate(loaded, two, n=2, steps=STEPS, progress=False, excite=0.0)
+    for a, b in zip(base, again):  # off is exactly the plain sampler
+        np.testing.assert_array_equal(_arr(a.image), _arr(b.image))
+    plain = "a photo in the snow"  # no handle: nothing to excite, the same image
+    np.testing.assert_array_equal(_arr(generate(loaded, plain, n=1, steps=STEPS, progress=False)[0].image),
+                                  _arr(generate(loaded, plain, n=1, steps=STEPS, progress=False, excite=20.0)[0].image))
+    with_maps = generate(loaded, two, n=1, steps=STEPS, progress=False, excite=500.0, excite_steps=1.0, attention=True)[0]
+    assert set(with_maps.attention) == {"<asset0>", "<asset1>"}
+    assert np.abs(_arr(with_maps.image) - _arr(excited[0].image)).max() <= 2  # the maps do not change the nudges
+    for bad in ({"excite": -1.0}, {"excite": float("nan")}, {"excite": 1.0, "excite_steps": 0.0},
+                {"excite": 1.0, "excite_steps": 1.5}):
+        with pytest.raises(ConfigError, match="excite"):
+            generate(loaded, two, n=1, steps=1, progress=False, **bad)
+
+
+def test_excite_step_raises_the_weakest_handles_peak(loaded):
+    """One nudge of the latents lowers the loss it follows (the weakest handle's shortfall), on a fixed noise level."""
+    from scenetok.generation.excite import Exciter, handle_peaks
+    from scenetok.generation.pipeline import _vector_positions
+    from scenetok.model import token_ids
+
+    pipe, bundle = loaded
+    prompt = "a photo of <asset0> and <asset1>"
+    ids = token_ids(pipe.tokenizer, prompt, tensors=False)[0]
+    end = ids.index(pipe.tokenizer.eos_token_id, 1)
+    rows = [_vector_positions(pipe.tokenizer, ids, bundle.tokens)]
+    assert sorted(rows[0]) == ["<asset0>", "<asset1>"]
+    pipe.scheduler.set_timesteps(10)
+    emb, _ = pipe.encode_prompt(prompt, "cpu", 1, False)
+    lat = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    ex = Exciter(pipe, rows, [end], scale=5.0, fraction=1.0, steps=10, cfg=False, latent=16)
+    assert ex.side == 16
+    moved = ex(pipe, 2, None, {"latents": lat, "prompt_embeds": emb})["latents"]
+    ex(pipe, 2, None, {"latents": moved, "prompt_embeds": emb})
+    assert ex.losses[1] < ex.losses[0] - 1e-4, ex.losses
+    assert not torch.equal(moved, lat)
+    # the peaks: a map that puts all of one word's attention on one cell peaks near 1 there after smoothing
+    maps = torch.full((1, 8, 4, 4), -1.0)
+    maps[0, 3, 1, 2] = 1.0
+    (peaks,) = handle_peaks(maps, [{"<h>": [3], "<g>": [4]}], [7])
+    assert peaks[0] > 0.5 and peaks[1] < 0.2

@@ -21,7 +21,7 @@ from scenetok.config import default_model
 from scenetok.bundle import Bundle, check_output_dir, read_bundle
 from scenetok.errors import ConfigError, SceneError, ScenetokError, shorten
 from scenetok.generation import check_generate_options, check_prompt, check_prompt_tokens, load_pipeline
-from scenetok.generation.pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS, check_sampler
+from scenetok.generation.pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS, check_excite_options, check_sampler
 from scenetok.generation import generate as _generate
 from scenetok.generation.edit import EditOptions, EditRegion, blended_edit, check_region, region_mask
 from scenetok.generation.inpaint import inpaint, load_inpaint_pipeline
@@ -282,12 +282,15 @@ def generate(bundle: str | Path | Bundle, prompt: str, *, n: int = 4, seed: int 
              batch_size: int = 4, attention: bool = False, base_model: str | None = None,
              device: str | None = None, out_dir: str | Path | None = None, progress: bool = True,
              lora: str | Path | Sequence[str | Path] | None = None, lora_scale: float | Sequence[float] = 1.0,
-             sampler: str = DEFAULT_SAMPLER):
+             sampler: str = DEFAULT_SAMPLER, excite: float = 0.0, excite_steps: float = 0.5):
     """Images of ``prompt`` (which names the bundle's handles) from the bundle's base model + handles;
     written to ``out_dir`` when given. ``lora``: community LoRA file(s) stacked on the bundle at
     ``lora_scale`` (:mod:`scenetok.generation.loras`). ``sampler``: ddim, dpm (DPM-Solver++ 2M), euler,
-    euler_a, pndm or base (the base model's own). Returns the list of :class:`scenetok.generation.Generated`."""
+    euler_a, pndm or base (the base model's own). ``excite`` > 0: Attend-and-Excite with that step size on
+    the first ``excite_steps`` of the steps (:mod:`scenetok.generation.excite`). Returns the list of
+    :class:`scenetok.generation.Generated`."""
     check_generate_options(n=n, steps=steps, guidance=guidance, batch_size=batch_size, size=size, seed=seed)
+    check_excite_options(excite, excite_steps)
     check_sampler(sampler)
     b = bundle if isinstance(bundle, Bundle) else read_bundle(_check_path(bundle, "bundle"))
     check_prompt(prompt, b)
@@ -305,7 +308,7 @@ def generate(bundle: str | Path | Bundle, prompt: str, *, n: int = 4, seed: int 
     pipe, b = _pipeline_with_loras(b, base_model, device, lora, lora_scale, sampler=sampler)
     return _generate((pipe, b), prompt, n=n, seed=seed, steps=steps, guidance=guidance,
                      negative_prompt=negative_prompt, height=size, width=size, batch_size=batch_size,
-                     attention=attention, out_dir=out_dir, progress=progress)
+                     attention=attention, out_dir=out_dir, progress=progress, excite=excite, excite_steps=excite_steps)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -158,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="images", help="output folder for the images")
     _add_sampling_options(p)
     p.add_argument("--attention", action="store_true", help="also write per-handle attention overlays")
+    p.add_argument("--excite", type=float, default=0.0, metavar="STEP",
+                   help="Attend-and-Excite: nudge the latents so that every handle in the prompt is attended to "
+                        "(against one object taking the image); the step size, e.g. 20 (0: off)")
+    p.add_argument("--excite-steps", type=float, default=0.5, metavar="SHARE",
+                   help="share of the denoising steps that --excite nudges (the first ones)")
     _add_base_model_options(p)
     _add_lora_options(p)
     _add_common(p)
@@ -489,7 +494,7 @@ def _cmd_generate(args) -> int:
         args.bundle, args.prompt, n=args.num_images, seed=args.seed, steps=args.steps, guidance=args.guidance,
         negative_prompt=args.negative, size=args.size, batch_size=args.batch_size, attention=args.attention,
         base_model=args.base_model, device=args.device, out_dir=args.output, progress=not args.quiet,
-        sampler=args.sampler, **_lora_args(args),
+        sampler=args.sampler, excite=args.excite, excite_steps=args.excite_steps, **_lora_args(args),
     )
     print(f"{len(results)} image(s) written to {args.output}")
     return 0

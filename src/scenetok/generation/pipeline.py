@@ -392,6 +392,8 @@ def generate(
     attention: bool = False,
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    excite: float = 0.0,
+    excite_steps: float = 0.5,
 ) -> list[Generated]:
     """Generate ``n`` images of ``prompt``; image ``i`` uses a generator seeded ``seed + i``.
 
@@ -402,17 +404,20 @@ def generate(
     the largest map size ≤ latent/2; for a Textual Localization bundle the paper's Fig. 5 view: the
     latent/4 layers (SD at 512 px: 16×16) upsampled bilinearly to 256×256). ``out_dir`` receives ``{i:02d}_seed{s}.png``, the overlays
     ``{i:02d}_seed{s}_asset0.png``, ``grid.png`` and ``prompts.jsonl`` (one appended row per image).
-    Several prompts in one batch: :func:`generate_many`.
+    ``excite`` > 0 turns on Attend-and-Excite (:mod:`scenetok.generation.excite`) with that step size on the
+    first ``excite_steps`` of the denoising steps: every handle in the prompt is pushed to be attended to
+    somewhere, against one handle taking the whole image. Several prompts in one batch: :func:`generate_many`.
     """
     check_generate_options(n=n, steps=steps, guidance=guidance, batch_size=batch_size, size=height, seed=seed)
     pipe, bundle = _resolve(bundle_or_pipe)
     results = generate_many((pipe, bundle), [(prompt, seed + i) for i in range(n)], steps=steps, guidance=guidance,
                             negative_prompt=negative_prompt, height=height, width=width, batch_size=batch_size,
-                            attention=attention, progress=progress)
+                            attention=attention, progress=progress, excite=excite, excite_steps=excite_steps)
     if out_dir is not None:
         write_outputs(results, out_dir, bundle=bundle, negative_prompt=negative_prompt, steps=steps,
                       guidance=guidance, first_index=next_free_index(out_dir),
-                      scheduler=type(pipe.scheduler).__name__)
+                      scheduler=type(pipe.scheduler).__name__,
+                      excite={"step": excite, "share": excite_steps} if excite > 0 else None)
     return results
 
 
@@ -428,6 +433,8 @@ def generate_many(
     batch_size: int = 4,
     attention: bool = False,
     progress: bool = True,
+    excite: float = 0.0,
+    excite_steps: float = 0.5,
 ) -> list[Generated]:
     """One image per ``(prompt, seed)`` of ``requests``, in that order, batched ``batch_size`` at a time
     whatever their prompts (so many short jobs, e.g. one or two images of each of ten prompts, share the
@@ -438,6 +445,7 @@ def generate_many(
         raise ConfigError(f"generate_many needs a non-empty list of (prompt, seed) pairs, got {shorten(requests)}")
     requests = [tuple(r) for r in requests]
     check_generate_options(steps=steps, guidance=guidance, batch_size=batch_size, size=height)
+    check_excite_options(excite, excite_steps)
     for _, s in requests:
         check_generate_options(seed=s)
     if width is not None:
@@ -474,6 +482,16 @@ def generate_many(
                                                 bundle.method if bundle is not None else None)
     cfg = guidance > 1.0 and pipe.unet.config.time_cond_proj_dim is None
     pipe.set_progress_bar_config(disable=not progress)
+    excited: dict[str, tuple[dict[str, list[int]], int]] = {}
+    if excite > 0:
+        if getattr(pipe, "text_encoder_2", None) is not None:
+            raise ConfigError("--excite works with SD 1.x/2.x pipelines; this one is SDXL", hint="leave --excite out")
+        for prompt in prompts:
+            ids = token_ids(pipe.tokenizer, prompt, tensors=False)[0]
+            eos = pipe.tokenizer.eos_token_id
+            end = next((i for i in range(1, len(ids)) if ids[i] == eos), len(ids))
+            tokens = bundle.tokens if bundle is not None else list(handles)
+            excited[prompt] = (_vector_positions(pipe.tokenizer, ids, tokens), end)
 
     results: list[Generated] = []
     for start in range(0, len(requests), batch_size):
@@ -491,19 +509,48 @@ def generate_many(
             output_type="pil",
         )
         rows = [positions.get(p, {}) for p, _ in chunk]
+        exciter = None
+        if excite > 0 and any(excited[p][0] for p, _ in chunk):
+            from scenetok.generation.excite import Exciter
+
+            exciter = Exciter(pipe, [excited[p][0] for p, _ in chunk], [excited[p][1] for p, _ in chunk],
+                              scale=excite, fraction=excite_steps, steps=steps, cfg=cfg, latent=height // vae_factor)
+            kwargs["callback_on_step_end_tensor_inputs"] = Exciter.tensor_inputs
         if attention and any(rows):
             with capture_attention(pipe.unet, layers) as store:
                 acc = _AttentionAccumulator(store, size, rows, cfg, display)
                 with torch.no_grad():
-                    images = pipe(**kwargs, callback_on_step_end=acc).images
+                    images = pipe(**kwargs, callback_on_step_end=_chain(acc, exciter)).images
             maps = [acc.result(j) for j in range(count)]
         else:
             with torch.no_grad():
-                images = pipe(**kwargs).images
+                images = pipe(**kwargs, callback_on_step_end=exciter).images
             maps = [({} if attention else None)] * count
         for img, (p, s), m in zip(images, chunk, maps):
             results.append(Generated(image=img, prompt=p, seed=s, attention=m))
     return results
+
+
+def _chain(first, second):
+    """One step-end callback that runs ``first`` (it reads the step's maps) and then ``second`` (it may return new
+    latents); ``second`` may be None."""
+    if second is None:
+        return first
+
+    def both(pipe, step, timestep, kwargs):
+        first(pipe, step, timestep, kwargs)
+        return second(pipe, step, timestep, kwargs)
+
+    return both
+
+
+def check_excite_options(excite: Any, excite_steps: Any) -> None:
+    if isinstance(excite, bool) or not isinstance(excite, numbers.Real) or not math.isfinite(excite) or excite < 0:
+        raise ConfigError(f"the excite step size must be a number >= 0, got {shorten(excite)}",
+                          hint="0 turns Attend-and-Excite off; try --excite 20")
+    if isinstance(excite_steps, bool) or not isinstance(excite_steps, numbers.Real) or not 0 < excite_steps <= 1:
+        raise ConfigError(f"excite_steps is the share of denoising steps to excite, in (0, 1]; got {shorten(excite_steps)}",
+                          hint="0.5: the first half of the steps (the paper's 25 of 50)")
 
 
 def next_free_index(out_dir) -> int:
@@ -517,7 +564,8 @@ def next_free_index(out_dir) -> int:
 
 
 def write_outputs(results: list[Generated], out_dir, *, bundle: Bundle | None = None, negative_prompt=None,
-                  steps=None, guidance=None, first_index: int = 0, scheduler: str | None = None) -> Path:
+                  steps=None, guidance=None, first_index: int = 0, scheduler: str | None = None,
+                  excite: dict | None = None) -> Path:
     """Write generated images, their attention overlays, ``grid.png`` and ``prompts.jsonl`` to ``out_dir``.
 
     Nothing is replaced: images are numbered from ``first_index`` and an existing name is refused; the grid
@@ -539,6 +587,8 @@ def write_outputs(results: list[Generated], out_dir, *, bundle: Bundle | None = 
         row = {"file": fname, "prompt": r.prompt, "negative_prompt": negative_prompt, "seed": r.seed,
                "steps": steps, "scheduler": scheduler, "guidance": guidance, "width": r.image.width,
                "height": r.image.height, "bundle": str(bundle.path) if bundle is not None else None}
+        if excite:
+            row["excite"] = excite
         tiles.append(r.image)
         labels.append(f"seed {r.seed}")
         if r.attention is not None:
