@@ -126,3 +126,61 @@ def test_demo_text_ceiling_draws_each_demo_object_from_its_words(tmp_path):
     assert len(res["rows"]) == 6 and {r["handle"] for r in res["rows"]} == {"<asset0>", "<asset1>", "<asset2>"}
     assert res["summary"]["0 <asset0>"] == {"object": "purple circle", "recognised": 1.0, "n": 2}
     assert all(0.0 <= v["recognised"] <= 1.0 for v in res["summary"].values())
+
+
+@pytest.mark.slow
+def test_redraw_reproduces_the_stored_scores_and_pairs_a_new_setting(tmp_path):
+    """benchmarks/toyworld/redraw.py: with the run's own settings ("base") every kept bundle's images come out as
+    stored (same scores), another setting is scored and paired image by image; a run without its weights is
+    refused."""
+    import numpy as np
+
+    from scenetok.bundle import BundleContent, HandleInfo, write_bundle
+    from scenetok.evaluation.toyworld import suite as S
+    from scenetok.evaluation.toyworld.scoring import score_image
+    from scenetok.generation import generate, load_pipeline
+    from scenetok.toyworld.model import toy_sd_path
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    sys.path.insert(0, str(ROOT / "benchmarks" / "toyworld"))
+    try:
+        from redraw import main, parse_try
+    finally:
+        sys.path.pop(0)
+    assert parse_try("guidance=3 excite=20") == {"guidance": 3.0, "excite": 20.0} and parse_try("base") == {}
+    with pytest.raises(SystemExit):
+        parse_try("strength=2")
+    scene = S.find_scene("tune-pair")
+    concepts = scene.concepts()
+    model = toy_sd_path()
+    tok = CLIPTokenizer.from_pretrained(str(model), subfolder="tokenizer")
+    words = CLIPTextModel.from_pretrained(str(model), subfolder="text_encoder").get_input_embeddings().weight
+    handles = [HandleInfo(f"<asset{i}>", c["name"], c["class_word"], c["class_word"]) for i, c in enumerate(concepts)]
+    emb = {h.token: words[tok.convert_tokens_to_ids(f"{c['shape']}</w>")].detach().clone() * 3
+           for h, c in zip(handles, concepts)}  # an embeddings-only bundle: no model weights to keep
+    run = tmp_path / "runs" / "break-a-scene" / "tune-pair"
+    write_bundle(run / "bundle", BundleContent(method="break-a-scene", base_model=str(model), handles=handles,
+                                               embeddings=emb, config={}, resolution=64, input_hashes={}))
+    (tmp_path / "suite.json").write_text(json.dumps({"steps": 8, "guidance": 5.0, "sampler": "dpm"}))
+    rows = []
+    loaded = load_pipeline(run / "bundle", scheduler="dpm")  # the benchmark's sampler, as suite.json says
+    for k, (hs, bg) in enumerate((([0], "white"), ([0, 1], "navy"))):
+        text = "a photo of " + " and ".join(f"<asset{h}>" for h in hs) + f" on a {bg} background"
+        for g in generate(loaded, text, n=2, seed=10 * k, steps=8, guidance=5.0, batch_size=2, progress=False):
+            s = score_image(np.asarray(g.image.convert("RGB")), concepts, hs, bg, scene.spec.background)
+            rows.append({"prompt": k, "kind": "single" if len(hs) == 1 else "pair", "handles": hs, "background": bg,
+                         "seed": g.seed, "text": text, "found": s.get("found"), **{m: s.get(m) for m in ("identity", "identity_soft", "multi",
+                                                                                  "leakage", "fidelity")}})
+    (run / "scores.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "redraw.json"
+    assert main([str(tmp_path), "--try", "base", "--try", "guidance=1", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert len(res["base"]) == len(res["guidance=1"]) == 4
+    assert all(r["new"] == r["stored"] and r["found"] == r["stored_found"] for r in res["base"])  # the same images
+    assert any(r["found"] for r in res["base"])
+    assert [(r["prompt"], r["seed"]) for r in res["guidance=1"]] == [(r["prompt"], r["seed"]) for r in res["base"]]
+    # a bundle whose manifest lists model weights that were not kept is refused with the flag to use
+    manifest = json.loads((run / "bundle" / "manifest.json").read_text())
+    manifest["components"] = ["unet"]
+    (run / "bundle" / "manifest.json").write_text(json.dumps(manifest))
+    assert main([str(tmp_path)]) == 2

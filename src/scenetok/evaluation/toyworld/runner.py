@@ -338,7 +338,7 @@ def run_toyworld_benchmark(
             return None
         if ctx.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
-            _write_suite(out_dir, scene_list, variants, seeds, model, steps, guidance, overrides, train_steps)
+            _write_suite(out_dir, scene_list, variants, seeds, model, steps, guidance, overrides, train_steps, sampler)
         t0 = time.time()
         results = _execute(mine, workers, log if ctx.is_main else (lambda *_: None), t0)
         ctx.barrier()
@@ -409,7 +409,8 @@ def _execute(jobs: list[dict], workers: int, log, t0: float) -> list[dict]:
     return results
 
 
-def _write_suite(out_dir: Path, scenes, variants, seeds, model, steps, guidance, overrides, train_steps) -> None:
+def _write_suite(out_dir: Path, scenes, variants, seeds, model, steps, guidance, overrides, train_steps,
+                 sampler: str = DEFAULT_SAMPLER) -> None:
     """``suite.json`` (scenes, prompts, variants, settings), the scene folders and ``scenes.png``."""
 
     from PIL import Image
@@ -417,7 +418,7 @@ def _write_suite(out_dir: Path, scenes, variants, seeds, model, steps, guidance,
     desc = suitelib.suite_description(scenes, seeds)
     desc["variants"] = [{"label": v.label, "method": v.method, "flag": v.flag,
                          "overrides": suitelib.toy_overrides(v, overrides, train_steps)} for v in variants]
-    desc.update(model=model, model_fingerprint=model_fingerprint(model), steps=steps, guidance=guidance)
+    desc.update(model=model, model_fingerprint=model_fingerprint(model), steps=steps, guidance=guidance, sampler=sampler)
     _write_json(out_dir / "suite.json", desc)
     tiles, labels = [], []
     for sc in scenes:
