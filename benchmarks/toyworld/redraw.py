@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -40,15 +39,14 @@ def parse_try(text: str) -> dict:
 
 
 def paired(rows: list[dict], metric: str) -> tuple[float, float, float, int] | None:
-    """(new mean, stored mean, mean difference, 95 % CI half-width, n) over rows where both have the metric."""
-    pairs = [(r["new"][metric], r["stored"][metric]) for r in rows
-             if r["new"].get(metric) is not None and r["stored"].get(metric) is not None]
-    if not pairs:
+    """(new mean, mean difference new − stored, its 95 % half-width, n) over rows where both have the metric."""
+    from scenetok.evaluation.tables import mean_ci
+
+    both = [r for r in rows if r["new"].get(metric) is not None and r["stored"].get(metric) is not None]
+    if not both:
         return None
-    a = np.array(pairs, float)
-    d = a[:, 0] - a[:, 1]
-    ci = 1.96 * d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
-    return float(a[:, 0].mean()), float(a[:, 1].mean()), float(d.mean()), ci, len(d)
+    diff = mean_ci(r["new"][metric] - r["stored"][metric] for r in both)
+    return mean_ci(r["new"][metric] for r in both)["mean"], diff["mean"], diff["ci95"], diff["n"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = []
         for m in METRICS:
             p = paired(rows, m)
-            cells.append("–" if p is None else f"{p[0]:.3f} ({p[2]:+.3f} ± {p[3]:.3f}, n={p[4]})")
+            cells.append("–" if p is None else f"{p[0]:.3f} ({p[1]:+.3f} ± {p[2]:.3f}, n={p[3]})")
         print(f"| {name} | " + " | ".join(cells) + " |")
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1))

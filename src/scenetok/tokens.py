@@ -45,6 +45,7 @@ class HandleEmbedding(nn.Module):
         self.base = base
         self.first_id = int(first_id)
         self.vectors = nn.Parameter(vectors.detach().clone())
+        self._mean_norm: float | None = None  # the vocabulary's mean norm, for cap_norms (computed once)
 
     @property
     def weight(self) -> torch.Tensor:  # code that reads get_input_embeddings().weight sees the base rows
@@ -63,7 +64,7 @@ class HandleEmbedding(nn.Module):
         to that norm (in place, no gradient); ``factor`` <= 0 does nothing."""
         if factor <= 0:
             return
-        if getattr(self, "_mean_norm", None) is None:
+        if self._mean_norm is None:
             self._mean_norm = float(torch.linalg.vector_norm(self.base.weight.detach().float(), dim=-1).mean())
         with torch.no_grad():
             norms = torch.linalg.vector_norm(self.vectors.float(), dim=-1, keepdim=True)

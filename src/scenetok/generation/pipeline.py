@@ -486,12 +486,11 @@ def generate_many(
     if excite > 0:
         if getattr(pipe, "text_encoder_2", None) is not None:
             raise ConfigError("--excite works with SD 1.x/2.x pipelines; this one is SDXL", hint="leave --excite out")
+        eos = pipe.tokenizer.eos_token_id
         for prompt in prompts:
             ids = token_ids(pipe.tokenizer, prompt, tensors=False)[0]
-            eos = pipe.tokenizer.eos_token_id
             end = next((i for i in range(1, len(ids)) if ids[i] == eos), len(ids))
-            tokens = bundle.tokens if bundle is not None else list(handles)
-            excited[prompt] = (_vector_positions(pipe.tokenizer, ids, tokens), end)
+            excited[prompt] = (_vector_positions(pipe.tokenizer, ids, list(handles)), end)
 
     results: list[Generated] = []
     for start in range(0, len(requests), batch_size):

@@ -277,8 +277,8 @@ def _train_step(run: Run, phase: Phase, optimizer, store, global_step: int) -> d
     optimizer.zero_grad(set_to_none=True)
     cap = cfg["optim"].get("handle_norm_cap", 0.0)
     if cap > 0:
-        for te in (m.text_encoder, getattr(m, "text_encoder_2", None)):
-            emb = te.get_input_embeddings() if te is not None else None
+        for _, _, te in m.text_encoders:
+            emb = te.get_input_embeddings()
             if isinstance(emb, HandleEmbedding):
                 emb.cap_norms(cap)
     return sums

@@ -338,8 +338,7 @@ def parse_variant(text: str) -> list[Variant]:
     if len(flag.split()) > 1:
         parts = tuple(flag.split())
         for part in parts:
-            key = part.partition("=")[0]
-            if "=" not in part or not ("." in key or key in _top_level_keys(m)):
+            if not _is_setting(m, part):
                 raise ConfigError(f"variant {text!r}: {part!r} is not a KEY=VALUE setting of {name}",
                                   hint="several settings in one variant: METHOD:KEY=VALUE KEY2=VALUE2 (quoted)")
         _check_settings(m, text, parts)
@@ -357,12 +356,18 @@ def parse_variant(text: str) -> list[Variant]:
         return [Variant(name, flag, (f"{cfg_key}={value}",))]
     if key == "adapter":
         return [Variant(name, flag, (f"adapter.type={value}",))]
-    if "." in key or key in _top_level_keys(m):
+    if _is_setting(m, flag):
         _check_settings(m, text, (flag,))
         return [Variant(name, flag, (flag,))]
     raise ConfigError(f"unknown variant {text!r}",
                       hint=f"write METHOD, METHOD:base, METHOD:SWITCH ({', '.join(m.switches) or 'none'}), "
                            f"METHOD:OPTION=VALUE ({', '.join(m.options) or 'none'}), METHOD:adapter=lora or METHOD:KEY=VALUE")
+
+
+def _is_setting(method, part: str) -> bool:
+    """Whether ``part`` is a ``KEY=VALUE`` assignment of one of ``method``'s settings (a dotted key or a top-level one)."""
+    key, eq, _ = part.partition("=")
+    return bool(eq) and ("." in key or key in _top_level_keys(method))
 
 
 def _check_settings(method, text: str, overrides) -> None:
