@@ -189,7 +189,8 @@ def test_train_resume_after_interrupt_is_exact(tmp_path, monkeypatch):
         _tiny_train(tmp_path / "run")
     monkeypatch.setattr(world, "caption", real_caption)
     # a resume with a setting that changes what is trained is refused, naming it, and the state is kept
-    for kw, name in (({"lr": 1e-3}, "lr"), ({"batch_size": 3}, "batch_size"), ({"ema_decay": 0.9}, "ema_decay")):
+    for kw, name in (({"lr": 1e-3}, "lr"), ({"batch_size": 3}, "batch_size"), ({"ema_decay": 0.9}, "ema_decay"),
+                     ({"object_weights": {1: 1.0}}, "object_weights")):
         with pytest.raises(ValueError, match=f"with {name}=.*resume with the same setting"):
             _tiny_train(tmp_path / "run", resume=True, **kw)
     # the encoded latents were kept beside the state: the resumed run neither renders nor encodes the data set
@@ -444,6 +445,29 @@ def test_bare_noun_captions():
     n_obj = sum(len(s.objects) for s in specs)
     n_colour = sum(w in world.COLORS for w in words)
     assert 0.6 < n_colour / n_obj < 0.8  # about 70 % of the objects keep their colour word
+
+
+def test_object_weights_set_how_many_objects_a_training_scene_has(tmp_path):
+    """--object-weights COUNT:WEIGHT,...: parsed strictly, the default draws the same scenes as before, other
+    weights shift the object counts, and the run records them."""
+    import collections
+
+    from scenetok.toyworld.train import N_OBJECT_WEIGHTS, main, parse_object_weights, render_dataset
+
+    assert parse_object_weights("1:0.15, 2:0.35,3:0.3,4:0.2") == {1: 0.15, 2: 0.35, 3: 0.3, 4: 0.2}
+    for bad in ("1:0.5,5:0.5", "1:-1", "1:0.5,1:0.5", "2", "a:b", "1:0,2:0"):
+        with pytest.raises(ValueError, match="object weights"):
+            parse_object_weights(bad)
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "x"), "--object-weights", "0:1"])
+    assert not (tmp_path / "x").exists()
+    default = render_dataset(60, 0, specs_only=True)[1]
+    assert render_dataset(60, 0, specs_only=True, object_weights=dict(N_OBJECT_WEIGHTS))[1] == default
+    counts = collections.Counter(len(s.objects) for s in
+                                 render_dataset(300, 0, specs_only=True, object_weights={3: 1.0, 4: 1.0})[1])
+    assert set(counts) == {3, 4} and min(counts.values()) > 100
+    _tiny_train(tmp_path / "run", checkpoint_every_minutes=None, object_weights={4: 1.0})
+    assert json.loads((tmp_path / "run" / "training_info.json").read_text())["object_weights"] == "4:1"
 
 
 def test_bare_nouns_reach_training(tmp_path):

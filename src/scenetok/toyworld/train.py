@@ -47,16 +47,37 @@ def _log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- data
+def parse_object_weights(text: str) -> dict[int, float]:
+    """``"1:0.15,2:0.35,3:0.3,4:0.2"`` → ``{1: 0.15, 2: 0.35, 3: 0.3, 4: 0.2}`` (object count → relative weight
+    of scenes with that many objects); a ValueError names what is wrong."""
+    out: dict[int, float] = {}
+    for part in text.split(","):
+        k, sep, w = part.strip().partition(":")
+        try:
+            k_i, w_f = int(k), float(w)
+        except ValueError:
+            k_i, w_f = 0, -1.0
+        if not sep or not 1 <= k_i <= 4 or not w_f >= 0 or k_i in out:
+            raise ValueError(f"object weights {text!r}: each entry is COUNT:WEIGHT with COUNT in 1..4 given once "
+                             f"and WEIGHT >= 0, e.g. 1:0.35,2:0.35,3:0.18,4:0.12")
+        out[k_i] = w_f
+    if sum(out.values()) <= 0:
+        raise ValueError(f"object weights {text!r}: at least one weight must be above 0")
+    return out
+
+
 def render_dataset(n: int, seed: int, *, max_seconds: float | None = None, with_masks: bool = False,
-                   specs_only: bool = False):
+                   specs_only: bool = False, object_weights: dict[int, float] | None = None):
     """Render ``n`` training scenes: (uint8 images (n,64,64,3), list of SceneSpec) and, with
     ``with_masks``, the union of each scene's object masks (bool (n,64,64)). ``specs_only``: draw the same
-    scenes without rendering them (images and masks are None; a resumed run whose latents are cached)."""
+    scenes without rendering them (images and masks are None; a resumed run whose latents are cached).
+    ``object_weights`` (object count → weight) replaces :data:`N_OBJECT_WEIGHTS`."""
     from scenetok.toyworld import world
 
     rng = np.random.default_rng([seed, 1])
-    ks = np.array(sorted(N_OBJECT_WEIGHTS))
-    p = np.array([N_OBJECT_WEIGHTS[k] for k in ks])
+    weights = dict(object_weights or N_OBJECT_WEIGHTS)
+    ks = np.array(sorted(weights))
+    p = np.array([weights[k] for k in ks], dtype=float)
     images, specs, fg = [], [], []
     t0 = time.time()
     for i in range(n):
@@ -77,6 +98,11 @@ def render_dataset(n: int, seed: int, *, max_seconds: float | None = None, with_
     if with_masks:
         return np.stack(images), specs, np.stack(fg)
     return np.stack(images), specs
+
+
+def _weights_key(weights: dict[int, float]) -> str:
+    """Object-count weights as the string kept in ``training_info.json`` ("1:0.35,2:0.35,3:0.18,4:0.12")."""
+    return ",".join(f"{k}:{weights[k]:g}" for k in sorted(weights))
 
 
 LATENTS_CACHE = "latents.safetensors"
@@ -359,6 +385,7 @@ def train_toy_sd(
     progress: bool = True,
     snr_gamma: float | None = 5.0,
     bare_nouns: float = 0.0,
+    object_weights: dict[int, float] | None = None,
 ) -> Path:
     """Train toy-sd from scratch and save it (diffusers folder, safetensors) at ``out_dir``.
 
@@ -379,7 +406,10 @@ def train_toy_sd(
 
     ``bare_nouns`` names each object of a training caption by its shape word alone with this probability
     (:func:`scenetok.toyworld.world.caption`): toy-sd trained on full captions only localizes a bare shape
-    noun poorly (docs/toy-sd.md), which the mask-free methods rely on."""
+    noun poorly (docs/toy-sd.md), which the mask-free methods rely on.
+
+    ``object_weights`` (object count → relative weight) sets how often a training scene has 1, 2, 3 or 4
+    objects (default :data:`N_OBJECT_WEIGHTS`)."""
     import torch
     import torch.nn.functional as F
     from diffusers import DDIMScheduler
@@ -400,6 +430,7 @@ def train_toy_sd(
         if vae_from is not None and Path(vae_from) != Path(init_from):
             raise ValueError("init_from already gives the VAE; leave vae_from unset")
         vae_from = init_from
+    obj_weights = _weights_key(object_weights or N_OBJECT_WEIGHTS)
     t_start = time.time()
     out_dir = Path(out_dir)
     ckpt = checkpoint_dir(out_dir)
@@ -416,7 +447,8 @@ def train_toy_sd(
         # settings that change what is trained: a resumed run must keep them, or it would silently become
         # another run (the VAE's only while the VAE stage is unfinished; older states lack bare_nouns)
         keep = [("lr", lr, None), ("batch_size", batch_size, None), ("ema_decay", ema_decay, None),
-                ("snr_gamma", snr_gamma, None), ("bare_nouns", bare_nouns, 0.0)]
+                ("snr_gamma", snr_gamma, None), ("bare_nouns", bare_nouns, 0.0),
+                ("object_weights", obj_weights, _weights_key(N_OBJECT_WEIGHTS))]
         if state["progress"].get("stage") == "vae":
             keep += [("vae_lr", vae_lr, None), ("vae_batch_size", vae_batch_size, None), ("vae_crop", vae_crop, None),
                      ("vae_fg_weight", vae_fg_weight, None)]
@@ -438,7 +470,7 @@ def train_toy_sd(
     cached = (state is not None and state["progress"].get("stage") == "unet"
               and _cache_matches(cache, n=state["run_state"]["info"]["n_images"], seed=seed))
     images, specs, fg = render_dataset(n_images, seed, max_seconds=None if not render_minutes else render_minutes * 60,
-                                       with_masks=True, specs_only=cached)
+                                       with_masks=True, specs_only=cached, object_weights=object_weights)
     n = len(specs)
     _log(f"data: {n} scenes {'drawn (their latents are cached)' if cached else 'rendered'} in "
          f"{time.time() - t_start:.0f}s")
@@ -466,7 +498,8 @@ def train_toy_sd(
         "params": {k: count_params(getattr(pipe, k)) for k in ("vae", "unet", "text_encoder")},
         "n_images": n, "batch_size": batch_size, "vae_batch_size": vae_batch_size, "vae_crop": vae_crop,
         "vae_fg_weight": vae_fg_weight, "lr": lr, "vae_lr": vae_lr, "bf16": bf16,
-        "ema_decay": ema_decay, "snr_gamma": snr_gamma, "bare_nouns": bare_nouns, "caption_dropout": CAPTION_DROPOUT, "threads": threads, "device": device,
+        "ema_decay": ema_decay, "snr_gamma": snr_gamma, "bare_nouns": bare_nouns,
+        "object_weights": obj_weights, "caption_dropout": CAPTION_DROPOUT, "threads": threads, "device": device,
         "scores": [],
     }
     args_key = {"seed": seed, "arch": arch.to_dict()}
@@ -517,7 +550,7 @@ def train_toy_sd(
     if cached and not _cache_matches(cache, n=n, seed=seed, vae_digest=digest):
         _log(f"{cache} was made by another VAE; rendering and encoding again")
         cached = False
-        images, _, fg = render_dataset(n_images, seed, with_masks=True)
+        images, _, fg = render_dataset(n_images, seed, with_masks=True, object_weights=object_weights)
     if cached:
         lat_mean, lat_std = _read_latent_cache(cache)
         images = np.stack([world.render(sp, size=64)[0] for sp in specs[:64]])  # for the reconstruction check
@@ -829,6 +862,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m scenetok.toyworld
     p.add_argument("--bare-nouns", type=float, default=d["bare_nouns"],
                    help="probability that a training caption names an object by its shape word alone ('a star'), "
                         "so the model learns where a bare noun is (0: full phrases only, every model so far)")
+    p.add_argument("--object-weights", default=_weights_key(N_OBJECT_WEIGHTS),
+                   help="how often a training scene has 1, 2, 3 or 4 objects, as COUNT:WEIGHT pairs")
     p.add_argument("--eval", type=int, default=0, help="after training, score N unseen captions with the oracle")
     a = p.parse_args(argv)
     from scenetok.toyworld.model import ARCHS
@@ -837,6 +872,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m scenetok.toyworld
         p.error(f"--arch must be one of {', '.join(ARCHS)}")
     if min(a.vae_steps, a.unet_steps, a.batch_size, a.n_images) < 1:
         p.error("--vae-steps, --unet-steps, --batch-size and --n-images must be >= 1")
+    try:
+        object_weights = parse_object_weights(a.object_weights)
+    except ValueError as e:
+        p.error(f"--object-weights: {e}")
     path = train_toy_sd(
         a.out, seed=a.seed, vae_steps=a.vae_steps, unet_steps=a.unet_steps, batch_size=a.batch_size,
         vae_batch_size=a.vae_batch_size, vae_crop=a.vae_crop, vae_fg_weight=a.vae_fg_weight, n_images=a.n_images, minutes=a.minutes or None,
@@ -845,6 +884,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m scenetok.toyworld
         threads=a.threads, vae_from=a.vae_from, init_from=a.init_from, arch=ARCHS[a.arch], bf16=a.bf16, resume=a.resume,
         checkpoint_every_minutes=a.checkpoint_every_minutes or None, eval_every_minutes=a.eval_every_minutes or None,
         eval_n=a.eval_n, progress=not a.no_progress, snr_gamma=a.snr_gamma or None, bare_nouns=a.bare_nouns,
+        object_weights=object_weights,
     )
     if a.eval:
         res = evaluate_toy_sd(path, n=a.eval, seed=a.seed)
