@@ -184,3 +184,37 @@ def test_redraw_reproduces_the_stored_scores_and_pairs_a_new_setting(tmp_path):
     manifest["components"] = ["unet"]
     (run / "bundle" / "manifest.json").write_text(json.dumps(manifest))
     assert main([str(tmp_path)]) == 2
+
+
+def test_paired_matches_images_on_scene_prompt_seed_and_gives_the_paired_difference(tmp_path, capsys):
+    """benchmarks/toyworld/paired.py: two benchmark outputs are paired image by image; images only one side
+    has and runs that did not finish are left out; a missing variant folder is named in the error."""
+    sys.path.insert(0, str(ROOT / "benchmarks" / "toyworld"))
+    try:
+        from paired import main
+    finally:
+        sys.path.pop(0)
+
+    def write(out, slug, scene, rows, status="ok"):
+        d = out / "runs" / slug / scene
+        d.mkdir(parents=True)
+        (d / "run.json").write_text(json.dumps({"status": status}))
+        (d / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def row(prompt, seed, identity, multi=None):
+        return {"scene": "s", "prompt": prompt, "seed": seed, "identity": identity, "multi": multi}
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    write(a, "bas", "s", [row(0, 0, 0.0), row(0, 1, 0.5), row(1, 0, 1.0, 1.0), row(2, 0, 1.0)])
+    write(b, "bas", "s", [row(0, 0, 1.0), row(0, 1, 0.5), row(1, 0, 1.0, 0.0)])  # prompt 2 missing on B
+    write(b, "bas", "t", [{**row(0, 0, 1.0), "scene": "t"}], status="error")  # not finished: ignored
+    out = tmp_path / "p.json"
+    assert main([str(a), str(b), "--json", str(out)]) == 0
+    res = json.loads(out.read_text())["bas"]
+    ident = next(r for r in res if r["metric"] == "identity")
+    assert ident["n"] == 3 and math.isclose(ident["delta"], 1.0 / 3) and math.isclose(ident["reference_mean"], 0.5)
+    multi = next(r for r in res if r["metric"] == "multi")
+    assert multi["n"] == 1 and multi["delta"] == -1.0
+    assert "3 paired images" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="nope"):
+        main([f"{a}:nope", str(b)])
