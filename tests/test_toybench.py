@@ -305,5 +305,22 @@ def test_tuning_scenes_share_nothing_with_the_suite():
     objs = lambda scenes: {(o.color, o.shape, o.texture, o.cx, o.cy) for s in scenes for o in s.spec.objects}  # noqa: E731
     assert not objs(suite) & objs(tuning)
     assert S.find_scene("tune-pair").name == "tune-pair" and S.find_scene("pair-apart").name == "pair-apart"
+    # the second tuning set: new objects (not even the same triple elsewhere), names unique, and tuning-all is both
+    tuning_b = S.get_scenes(scene_set="tuning-b")
+    assert len(tuning_b) == 4
+    triples = lambda scenes: {(o.color, o.shape, o.texture) for s in scenes for o in s.spec.objects}  # noqa: E731
+    assert not triples(tuning_b) & (triples(suite) | triples(tuning))
+    assert not triples(tuning_b) & set(world.HELD_OUT)
+    names = [s.name for pool in S.SCENE_SETS.values() if pool is not S.SCENE_SETS["tuning-all"] for s in pool]
+    assert len(names) == len(set(names))
+    assert [s.name for s in S.get_scenes(scene_set="tuning-all")] == [s.name for s in tuning + tuning_b]
+    assert S.find_scene("tuneb-quad").name == "tuneb-quad"
+    for sc in tuning_b:  # distinct shapes and colours within a scene (class words must tell the concepts apart)
+        assert len({o.shape for o in sc.spec.objects}) == len({o.color for o in sc.spec.objects}) == len(sc.spec.objects)
+    from scenetok.cli import build_parser
+    sub = next(a for a in build_parser()._actions if getattr(a, "choices", None) and "benchmark" in a.choices)
+    toy = next(a for a in sub.choices["benchmark"]._actions if getattr(a, "choices", None) and "toyworld" in a.choices)
+    scene_set = next(a for a in toy.choices["toyworld"]._actions if a.dest == "scene_set")
+    assert set(scene_set.choices) == set(S.SCENE_SETS)
     with pytest.raises(ConfigError):
         S.get_scenes(scene_set="nope")

@@ -37,7 +37,7 @@ for s in $STAGES; do
            { time scenetok demo -o "$OUT/demo" --quiet ; } > "$OUT/demo.log" 2>&1 || true
            tail -n 6 "$OUT/demo.log" ;;
         4) stage "4: Break-A-Scene on the tuning scenes"
-           scenetok benchmark toyworld -o "$OUT/tuning" --scene-set tuning --seeds 4 \
+           scenetok benchmark toyworld -o "$OUT/tuning" --scene-set tuning-all --seeds 4 \
                --methods break-a-scene:base --no-ablations > "$OUT/tuning.log" 2>&1; tail -n 8 "$OUT/tuning.log" ;;
         *) echo "candidate.sh: unknown stage $s (1-4)" >&2; exit 2 ;;
     esac

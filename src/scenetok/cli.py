@@ -298,8 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "settings as one variant: 'METHOD:KEY=VALUE KEY2=VALUE2' (empty: every method)")
     b.add_argument("--no-ablations", action="store_true", help="only each method's paper recipe")
     b.add_argument("--scenes", default="", help="comma-separated suite scenes (empty: all, or the quick ones)")
-    b.add_argument("--scene-set", default="suite", choices=("suite", "tuning"),
-                   help="suite: the scenes results are reported on; tuning: other scenes, for choosing toy settings")
+    b.add_argument("--scene-set", default="suite", choices=("suite", "tuning", "tuning-b", "tuning-all"),
+                   help="suite: the scenes results are reported on; tuning: other scenes, for choosing toy settings; "
+                        "tuning-b: four more such scenes (a second opinion); tuning-all: both tuning sets")
     b.add_argument("--seeds", type=int, default=2, help="images per prompt")
     b.add_argument("--model", default=None, help="base model (None: the shipped toy-sd)")
     b.add_argument("--jobs", type=int, default=0, help="worker processes (0: one per CPU core, 1 on a GPU)")

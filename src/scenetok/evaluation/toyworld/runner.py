@@ -286,7 +286,7 @@ def run_toyworld_benchmark(
     (``"break-a-scene:no-attn-loss"``, ``"textual-localization:guidance=soft"``, ``"cd-m:base"``,
     ``"break-a-scene:adapter=lora"``); default every registered method. ``scenes``: scene names (default:
     the whole suite, or the quick subset with ``quick``). ``scene_set``: ``suite`` (report these) or
-    ``tuning`` (scenes for choosing toy settings; never tune on the suite). ``seeds``: images per prompt. ``model``: the base
+    ``tuning`` (scenes for choosing toy settings; never tune on the suite), ``tuning-b`` (four more of those) or ``tuning-all`` (both). ``seeds``: images per prompt. ``model``: the base
     model (default the shipped toy-sd). ``jobs``: worker processes (0: one per CPU core; 1: in this
     process). ``steps`` / ``guidance`` / ``sampler``: image sampling
     (default DPM-Solver++ 15 steps: on toy-sd as good as DDIM 25, docs/benchmarks.md). ``overrides``: ``--set`` assignments for every run

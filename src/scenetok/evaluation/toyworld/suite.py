@@ -151,7 +151,23 @@ TUNING_SCENES: tuple[SuiteScene, ...] = (
                          ("star", "yellow", "plain", 0.28, 0.72, 0.32), ("triangle", "purple", "striped", 0.72, 0.72, 0.30)],
            "teal", note="4 objects apart"),
 )
-SCENE_SETS: dict[str, tuple[SuiteScene, ...]] = {"suite": SCENES, "tuning": TUNING_SCENES}
+# A second opinion for choosing between settings or models (2026-12-04): four more tuning scenes, so that one
+# fragile handle is not a quarter of a decision. New objects (none of the suite's or the first tuning set's
+# (colour, shape, texture) triples, none held out), the same mix of layouts.
+TUNING_B_SCENES: tuple[SuiteScene, ...] = (
+    _scene("tuneb-pair-overlap", [("cross", "green", "dotted", 0.40, 0.44, 0.36), ("square", "pink", "striped", 0.63, 0.60, 0.34)],
+           "white", note="2 objects, the square overlaps the cross"),
+    _scene("tuneb-trio", [("triangle", "blue", "dotted", 0.27, 0.30, 0.34), ("circle", "yellow", "striped", 0.72, 0.32, 0.32),
+                          ("cross", "red", "plain", 0.50, 0.73, 0.32)],
+           "black", note="3 objects apart"),
+    _scene("tuneb-single-bg", [("ring", "cyan", "plain", 0.50, 0.50, 0.44)],
+           "olive", background_concept=True, note="1 object + the olive background as a concept"),
+    _scene("tuneb-quad", [("star", "orange", "dotted", 0.27, 0.27, 0.34), ("circle", "purple", "plain", 0.73, 0.27, 0.28),
+                          ("triangle", "pink", "plain", 0.27, 0.73, 0.32), ("ring", "green", "striped", 0.73, 0.73, 0.32)],
+           "white", "gradient", note="4 objects apart; gradient"),
+)
+SCENE_SETS: dict[str, tuple[SuiteScene, ...]] = {"suite": SCENES, "tuning": TUNING_SCENES, "tuning-b": TUNING_B_SCENES,
+                                                 "tuning-all": TUNING_SCENES + TUNING_B_SCENES}
 
 
 def scene_names(scene_set: str = "suite") -> list[str]:
