@@ -97,3 +97,44 @@ def test_written_tokenizer_keeps_every_word_one_piece(tmp_path):
     assert {w: tok.tokenize(w) for w in words if len(tok.tokenize(w)) != 1} == {}
     assert len(tok.tokenize("and triangle maroon green")) == 4
     assert len(tok.tokenize("zebra")) > 1  # other text still falls back to pieces
+
+
+def test_fit_handle_inits_makes_a_multi_piece_handle_read_as_its_word(tiny_sd):
+    """A handle whose init word is several pieces ("zebra" in the tiny vocabulary) starts from the mean of the
+    pieces, which the encoder does not read as the word; fitting it brings the encoder's outputs (from the word
+    on, in every template) closer to the word's. One-piece words and token ids stay copied rows,
+    and the text encoder itself is untouched."""
+    from scenetok.tokens import fit_handle_inits
+
+    tok, te = load_tokenizer_and_text_encoder(tiny_sd)
+    te.train()
+    weights = {k: v.detach().clone() for k, v in te.state_dict().items()}
+    h = add_handles(tok, te, ["<asset0>", "<asset1>", "<asset2>"], ["cat", "zebra", 5])
+    flags = [p.requires_grad for p in te.parameters()]
+    start = h.vectors(te).detach().clone()
+    templates = ("a photo of a {}", "a red {} and a cat", "a {}")
+    assert fit_handle_inits(tok, te, h, ["cat", "zebra", 5], steps=0, templates=templates) == {}
+    assert torch.equal(h.vectors(te).detach(), start)
+    report = fit_handle_inits(tok, te, h, ["cat", "zebra", 5], steps=150, lr=1e-2, templates=templates)
+    assert set(report) == {"<asset1>", "<asset1>:start"}  # only the multi-piece handle is fitted
+    assert report["<asset1>"] < 0.75 * report["<asset1>:start"], report  # measured: 0.56×
+    after = h.vectors(te).detach()
+    assert torch.equal(after[0], start[0]) and torch.equal(after[2], start[2])
+    assert not torch.equal(after[1], start[1])
+    assert te.training and [p.requires_grad for p in te.parameters()] == flags
+    state = te.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in weights.items() if "embedding" not in k)
+    assert h.module(te).override is None
+
+    # the fitted handle, read in a sentence it was not fitted in, is closer to the word than the mean start was
+    def out(prompt):
+        ids = tok([prompt], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        with torch.no_grad():
+            return te(ids)[0][0]
+
+    word, handle = out("a cat and a zebra"), out("a cat and a <asset1>")
+    n_word = len(word_ids(tok, "zebra"))
+    fitted_err = (handle[5:40] - word[5 + n_word - 1:40 + n_word - 1]).pow(2).mean()
+    h.module(te).vectors.data[1] = start[1]
+    mean_err = (out("a cat and a <asset1>")[5:40] - word[5 + n_word - 1:40 + n_word - 1]).pow(2).mean()
+    assert fitted_err < 0.7 * mean_err, (fitted_err, mean_err)

@@ -302,3 +302,35 @@ def test_handles_lr_scale_moves_the_handles_at_their_own_rate(tiny_sd, two_squar
         with pytest.raises(ConfigError, match="handles_lr_scale"):
             train(two_square_scene, tmp_path / f"c{bad}", model=str(tiny_sd),
                   overrides=sets + [f"optim.handles_lr_scale={bad}"], progress=False)
+
+
+def test_init_fit_steps_starts_a_multi_piece_handle_from_a_fitted_vector(tiny_sd, tmp_path):
+    """init_fit_steps > 0: the handle whose init word is several pieces ("zebra" in the tiny vocabulary) starts
+    from a fitted vector, not the mean of its pieces, and the training log says how well it was fitted; the
+    one-piece word's handle starts from its word's row as before. Bad values are refused by name."""
+    from conftest import load_tokenizer_and_text_encoder, two_squares
+    from scenetok.errors import ConfigError
+    from scenetok.scene import Scene
+    from scenetok.tokens import add_handles
+
+    img, masks = two_squares()
+    scene = Scene.from_arrays(img, masks, names=["red", "blue"], class_words=["square", "square"],
+                              init_words=["zebra", "cat"])
+    sets = ["phase1.steps=1", "phase1.lr=1e-9", "phase2.steps=0", "checkpoint_every=0", "preview_every=0",
+            "attn.weight=0"]
+    fit = sets + ["init_fit_steps=60", "init_fit_templates=a photo of a {} | a red {} and a cat"]
+    out = train(scene, tmp_path / "a", model=str(tiny_sd), overrides=fit, progress=False)
+    events = [json.loads(x) for x in (out.path / "train_log.jsonl").read_text().splitlines() if "init_fit" in x]
+    assert len(events) == 1
+    report = events[0]["init_fit"]
+    assert set(report) == {"<asset0>", "<asset0>:start"} and report["<asset0>"] < report["<asset0>:start"]
+    tok, te = load_tokenizer_and_text_encoder(tiny_sd)
+    mean_start = add_handles(tok, te, ["<asset0>", "<asset1>"], ["zebra", "cat"]).as_dict(te)
+    final = {p.name: load_file(str(p)) for p in sorted((out.path / "embeddings").glob("*.safetensors"))}
+    a0, a1 = final["asset0.safetensors"]["<asset0>"], final["asset1.safetensors"]["<asset1>"]
+    assert (a0 - mean_start["<asset0>"]).abs().max() > 1e-3  # far more than one step at lr 1e-9 moves it
+    assert (a1 - mean_start["<asset1>"]).abs().max() < 1e-6
+    for bad, name in (("init_fit_steps=-1", "init_fit_steps"), ("init_fit_templates=a photo", "init_fit_templates"),
+                      ("init_fit_templates=a {} {}", "init_fit_templates")):
+        with pytest.raises(ConfigError, match=name):
+            train(scene, tmp_path / "bad", model=str(tiny_sd), overrides=sets + [bad], progress=False)

@@ -46,6 +46,7 @@ class HandleEmbedding(nn.Module):
         self.first_id = int(first_id)
         self.vectors = nn.Parameter(vectors.detach().clone())
         self._mean_norm: float | None = None  # the vocabulary's mean norm, for cap_norms (computed once)
+        self.override: torch.Tensor | None = None  # read instead of ``vectors`` while set (fit_handle_inits)
 
     @property
     def weight(self) -> torch.Tensor:  # code that reads get_input_embeddings().weight sees the base rows
@@ -78,7 +79,8 @@ class HandleEmbedding(nn.Module):
         is_handle = (rel >= 0) & (rel < k)
         if not bool(is_handle.any()):
             return out
-        picked = self.vectors.to(out.dtype)[rel.clamp(0, k - 1)]
+        vectors = self.vectors if self.override is None else self.override
+        picked = vectors.to(out.dtype)[rel.clamp(0, k - 1)]
         return torch.where(is_handle.unsqueeze(-1), picked, out)
 
 
@@ -173,6 +175,90 @@ def add_handles(tokenizer, text_encoder, tokens: list[str], init_words: list[str
     base.weight.requires_grad_(False)
     text_encoder.set_input_embeddings(HandleEmbedding(base, ids[0], vecs.float()))
     return Handles(tokens=list(tokens), ids=list(ids[::num_vectors]), init_words=names, num_vectors=num_vectors)
+
+
+# The sentences a fitted handle must read like its word in (the training setting init_fit_templates): the word
+# alone, after an adjective, and followed by more text (the encoder's later positions, which the UNet's
+# cross-attention also reads, depend on the word). They must be in the base model's caption language.
+FIT_TEMPLATES = ("a photo of a {}", "a red {}", "a photo of a small blue {} on a white background",
+                 "a close-up photo of the {} in a room", "a {} and a dog")
+
+
+def fit_handle_inits(tokenizer, text_encoder, handles: "Handles", init_words: list[str | int], steps: int,
+                     lr: float = 3e-3, templates: tuple[str, ...] = FIT_TEMPLATES) -> dict[str, float]:
+    """Re-start every handle whose init word is several BPE pieces from a vector fitted to read as that word.
+
+    The mean of a multi-piece word's piece embeddings ("triangle" → five pieces on toy-sd) is a point the text
+    encoder never saw as that word (on toy-sd it draws squares and crosses where the word draws triangles).
+    Here each such handle's vector (all its vectors, for a multi-vector handle) is optimized for ``steps``
+    Adam steps so that the encoder's output for each of ``templates`` with the handle — at the handle's
+    position and at every position after it (the rest of the sentence, end-of-text and padding, which the
+    UNet's cross-attention reads as well) — matches its output for the same sentence with the word (from the
+    word's last piece on). Single-piece words and token ids keep their copied row. The text encoder's weights
+    are not changed (only the handle rows receive gradients). ``init_words``: what :func:`add_handles` was
+    given (words or token ids). Returns ``{token: final mean squared error}`` of the fitted handles, and their
+    error at the start as ``{token + ':start': …}``."""
+    if steps <= 0:
+        return {}
+    mod = handles.module(text_encoder)
+    n = handles.num_vectors
+    report: dict[str, float] = {}
+    dev = mod.vectors.device
+    was_training = text_encoder.training
+    text_encoder.eval()
+    frozen = [(p, p.requires_grad) for p in text_encoder.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    try:
+        for k, (tok, word) in enumerate(zip(handles.tokens, init_words)):
+            if not isinstance(word, str) or len(word_ids(tokenizer, word)) < 2:
+                continue  # a token id or a one-piece word: its row is the word's own
+            w_prompts = [t.format(word) for t in templates]
+            w_ids = modellib.token_ids(tokenizer, w_prompts).to(dev)
+            h_ids = modellib.token_ids(tokenizer, [t.format(tok) for t in templates]).to(dev)
+            length = w_ids.shape[1]
+            rows_w, rows_h = [], []  # (sentence, position) pairs compared: word's last piece on ↔ handle's last vector on
+            for b, pieces in enumerate(word_positions(tokenizer, w_prompts, word)):
+                h_at = (h_ids[b] == handles.ids[k]).nonzero()
+                if not pieces or not len(h_at):
+                    continue
+                w_from, h_from = pieces[-1], int(h_at[0]) + n - 1
+                span = min(length - w_from, length - h_from)
+                rows_w += [(b, w_from + j) for j in range(span)]
+                rows_h += [(b, h_from + j) for j in range(span)]
+            if not rows_w:
+                continue
+            wb, wp = (torch.tensor(x, device=dev) for x in zip(*rows_w))
+            hb, hp = (torch.tensor(x, device=dev) for x in zip(*rows_h))
+            with torch.no_grad():
+                target = text_encoder(w_ids)[0][wb, wp].float()
+            rows = slice(k * n, (k + 1) * n)
+            others = mod.vectors.detach().float()
+            vec = nn.Parameter(others[rows].clone())
+            opt = torch.optim.Adam([vec], lr=lr)
+            first = last = None
+            for _ in range(int(steps)):
+                # the handle rows as a differentiable function of vec, swapped in for this forward only
+                mod.override = torch.cat([others[:rows.start], vec, others[rows.stop:]]).to(mod.vectors.dtype)
+                try:
+                    out = text_encoder(h_ids)[0][hb, hp].float()
+                finally:
+                    mod.override = None
+                loss = torch.nn.functional.mse_loss(out, target)
+                first = float(loss.detach()) if first is None else first
+                last = float(loss.detach())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                mod.vectors[rows] = vec.detach().to(mod.vectors.dtype)
+            report[tok] = last
+            report[tok + ":start"] = first
+    finally:
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+        text_encoder.train(was_training)
+    return report
 
 
 def token_positions(tokenizer, prompts: list[str], token_ids: list[int]) -> torch.Tensor:

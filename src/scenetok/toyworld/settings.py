@@ -4,7 +4,7 @@ and, for Break-A-Scene, the demo's. Documented in docs/benchmarks.md; tuned on t
 
 from __future__ import annotations
 
-__all__ = ["TOY_BATCH", "TOY_COMMON", "TOY_LR_FACTOR", "TOY_SETTINGS", "TOY_STEPS"]
+__all__ = ["TOY_BATCH", "TOY_COMMON", "TOY_FIT_TEMPLATES", "TOY_LR_FACTOR", "TOY_SETTINGS", "TOY_STEPS"]
 
 #: Optimizer steps every method gets on toy-sd (batch :data:`TOY_BATCH`, plus the prior-preservation rows of
 #: its recipe). Re-tuned on toy-sd v1d with Break-A-Scene on the tuning scenes (docs/toy-sd.md): handles need
@@ -20,6 +20,12 @@ TOY_LR_FACTOR = 10
 #: prompt at 20 steps.
 TOY_COMMON: tuple[str, ...] = (f"batch_size={TOY_BATCH}", "grad_accum=1", "preview_every=0", "checkpoint_every=0",
                                "prior.num_images=8", "prior.steps=20")
+
+#: Sentences in toy-sd's caption language for ``init_fit_templates`` (a handle's multi-piece init word, such as
+#: "triangle" on toy-sd v1d's tokenizer, is matched in these; docs/toy-sd.md).
+TOY_FIT_TEMPLATES = ("a photo of a pink {} on a white background | a photo of a blue striped {} on a black background | "
+                     "a photo of a red dotted {} and a green circle on a gray background | a photo of a {} | "
+                     "a photo of a yellow star and a purple {} on a navy background")
 
 #: Per-method toy settings (applied after :data:`TOY_COMMON`). Each: :data:`TOY_STEPS` steps at batch
 #: :data:`TOY_BATCH`, paper lr × 10; the modifier + class methods use toy-sd's caption grammar ("a photo of a

@@ -22,10 +22,11 @@ from scenetok.errors import ConfigError
 from scenetok.methods import Method
 from scenetok.model import Model, load_model
 from scenetok.scene import Concept, Scene
-from scenetok.tokens import Handles, add_handles, handle_token
+from scenetok.tokens import Handles, add_handles, fit_handle_inits, handle_token
 from scenetok.training.data import Source, collage_sources, scene_sources
 from scenetok.training.memory import apply_low_memory_precision, autocast_kwargs, cast_frozen_weights, half_dtype
 from scenetok.training.prior import prior_latents
+from scenetok.training.settings import split_templates
 
 PREVIEW_TIMESTEPS = (0.3, 0.5, 0.7)  # fractions of the schedule at which previews average the maps
 
@@ -61,6 +62,7 @@ class Run:
     # computed during one preview (None when no preview is open: every call computes)
     scene_latent_cache: tuple[torch.Tensor, torch.Tensor] | None = None
     attention_memo: dict | None = None
+    init_fit: dict = field(default_factory=dict)  # handles started from a fitted vector: token → fit error
 
     @property
     def scene(self) -> Scene:
@@ -186,11 +188,19 @@ def setup_run(scenes: list[Scene], method: Method, cfg: dict, model: str | Path 
     init = method.init_words(concepts, cfg, m.tokenizer)
     nv = int(cfg.get("num_vectors", 1))
     handles = add_handles(m.tokenizer, m.text_encoder, tokens, init, num_vectors=nv)
+    per_encoder = [(m.tokenizer, m.text_encoder, handles)]
     for _, tok, te in m.text_encoders[1:]:  # SDXL: each handle also gets a row in the second text encoder,
         second = add_handles(tok, te, tokens, init, num_vectors=nv)  # from the same word (or token id) there
         if second.ids != handles.ids:
             raise ConfigError(f"the two tokenizers of {m.model_id} give the handles different ids ({handles.ids} "
                               f"and {second.ids}): their vocabularies differ, which no SDXL checkpoint does")
+        per_encoder.append((tok, te, second))
+    init_fit: dict = {}
+    if int(cfg.get("init_fit_steps", 0)) > 0:  # multi-piece init words: a vector the encoder reads as the word
+        for i, (tok, te, h) in enumerate(per_encoder):
+            fitted = fit_handle_inits(tok, te, h, init, int(cfg["init_fit_steps"]),
+                                      templates=split_templates(cfg["init_fit_templates"]))
+            init_fit.update({(f"{k}@{i}" if i else k): round(v, 6) for k, v in fitted.items()})
     for _, _, te in m.text_encoders:
         te.to(dev)
     lora = None
@@ -233,5 +243,5 @@ def setup_run(scenes: list[Scene], method: Method, cfg: dict, model: str | Path 
         scenes=scenes_r, concepts=concepts, method=method, cfg=cfg, model=m, handles=handles, out_dir=out_dir,
         device=dev, accelerator=accelerator, resolution=resolution, latent_size=latent_size,
         attention_layers=layers, attention_sizes=attention_sizes, sources=sources, prior_latents=p_latents,
-        prior_ids=p_ids, torch_gen=torch_gen, np_rng=np_rng, lora=lora,
+        prior_ids=p_ids, torch_gen=torch_gen, np_rng=np_rng, lora=lora, init_fit=init_fit,
     )

@@ -12,7 +12,7 @@ from scenetok.config import group, setting
 from scenetok import lora as loralib
 from scenetok.errors import ConfigError
 from scenetok.methods import Method
-from scenetok.tokens import MAX_VECTORS
+from scenetok.tokens import FIT_TEMPLATES, MAX_VECTORS
 
 @dataclass
 class OptimSettings:
@@ -81,6 +81,15 @@ class TrainSettings:
     num_vectors: int = setting(1, "embedding vectors per handle (textual inversion's multi-vector tokens): a prompt's "
                                "<asset0> is read as <asset0> <asset0>_1 … and the attention losses take the handle's map "
                                "as the sum of its vectors' maps; 1: one vector, the papers")
+    init_fit_steps: int = setting(0, "a handle whose init word is several BPE pieces starts from the mean of their "
+                                  "embeddings (0, the usual way), or from a vector fitted in this many Adam steps so "
+                                  "that the text encoder reads 'a photo of a <handle>' as 'a photo of a WORD' "
+                                  "(from the word on, end-of-text and padding included); one-piece words and token "
+                                  "ids are copied either way")
+    init_fit_templates: str = setting(" | ".join(FIT_TEMPLATES),
+                                      "the sentences init_fit_steps matches the handle to its word in, separated by "
+                                      "' | ', each with one {} for the word; write them in the base model's own "
+                                      "caption language (toy-sd: 'a photo of a pink {} on a white background')")
     snr_gamma: float = setting(0.0, "min-SNR-γ weighting of the diffusion loss (Hang et al. 2023): each row's "
                                "squared error is weighed by min(SNR, γ)/SNR (ε-prediction) or min(SNR, γ)/(SNR+1) "
                                "(v-prediction) of its noise level; 0: off, every timestep alike (the papers)")
@@ -146,6 +155,11 @@ def low_memory_defaults(cfg: dict) -> dict:
     return {}
 
 
+def split_templates(text) -> tuple[str, ...]:
+    """``init_fit_templates`` as a tuple of sentences (split at ``|``, blanks dropped)."""
+    return tuple(t.strip() for t in str(text).split("|") if t.strip())
+
+
 def validate_config(cfg: dict) -> None:
     if cfg["batch_size"] < 1 or cfg["grad_accum"] < 1:
         raise ConfigError("batch_size and grad_accum must be at least 1")
@@ -165,6 +179,14 @@ def validate_config(cfg: dict) -> None:
             or not 0.0 <= tmin < tmax <= 1.0:
         raise ConfigError(f"timestep_min and timestep_max must be fractions with 0 <= min < max <= 1, got "
                           f"{tmin!r} and {tmax!r}", hint="timestep_min=0.2 timestep_max=0.8 keeps the middle noise levels")
+    fit = cfg.get("init_fit_steps", 0)
+    if isinstance(fit, bool) or not isinstance(fit, int) or fit < 0:
+        raise ConfigError(f"init_fit_steps must be a whole number >= 0, got {fit!r}",
+                          hint="0 keeps the mean of the word's pieces; 200 fits a vector that reads as the word")
+    templates = split_templates(cfg.get("init_fit_templates", "a photo of a {}"))
+    if not templates or any(t.count("{}") != 1 for t in templates):
+        raise ConfigError(f"init_fit_templates must be sentences separated by ' | ', each with exactly one {{}}, got "
+                          f"{cfg.get('init_fit_templates')!r}", hint="for example 'a photo of a {} | a red {}'")
     margin = cfg.get("mask_margin", 0)
     if isinstance(margin, bool) or not isinstance(margin, int) or margin < 0:
         raise ConfigError(f"mask_margin must be a whole number of latent pixels >= 0, got {margin!r}",

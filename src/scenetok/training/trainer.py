@@ -128,6 +128,8 @@ def train(
             run.log_rows = [r for r in rows if r.get("global_step", 0) <= start["global"]]
             atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in run.log_rows))
 
+    if run.init_fit and not resume:  # which handles started from a fitted vector, and how well it reads as the word
+        run.log({"event": True, "global_step": 0, "init_fit": run.init_fit})
     method.prepare(run)
     bar = _progress_bar(total, start["global"], progress)
     capture = _capture_context(run)
