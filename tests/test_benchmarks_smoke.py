@@ -218,3 +218,33 @@ def test_paired_matches_images_on_scene_prompt_seed_and_gives_the_paired_differe
     assert "3 paired images" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="nope"):
         main([f"{a}:nope", str(b)])
+
+
+def test_snapshot_records_finished_runs_so_a_benchmark_resumes_from_them(tmp_path, capsys):
+    """benchmarks/toyworld/snapshot.py copies suite.json and each finished run's run.json + scores.jsonl (not a
+    failed run, not one without scores, not the images); the benchmark's own check then counts them as done."""
+    sys.path.insert(0, str(ROOT / "benchmarks" / "toyworld"))
+    try:
+        from snapshot import main
+    finally:
+        sys.path.pop(0)
+    from scenetok.evaluation.toyworld.runner import run_is_done
+
+    out, dest = tmp_path / "out", tmp_path / "record"
+    (out / "runs").mkdir(parents=True)
+    (out / "suite.json").write_text('{"version": 1}')
+    for scene, status, scores in (("a", "ok", True), ("b", "error", True), ("c", "ok", False)):
+        d = out / "runs" / "break-a-scene" / scene
+        (d / "images").mkdir(parents=True)
+        (d / "images" / "p00_s0.png").write_bytes(b"png")
+        (d / "run.json").write_text(json.dumps({"status": status, "key": f"k-{scene}"}))
+        if scores:
+            (d / "scores.jsonl").write_text('{"identity": 1.0}\n')
+    assert main([str(out), str(dest)]) == 0
+    assert "1 finished run(s)" in capsys.readouterr().out
+    files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert files == ["runs/break-a-scene/a/run.json", "runs/break-a-scene/a/scores.jsonl", "suite.json"]
+    assert run_is_done(dest / "runs" / "break-a-scene" / "a", "k-a")
+    assert not run_is_done(dest / "runs" / "break-a-scene" / "a", "another-key")
+    with pytest.raises(SystemExit, match="no suite.json"):
+        main([str(tmp_path / "nothing"), str(dest)])
