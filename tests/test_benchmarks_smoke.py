@@ -219,6 +219,21 @@ def test_paired_matches_images_on_scene_prompt_seed_and_gives_the_paired_differe
     with pytest.raises(SystemExit, match="nope"):
         main([f"{a}:nope", str(b)])
 
+    # replicates (training seeds): each side lists its folders in the same order; a (scene, replicate) is one run,
+    # and the per-run interval is a Student-t interval over the runs' mean differences
+    a2, b2 = tmp_path / "a2", tmp_path / "b2"
+    write(a2, "bas", "s", [row(0, 0, 0.0), row(0, 1, 0.0)])
+    write(b2, "bas", "s", [row(0, 0, 0.0), row(0, 1, 1.0)])  # this run's mean difference: 0.5
+    assert main([f"{a},{a2}", f"{b},{b2}", "--json", str(out)]) == 0
+    ident = next(r for r in json.loads(out.read_text())["bas"] if r["metric"] == "identity")
+    assert ident["n"] == 5 and ident["runs"] == 2
+    assert math.isclose(ident["run_delta"], (1.0 / 3 + 0.5) / 2)
+    sd = math.sqrt(((1.0 / 3 - 5.0 / 12) ** 2 + (0.5 - 5.0 / 12) ** 2) / 1)
+    assert math.isclose(ident["run_delta_ci95"], 12.706 * sd / math.sqrt(2))
+    assert "5 paired images in 2 runs" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="replicate"):
+        main([f"{a},{a2}", str(b)])
+
 
 def test_snapshot_records_finished_runs_so_a_benchmark_resumes_from_them(tmp_path, capsys):
     """benchmarks/toyworld/snapshot.py copies suite.json and each finished run's run.json + scores.jsonl (not a

@@ -10,6 +10,15 @@ comparison is only meaningful when both sides drew the same prompts with the sam
 scene set and ``--seeds``); the table says how many images matched. For each metric: both means over the
 matched images and the mean paired difference B − A with its 95 % interval (bold where the interval
 excludes 0). ``--json`` writes the numbers.
+
+The per-image interval treats every image as independent, but the images of one run share one training run,
+and a second training seed of the *same* settings moves Break-A-Scene's partial identity on the tuning scenes by
+more than that interval (docs/toy-sd.md). So each table also has the **per-run** interval: the mean over runs
+(scene × replicate) of each run's mean paired difference, with a Student-t 95 % interval over the runs — the
+one to decide by. Either side may list several output folders, comma-separated, run with different training
+seeds (``--set seed=1``) and paired in order (``A_S0,A_S1 B_S0,B_S1``): each is one more replicate of every scene.
+
+    python benchmarks/toyworld/paired.py v1d-s0,v1d-s1 v1h-s0,v1h-s1
 """
 
 from __future__ import annotations
@@ -40,12 +49,43 @@ def read_rows(out: Path, slug: str) -> list[dict]:
     return rows
 
 
-def parse_side(text: str) -> tuple[Path, str | None]:
-    path, _, slug = text.partition(":")
-    out = Path(path)
-    if not (out / "runs").is_dir():
-        raise SystemExit(f"paired.py: {out} is not a toy-world benchmark output (no runs/ folder)")
-    return out, slug or None
+def parse_side(text: str) -> tuple[list[Path], str | None]:
+    """``OUT[,OUT2…][:SLUG]`` → the output folders (one per replicate) and the slug."""
+    paths, _, slug = text.partition(":")
+    outs = [Path(p) for p in paths.split(",") if p]
+    for out in outs:
+        if not (out / "runs").is_dir():
+            raise SystemExit(f"paired.py: {out} is not a toy-world benchmark output (no runs/ folder)")
+    if not outs:
+        raise SystemExit(f"paired.py: no output folder in {text!r}")
+    return outs, slug or None
+
+
+# two-sided 95 % Student-t quantiles by degrees of freedom (1-30); 1.96 beyond
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def per_run_difference(a_rows: list[dict], b_rows: list[dict], metric: str) -> dict:
+    """Mean over runs (``scene`` = scene × replicate) of each run's mean paired difference B − A of ``metric``,
+    with a Student-t 95 % interval over the runs (None for fewer than two runs)."""
+    def index(rows):
+        return {(r["scene"], r.get("prompt"), r.get("seed")): float(r[metric]) for r in rows if r.get(metric) is not None}
+
+    a, b = index(a_rows), index(b_rows)
+    by_run: dict[str, list[float]] = {}
+    for k in a.keys() & b.keys():
+        by_run.setdefault(k[0], []).append(b[k] - a[k])
+    means = [sum(v) / len(v) for v in by_run.values()]
+    k = len(means)
+    if not k:
+        return {"runs": 0, "delta": None, "delta_ci95": None}
+    mean = sum(means) / k
+    if k < 2:
+        return {"runs": k, "delta": mean, "delta_ci95": None}
+    sd = (sum((x - mean) ** 2 for x in means) / (k - 1)) ** 0.5
+    t = _T975[k - 2] if k - 1 <= len(_T975) else 1.96
+    return {"runs": k, "delta": mean, "delta_ci95": t * sd / k ** 0.5}
 
 
 def compare(a_rows: list[dict], b_rows: list[dict], metrics=METRICS) -> list[dict]:
@@ -54,8 +94,28 @@ def compare(a_rows: list[dict], b_rows: list[dict], metrics=METRICS) -> list[dic
     for m in metrics:
         d = paired_difference(rows, "A", "B", m)
         if d["n"]:
-            out.append({"metric": m, **d})
+            run = per_run_difference(a_rows, b_rows, m)
+            out.append({"metric": m, **d, "runs": run["runs"], "run_delta": run["delta"],
+                        "run_delta_ci95": run["delta_ci95"]})
     return out
+
+
+def read_side(outs: list[Path], slug: str) -> list[dict]:
+    """The rows of every replicate folder, each replicate's scenes renamed ``scene#i`` from the second on, so
+    that images pair within a replicate and each (scene, replicate) is one run."""
+    rows = []
+    for i, out in enumerate(outs):
+        rows += [dict(r, scene=r["scene"] if i == 0 else f"{r['scene']}#{i}") for r in read_rows(out, slug)]
+    return rows
+
+
+def _cell(d, ci) -> str:
+    if d is None:
+        return "–"
+    if ci is None:
+        return f"{d:+.3f}"
+    cell = f"{d:+.3f} ± {ci:.3f}"
+    return f"**{cell}**" if abs(d) > ci else cell
 
 
 def main(argv=None) -> int:
@@ -65,28 +125,30 @@ def main(argv=None) -> int:
     ap.add_argument("--variant", help="the variant folder (slug) on both sides, when neither side names one")
     ap.add_argument("--json", type=Path, help="write the comparison here")
     args = ap.parse_args(argv)
-    (a_out, a_slug), (b_out, b_slug) = parse_side(args.a), parse_side(args.b)
+    (a_outs, a_slug), (b_outs, b_slug) = parse_side(args.a), parse_side(args.b)
+    if len(a_outs) != len(b_outs):
+        raise SystemExit(f"paired.py: {len(a_outs)} replicate folder(s) on side A, {len(b_outs)} on side B: "
+                         "give both sides the same number, in the same order of training seeds")
     if a_slug or b_slug or args.variant:
         pairs = [(a_slug or b_slug or args.variant, b_slug or a_slug or args.variant)]
     else:
-        common = sorted({p.name for p in (a_out / "runs").iterdir()} & {p.name for p in (b_out / "runs").iterdir()})
+        names = lambda outs: set.intersection(*({p.name for p in (o / "runs").iterdir()} for o in outs))  # noqa: E731
+        common = sorted(names(a_outs) & names(b_outs))
         if not common:
-            raise SystemExit(f"paired.py: {a_out} and {b_out} share no variant folder under runs/")
+            raise SystemExit(f"paired.py: {args.a} and {args.b} share no variant folder under runs/")
         pairs = [(s, s) for s in common]
     result = {}
     for sa, sb in pairs:
-        table = compare(read_rows(a_out, sa), read_rows(b_out, sb))
+        table = compare(read_side(a_outs, sa), read_side(b_outs, sb))
         title = sa if sa == sb else f"{sa} → {sb}"
         result[title] = table
         n = max((r["n"] for r in table), default=0)
-        print(f"\n{title}: {a_out} → {b_out}, {n} paired images")
-        print("| metric | A | B | B − A ± 95 % CI | n |\n|---|---|---|---|---|")
+        runs = max((r["runs"] for r in table), default=0)
+        print(f"\n{title}: {args.a} → {args.b}, {n} paired images in {runs} runs")
+        print("| metric | A | B | B − A ± 95 % CI (images) | B − A ± 95 % CI (runs) | n |\n|---|---|---|---|---|---|")
         for r in table:
-            d, ci = r["delta"], r["delta_ci95"] or 0.0
-            cell = f"{d:+.3f} ± {ci:.3f}"
-            if abs(d) > ci:
-                cell = f"**{cell}**"
-            print(f"| {r['metric']} | {r['reference_mean']:.3f} | {r['variant_mean']:.3f} | {cell} | {r['n']} |")
+            print(f"| {r['metric']} | {r['reference_mean']:.3f} | {r['variant_mean']:.3f} | "
+                  f"{_cell(r['delta'], r['delta_ci95'])} | {_cell(r['run_delta'], r['run_delta_ci95'])} | {r['n']} |")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
     return 0
