@@ -136,6 +136,13 @@ def test_paired_claims_and_verdicts():
     assert report.verdict(-0.05, 0.1, "higher", 4) == "does not hold, within noise"
     assert report.verdict(0.0, 0.0, "lower", 4) == "no difference"
     assert report.verdict(None, None, "lower", 0) == "no data"
+    # per run: one scene here, so no interval over runs; two scenes give a Student-t interval over the two runs
+    assert (leak["runs"], leak["run_delta"], leak["run_delta_ci95"], leak["verdict_runs"]) == (1, 0.5, None, "too few runs")
+    two = rows + [dict(r, scene="t", leakage=1 - r["leakage"]) for r in rows]  # scene t: diffs -1, -1, 0, 0
+    r = report.per_run_difference(two, "break-a-scene", "break-a-scene --no-attn-loss", "leakage")
+    assert (r["runs"], r["run_delta"]) == (2, 0.0)
+    assert r["run_delta_ci95"] == pytest.approx(12.706 * math.sqrt(0.5) / math.sqrt(2))
+    assert "verdict (runs)" in report.markdown_claims(claims)
     # a claim whose variants are not both present is left out
     assert [c["variant"] for c in claims] == ["break-a-scene --no-attn-loss"] * 2
 

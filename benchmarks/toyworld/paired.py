@@ -28,7 +28,7 @@ import json
 import sys
 from pathlib import Path
 
-from scenetok.evaluation.toyworld.report import paired_difference
+from scenetok.evaluation.toyworld.report import paired_difference, per_run_difference
 
 METRICS = ("identity", "identity_soft", "leakage", "scene_leakage", "multi", "fidelity")
 
@@ -61,42 +61,13 @@ def parse_side(text: str) -> tuple[list[Path], str | None]:
     return outs, slug or None
 
 
-# two-sided 95 % Student-t quantiles by degrees of freedom (1-30); 1.96 beyond
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-
-
-def per_run_difference(a_rows: list[dict], b_rows: list[dict], metric: str) -> dict:
-    """Mean over runs (``scene`` = scene × replicate) of each run's mean paired difference B − A of ``metric``,
-    with a Student-t 95 % interval over the runs (None for fewer than two runs)."""
-    def index(rows):
-        return {(r["scene"], r.get("prompt"), r.get("seed")): float(r[metric]) for r in rows if r.get(metric) is not None}
-
-    a, b = index(a_rows), index(b_rows)
-    by_run: dict[str, list[float]] = {}
-    for k in a.keys() & b.keys():
-        by_run.setdefault(k[0], []).append(b[k] - a[k])
-    means = [sum(v) / len(v) for v in by_run.values()]
-    k = len(means)
-    if not k:
-        return {"runs": 0, "delta": None, "delta_ci95": None}
-    mean = sum(means) / k
-    if k < 2:
-        return {"runs": k, "delta": mean, "delta_ci95": None}
-    sd = (sum((x - mean) ** 2 for x in means) / (k - 1)) ** 0.5
-    t = _T975[k - 2] if k - 1 <= len(_T975) else 1.96
-    return {"runs": k, "delta": mean, "delta_ci95": t * sd / k ** 0.5}
-
-
 def compare(a_rows: list[dict], b_rows: list[dict], metrics=METRICS) -> list[dict]:
     rows = [dict(r, variant="A") for r in a_rows] + [dict(r, variant="B") for r in b_rows]
     out = []
     for m in metrics:
         d = paired_difference(rows, "A", "B", m)
         if d["n"]:
-            run = per_run_difference(a_rows, b_rows, m)
-            out.append({"metric": m, **d, "runs": run["runs"], "run_delta": run["delta"],
-                        "run_delta_ci95": run["delta_ci95"]})
+            out.append({"metric": m, **d, **per_run_difference(rows, "A", "B", m)})
     return out
 
 
