@@ -334,3 +334,38 @@ def test_init_fit_steps_starts_a_multi_piece_handle_from_a_fitted_vector(tiny_sd
                       ("init_fit_templates=a {} {}", "init_fit_templates")):
         with pytest.raises(ConfigError, match=name):
             train(scene, tmp_path / "bad", model=str(tiny_sd), overrides=sets + [bad], progress=False)
+
+
+def test_lr_schedule_decays_each_phase_from_its_rate_to_lr_final(tiny_sd, two_square_scene, tmp_path):
+    """optim.lr_schedule=linear / cosine: each phase starts at its own rate and ends at lr_final times it (the log
+    rows say which rate each step used); constant (the default) keeps it; bad values are refused by name."""
+    from scenetok.errors import ConfigError
+    from scenetok.training.trainer import lr_factor
+
+    assert [lr_factor({"lr_schedule": "linear", "lr_final": 0.2}, s, 5) for s in range(5)] == \
+        pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2])
+    assert [lr_factor({"lr_schedule": "cosine"}, s, 3) for s in range(3)] == pytest.approx([1.0, 0.5, 0.0])
+    assert lr_factor({}, 3, 10) == 1.0 and lr_factor({"lr_schedule": "cosine"}, 0, 1) == 1.0
+
+    sets = ["phase1.steps=3", "phase1.lr=1e-3", "phase2.steps=2", "phase2.lr=1e-5", "checkpoint_every=0",
+            "preview_every=0", "attn.weight=0"]
+    out = train(two_square_scene, tmp_path / "a", model=str(tiny_sd), progress=False,
+                overrides=sets + ["optim.lr_schedule=linear", "optim.lr_final=0.5"])
+    rows = [json.loads(x) for x in (out.path / "train_log.jsonl").read_text().splitlines()]
+    lrs = [(r["phase"], r["lr"]) for r in rows if "lr" in r]
+    assert [p for p, _ in lrs] == ["phase1"] * 3 + ["phase2"] * 2
+    assert [lr for _, lr in lrs] == pytest.approx([1e-3, 0.75e-3, 0.5e-3, 1e-5, 0.5e-5])
+    # the optimizer uses the rate: a 2-step phase decaying linearly to 0 takes no second step, so its handles end
+    # where a 1-step phase leaves them
+    one = ["phase1.lr=1e-2", "phase2.steps=0", "checkpoint_every=0", "preview_every=0", "attn.weight=0"]
+    b = train(two_square_scene, tmp_path / "b", model=str(tiny_sd), progress=False, overrides=one + ["phase1.steps=1"])
+    c = train(two_square_scene, tmp_path / "c", model=str(tiny_sd), progress=False,
+              overrides=one + ["phase1.steps=2", "optim.lr_schedule=linear"])
+    d = train(two_square_scene, tmp_path / "d", model=str(tiny_sd), progress=False, overrides=one + ["phase1.steps=2"])
+    emb = lambda out: {p.name: load_file(str(p)) for p in sorted((out.path / "embeddings").glob("*.safetensors"))}  # noqa: E731
+    eb, ec, ed = emb(b), emb(c), emb(d)
+    assert all(torch.equal(eb[f][k], ec[f][k]) for f in eb for k in eb[f])
+    assert any(not torch.equal(eb[f][k], ed[f][k]) for f in eb for k in eb[f])  # a constant rate does move on
+    for bad, name in (("optim.lr_schedule=step", "lr_schedule"), ("optim.lr_final=2", "lr_final")):
+        with pytest.raises(ConfigError, match=name):
+            train(two_square_scene, tmp_path / "bad", model=str(tiny_sd), overrides=sets + [bad], progress=False)

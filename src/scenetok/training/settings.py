@@ -28,6 +28,10 @@ class OptimSettings:
     handle_norm_cap: float = setting(0.0, "after each step, scale every handle vector longer than this many times "
                                      "the vocabulary's mean embedding norm back to that length (0: off, the "
                                      "papers; learned handles often grow several times longer than any word)")
+    lr_schedule: str = setting("constant", "learning rate over each phase: constant (the papers), or linear / cosine "
+                               "from the phase's rate at its first step to lr_final times it at its last")
+    lr_final: float = setting(0.0, "with lr_schedule linear or cosine: the last step's rate as a fraction of the "
+                              "phase's (0: decays to zero)")
     fused: bool = setting(True, "PyTorch's fused AdamW kernel where it applies (false: the multi-tensor path)")
     step_in_backward: bool = setting(False, "step each trained weight inside the backward pass as soon as its gradient "
                                      "is complete, then free that gradient: no gradient buffer for the model "
@@ -120,6 +124,7 @@ class TrainSettings:
 
 
 MASK_RESIZE = ("nearest", "area")
+LR_SCHEDULES = ("constant", "linear", "cosine")
 RESCALE_AUG = ("off", "cd", "cd-ldm")
 
 TRAIN_DEFAULTS: dict = cfglib.to_dict(TrainSettings())
@@ -179,6 +184,12 @@ def validate_config(cfg: dict) -> None:
             or not 0.0 <= tmin < tmax <= 1.0:
         raise ConfigError(f"timestep_min and timestep_max must be fractions with 0 <= min < max <= 1, got "
                           f"{tmin!r} and {tmax!r}", hint="timestep_min=0.2 timestep_max=0.8 keeps the middle noise levels")
+    if cfg["optim"].get("lr_schedule", "constant") not in LR_SCHEDULES:
+        raise ConfigError(f"optim.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got "
+                          f"{cfg['optim']['lr_schedule']!r}", hint="cosine decays each phase's rate to optim.lr_final")
+    final = cfg["optim"].get("lr_final", 0.0)
+    if isinstance(final, bool) or not isinstance(final, (int, float)) or not 0.0 <= final <= 1.0:
+        raise ConfigError(f"optim.lr_final must be a fraction from 0 to 1, got {final!r}")
     fit = cfg.get("init_fit_steps", 0)
     if isinstance(fit, bool) or not isinstance(fit, int) or fit < 0:
         raise ConfigError(f"init_fit_steps must be a whole number >= 0, got {fit!r}",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -148,15 +149,19 @@ def train(
                     continue
                 first_step = start["step"] if pi == start["phase"] else 0
                 optimizer = setup_phase(run, phase)
+                base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a checkpoint's (decayed) ones
                 if state is not None and pi == start["phase"] and state["optimizer"] is not None and first_step > 0:
                     optimizer.load_state_dict(state["optimizer"])
                 global_step = sum(p.steps for p in phases[:pi]) + first_step
                 if global_step == 0 and previews:
                     write_preview(run, 0, on_preview)
                 for step in range(first_step, phase.steps):
+                    factor = lr_factor(cfg["optim"], step, phase.steps)
+                    for g, lr in zip(optimizer.param_groups, base_lrs):
+                        g["lr"] = lr * factor
                     terms = _train_step(run, phase, optimizer, store, global_step + 1)
                     global_step += 1
-                    row = {"global_step": global_step, "phase": phase.name, "step": step + 1, "lr": phase.lr}
+                    row = {"global_step": global_step, "phase": phase.name, "step": step + 1, "lr": phase.lr * factor}
                     row.update({k: float(v) for k, v in terms.items()})
                     run.log(row)
                     event = method.after_step(run, global_step)
@@ -197,6 +202,19 @@ def train(
     write_run_bundle(run)
     finish_run(run_path, out_dir)
     return read_bundle(out_dir)
+
+
+def lr_factor(optim_cfg: dict, step: int, steps: int) -> float:
+    """The learning-rate multiplier of a phase's ``step`` (0-based) of ``steps``: 1 throughout for
+    ``optim.lr_schedule=constant`` (the papers); ``linear`` / ``cosine`` go from 1 at the first step to
+    ``optim.lr_final`` at the last."""
+    kind = optim_cfg.get("lr_schedule", "constant")
+    if kind == "constant" or steps <= 1:
+        return 1.0
+    final = float(optim_cfg.get("lr_final", 0.0))
+    x = step / (steps - 1)
+    shape = (1.0 - x) if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * x))
+    return final + (1.0 - final) * shape
 
 
 def _capture_context(run: Run):
