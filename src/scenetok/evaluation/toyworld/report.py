@@ -99,9 +99,10 @@ CLAIMS: tuple[Claim, ...] = (
 )
 
 
-def paired_difference(rows: list[dict], reference: str, variant: str, metric: str, keys=("scene", "prompt", "seed"),
-                      kinds=None) -> dict:
-    """Mean of ``variant − reference`` over the keys both have a value for, with its 95 % interval."""
+def paired_values(rows: list[dict], reference: str, variant: str, metric: str, keys=("scene", "prompt", "seed"),
+                  kinds=None) -> list[tuple[tuple, float, float]]:
+    """``(key, reference value, variant value)`` for every key both variants have a value of ``metric`` for
+    (in the reference's row order); ``kinds`` keeps only rows of those prompt kinds."""
     def index(label):
         out = {}
         for r in rows:
@@ -113,11 +114,17 @@ def paired_difference(rows: list[dict], reference: str, variant: str, metric: st
         return out
 
     a, b = index(reference), index(variant)
-    common = [k for k in a if k in b]
-    diff = tables.mean_ci(b[k] - a[k] for k in common)
-    ref = tables.mean_ci(a[k] for k in common)
-    var = tables.mean_ci(b[k] for k in common)
-    return {"n": len(common), "reference_mean": ref["mean"], "variant_mean": var["mean"], "delta": diff["mean"],
+    return [(k, a[k], b[k]) for k in a if k in b]
+
+
+def paired_difference(rows: list[dict], reference: str, variant: str, metric: str, keys=("scene", "prompt", "seed"),
+                      kinds=None) -> dict:
+    """Mean of ``variant − reference`` over the keys both have a value for, with its 95 % interval."""
+    pairs = paired_values(rows, reference, variant, metric, keys, kinds)
+    diff = tables.mean_ci(vb - va for _, va, vb in pairs)
+    ref = tables.mean_ci(va for _, va, _ in pairs)
+    var = tables.mean_ci(vb for _, _, vb in pairs)
+    return {"n": len(pairs), "reference_mean": ref["mean"], "variant_mean": var["mean"], "delta": diff["mean"],
             "delta_ci95": diff["ci95"]}
 
 
@@ -133,15 +140,9 @@ def per_run_difference(rows: list[dict], reference: str, variant: str, metric: s
     mean over runs with a Student-t 95 % interval over them (``run_delta_ci95`` None for fewer than two runs).
     The images of one run share its training draw, and a second training seed of the same settings moves the
     scores by more than the per-image interval (docs/toy-sd.md), so this is the interval to decide by."""
-    def index(label):
-        return {tuple(r.get(k) for k in keys): float(r[metric]) for r in rows
-                if r.get("variant") == label and r.get(metric) is not None
-                and (kinds is None or r.get("kind") in kinds)}
-
-    a, b = index(reference), index(variant)
     by_run: dict = {}
-    for k in a.keys() & b.keys():
-        by_run.setdefault(k[0], []).append(b[k] - a[k])
+    for k, va, vb in paired_values(rows, reference, variant, metric, keys, kinds):
+        by_run.setdefault(k[0], []).append(vb - va)
     means = [sum(v) / len(v) for v in by_run.values()]
     k = len(means)
     if not k:
