@@ -318,6 +318,71 @@ def test_train_warm_start_keeps_the_source_tokenizer(tmp_path):
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) == 0.0
 
 
+def _cut_tokenizer(words_left_out):
+    """A toy tokenizer that cuts the given words into pieces (as toy-sd v1d's cuts "triangle")."""
+    from scenetok.toyworld.model import _build_tokenizer, toy_vocabulary
+
+    return _build_tokenizer([w for w in toy_vocabulary() if w not in words_left_out])
+
+
+def test_remap_token_embeddings_copies_rows_by_string_and_starts_cut_words_from_their_pieces():
+    import torch
+
+    from scenetok.toyworld.model import _build_tokenizer, toy_vocabulary
+    from scenetok.toyworld.train import remap_token_embeddings
+
+    cut, whole = _cut_tokenizer({"triangle", "green"}), _build_tokenizer(toy_vocabulary())
+    assert len(cut("triangle", add_special_tokens=False).input_ids) > 1
+    weight = torch.randn(len(cut), 8, generator=torch.Generator().manual_seed(0))
+    table, split = remap_token_embeddings(weight, cut, whole)
+    assert split == ["green", "triangle"] and table.shape == (len(whole), 8)
+    tri = whole("triangle", add_special_tokens=False).input_ids
+    assert len(tri) == 1
+    pieces = cut("triangle", add_special_tokens=False).input_ids
+    assert torch.allclose(table[tri[0]], weight[pieces].mean(0))
+    # every other word, and the special tokens, keep their row: a caption without a cut word reads the same
+    caption = "a photo of a red striped circle on a white background"
+    a, b = cut(caption).input_ids, whole(caption).input_ids
+    assert torch.equal(weight[a], table[b])
+
+
+def test_train_warm_start_with_whole_words_retokenizes(tmp_path):
+    """--whole-words: the warm start gets the fresh tokenizer (every caption word one token) and the source's
+    rows re-indexed (with lr 0 the saved text encoder reads an uncut caption exactly as the source does, and a cut
+    word's row is the mean of its pieces'); without --init-from it is refused."""
+    import torch
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from scenetok.toyworld.train import remap_token_embeddings
+
+    src = _tiny_train(tmp_path / "src", checkpoint_every_minutes=None)
+    cut, whole = _cut_tokenizer({"triangle"}), CLIPTokenizer.from_pretrained(str(src / "tokenizer"))
+    te = CLIPTextModel.from_pretrained(str(src / "text_encoder"))
+    table, _ = remap_token_embeddings(te.get_input_embeddings().weight.detach(), whole, cut)
+    te.resize_token_embeddings(len(cut), mean_resizing=False)
+    with torch.no_grad():
+        te.get_input_embeddings().weight.copy_(table)
+    cut.save_pretrained(str(src / "tokenizer"))
+    te.save_pretrained(str(src / "text_encoder"))
+    out = _tiny_train(tmp_path / "warm", init_from=src, seed=1, lr=0.0, checkpoint_every_minutes=None,
+                      whole_words=True)
+    got_tok = CLIPTokenizer.from_pretrained(str(out / "tokenizer"))
+    assert len(got_tok("triangle", add_special_tokens=False).input_ids) == 1
+    got_te = CLIPTextModel.from_pretrained(str(out / "text_encoder"))
+    caption = "a photo of a red striped circle on a white background"
+    with torch.no_grad():
+        ref = te(cut(caption, return_tensors="pt").input_ids).last_hidden_state
+        now = got_te(got_tok(caption, return_tensors="pt").input_ids).last_hidden_state
+    assert torch.allclose(ref, now, atol=1e-5)
+    pieces = cut("triangle", add_special_tokens=False).input_ids
+    row = got_te.get_input_embeddings().weight[got_tok("triangle", add_special_tokens=False).input_ids[0]]
+    assert torch.allclose(row, te.get_input_embeddings().weight[pieces].mean(0), atol=1e-6)
+    info = json.loads((out / "training_info.json").read_text())
+    assert info["whole_words"] is True and info["whole_words_split_in_source"] == ["triangle"]
+    with pytest.raises(ValueError, match="needs init_from"):
+        _tiny_train(tmp_path / "nope", whole_words=True)
+
+
 def test_train_resume_without_state_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="start without --resume"):
         _tiny_train(tmp_path / "none", resume=True)

@@ -343,6 +343,30 @@ def save_pipeline(pipe, out_dir: str | Path, *, extra_info: dict | None = None) 
 
 
 # ---------------------------------------------------------------------------------------------- train
+def remap_token_embeddings(weight, src_tokenizer, tokenizer):
+    """The token embedding table of ``src_tokenizer``'s text encoder, re-indexed for ``tokenizer``.
+
+    A row whose token string the source's BPE produces is copied by that string (ids differ between the two
+    vocabularies); a whole word that the source cut into pieces (its own row there was never trained) starts from
+    the mean of the pieces' rows; any other token keeps the source's row of the same string, or the mean row.
+    Returns the new table and the words that were cut in the source."""
+    import torch
+
+    src_vocab = src_tokenizer.get_vocab()
+    table = weight.mean(0, keepdim=True).repeat(len(tokenizer), 1)
+    split: list[str] = []
+    for token, index in tokenizer.get_vocab().items():
+        if token.endswith("</w>") and len(token) > 5:  # a word (not a single character)
+            pieces = src_tokenizer(token[:-4], add_special_tokens=False).input_ids
+            if len(pieces) > 1:
+                table[index] = weight[torch.tensor(pieces)].mean(0)
+                split.append(token[:-4])
+                continue
+        if token in src_vocab:
+            table[index] = weight[src_vocab[token]]
+    return table, sorted(split)
+
+
 def checkpoint_dir(out_dir: str | Path) -> Path:
     """Where a run that writes ``out_dir`` keeps its resumable state (beside it, never inside it)."""
     out_dir = Path(out_dir)
@@ -386,6 +410,7 @@ def train_toy_sd(
     snr_gamma: float | None = 5.0,
     bare_nouns: float = 0.0,
     object_weights: dict[int, float] | None = None,
+    whole_words: bool = False,
 ) -> Path:
     """Train toy-sd from scratch and save it (diffusers folder, safetensors) at ``out_dir``.
 
@@ -409,7 +434,12 @@ def train_toy_sd(
     noun poorly (docs/toy-sd.md), which the mask-free methods rely on.
 
     ``object_weights`` (object count → relative weight) sets how often a training scene has 1, 2, 3 or 4
-    objects (default :data:`N_OBJECT_WEIGHTS`)."""
+    objects (default :data:`N_OBJECT_WEIGHTS`).
+
+    ``whole_words`` (with ``init_from``) replaces the source model's tokenizer by a fresh one that keeps every
+    caption word whole (toy-sd v1d's cuts green, orange, cyan, maroon and triangle into pieces): each token row of
+    the source's embedding table is copied by its string, and a word the source cut into pieces starts from the
+    mean of its pieces' rows (:func:`remap_token_embeddings`); the fine-tuning then teaches the model the words."""
     import torch
     import torch.nn.functional as F
     from diffusers import DDIMScheduler
@@ -430,6 +460,9 @@ def train_toy_sd(
         if vae_from is not None and Path(vae_from) != Path(init_from):
             raise ValueError("init_from already gives the VAE; leave vae_from unset")
         vae_from = init_from
+    elif whole_words:
+        raise ValueError("whole_words re-maps a warm start's tokenizer; it needs init_from (a fresh model's "
+                         "tokenizer keeps every word whole already)")
     obj_weights = _weights_key(object_weights or N_OBJECT_WEIGHTS)
     t_start = time.time()
     out_dir = Path(out_dir)
@@ -448,7 +481,7 @@ def train_toy_sd(
         # another run (the VAE's only while the VAE stage is unfinished; older states lack bare_nouns)
         keep = [("lr", lr, None), ("batch_size", batch_size, None), ("ema_decay", ema_decay, None),
                 ("snr_gamma", snr_gamma, None), ("bare_nouns", bare_nouns, 0.0),
-                ("object_weights", obj_weights, _weights_key(N_OBJECT_WEIGHTS))]
+                ("object_weights", obj_weights, _weights_key(N_OBJECT_WEIGHTS)), ("whole_words", whole_words, False)]
         if state["progress"].get("stage") == "vae":
             keep += [("vae_lr", vae_lr, None), ("vae_batch_size", vae_batch_size, None), ("vae_crop", vae_crop, None),
                      ("vae_fg_weight", vae_fg_weight, None)]
@@ -484,7 +517,7 @@ def train_toy_sd(
         pipe.scheduler.config, prediction_type="v_prediction", rescale_betas_zero_snr=True,
         timestep_spacing="trailing",
     )
-    if init_from is not None:
+    if init_from is not None and not whole_words:
         # a warm start keeps the source model's tokenizer: its text encoder learnt those ids (the shipped v1d's
         # tokenizer splits some colour words into pieces; a fresh one keeps them whole, with other ids)
         from transformers import CLIPTokenizer
@@ -499,7 +532,7 @@ def train_toy_sd(
         "n_images": n, "batch_size": batch_size, "vae_batch_size": vae_batch_size, "vae_crop": vae_crop,
         "vae_fg_weight": vae_fg_weight, "lr": lr, "vae_lr": vae_lr, "bf16": bf16,
         "ema_decay": ema_decay, "snr_gamma": snr_gamma, "bare_nouns": bare_nouns,
-        "object_weights": obj_weights, "caption_dropout": CAPTION_DROPOUT, "threads": threads, "device": device,
+        "object_weights": obj_weights, "whole_words": whole_words, "caption_dropout": CAPTION_DROPOUT, "threads": threads, "device": device,
         "scores": [],
     }
     args_key = {"seed": seed, "arch": arch.to_dict()}
@@ -602,7 +635,17 @@ def train_toy_sd(
         src_unet = UNet2DConditionModel.from_pretrained(str(init_from), subfolder="unet", use_safetensors=True)
         src_te = CLIPTextModel.from_pretrained(str(init_from), subfolder="text_encoder", use_safetensors=True)
         unet.load_state_dict({k: v.float() for k, v in src_unet.state_dict().items()})
-        te.load_state_dict({k: v.float() for k, v in src_te.state_dict().items()})
+        te_state = {k: v.float() for k, v in src_te.state_dict().items()}
+        if whole_words:
+            from transformers import CLIPTokenizer
+
+            key = next(k for k in te_state if k.endswith("token_embedding.weight"))
+            src_tok = CLIPTokenizer.from_pretrained(str(Path(init_from) / "tokenizer"))
+            te_state[key], split_words = remap_token_embeddings(te_state[key], src_tok, tok)
+            info["whole_words_split_in_source"] = split_words
+            _log(f"tokenizer: every word whole; {len(split_words)} word(s) the source cut into pieces start from "
+                 f"the mean of their pieces ({', '.join(split_words) or 'none'})")
+        te.load_state_dict(te_state)
         del src_unet, src_te
         ema = _EMA(params, ema_decay)  # the EMA starts from the loaded weights
         prev = Path(init_from) / "training_info.json"
@@ -864,8 +907,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m scenetok.toyworld
                         "so the model learns where a bare noun is (0: full phrases only, every model so far)")
     p.add_argument("--object-weights", default=_weights_key(N_OBJECT_WEIGHTS),
                    help="how often a training scene has 1, 2, 3 or 4 objects, as COUNT:WEIGHT pairs")
+    p.add_argument("--whole-words", action="store_true",
+                   help="with --init-from: a fresh tokenizer that keeps every caption word whole, the source's "
+                        "token rows copied and each word it cut into pieces started from their mean")
     p.add_argument("--eval", type=int, default=0, help="after training, score N unseen captions with the oracle")
     a = p.parse_args(argv)
+    if a.whole_words and not a.init_from:
+        p.error("--whole-words re-maps a warm start's tokenizer: pass --init-from (a fresh model keeps words whole)")
     from scenetok.toyworld.model import ARCHS
 
     if a.arch not in ARCHS:
@@ -884,7 +932,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m scenetok.toyworld
         threads=a.threads, vae_from=a.vae_from, init_from=a.init_from, arch=ARCHS[a.arch], bf16=a.bf16, resume=a.resume,
         checkpoint_every_minutes=a.checkpoint_every_minutes or None, eval_every_minutes=a.eval_every_minutes or None,
         eval_n=a.eval_n, progress=not a.no_progress, snr_gamma=a.snr_gamma or None, bare_nouns=a.bare_nouns,
-        object_weights=object_weights,
+        object_weights=object_weights, whole_words=a.whole_words,
     )
     if a.eval:
         res = evaluate_toy_sd(path, n=a.eval, seed=a.seed)
