@@ -268,7 +268,8 @@ def test_snapshot_records_finished_runs_so_a_benchmark_resumes_from_them(tmp_pat
 def test_handles_names_the_object_handles_that_draw_nothing_alone(tmp_path, capsys):
     """benchmarks/toyworld/handles.py: per object handle (background handles left out), the solo images' identity
     and how many are empty; a handle whose every solo image is empty draws nothing, and the per-shape summary counts
-    it under its shape; pair prompts and failed runs are not read."""
+    it under its shape; a handle that mostly draws another object of its scene is named as such (a swap); pair
+    prompts and failed runs are not read."""
     sys.path.insert(0, str(ROOT / "benchmarks" / "toyworld"))
     try:
         from handles import main
@@ -280,6 +281,7 @@ def test_handles_names_the_object_handles_that_draw_nothing_alone(tmp_path, caps
         {"kind": "object", "color": "pink", "shape": "triangle", "texture": "plain"},
         {"kind": "object", "color": "blue", "shape": "ring", "texture": "dotted"},
         {"kind": "background"},
+        {"kind": "object", "color": "green", "shape": "star", "texture": "plain"},
     ]
     (out / "runs" / "bas").mkdir(parents=True)
     (out / "suite.json").write_text(json.dumps({"scenes": [{"name": "s", "concepts": concepts},
@@ -294,6 +296,8 @@ def test_handles_names_the_object_handles_that_draw_nothing_alone(tmp_path, caps
     rows = [row([0], 0.0, 0, None), row([0], 0.0, 0, None),  # the triangle: nothing, twice
             row([1], 1.0, 1, "blue dotted ring"), row([1], 0.0, 1, "blue ring"), row([1], 1.0, 1, "blue dotted ring"),
             row([2], 1.0, 0, None),  # background handle: left out
+            row([3], 0.0, 1, "blue dotted ring"), row([3], 0.0, 1, "blue dotted ring"), row([3], 0.0, 1, "green star;"
+                                                                                          " blue ring"),
             row([0, 1], 0.0, 0, None, kind="pair")]  # not a solo image
     (d / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     t = out / "runs" / "bas" / "t"
@@ -304,11 +308,13 @@ def test_handles_names_the_object_handles_that_draw_nothing_alone(tmp_path, caps
     assert main([str(out), "--variant", "bas", "--json", str(res)]) == 0
     data = json.loads(res.read_text())
     assert [(h["object"], h["images"], h["empty"]) for h in data["handles"]] == [
-        ("pink triangle", 2, 2), ("blue dotted ring", 3, 0)]
+        ("pink triangle", 2, 2), ("blue dotted ring", 3, 0), ("green star", 3, 0)]
     ring = data["handles"][1]
     assert math.isclose(ring["identity"], 2 / 3) and ring["most_found"] == "blue dotted ring"
+    assert [h["draws_other"] for h in data["handles"]] == [None, None, "blue dotted ring"]
     assert data["per_shape"] == {"ring": {"handles": 1, "draw_nothing": 0, "identity": 2 / 3},
+                                 "star": {"handles": 1, "draw_nothing": 0, "identity": 0.0},
                                  "triangle": {"handles": 1, "draw_nothing": 1, "identity": 0.0}}
-    assert "1 of 2 object handles draw nothing" in capsys.readouterr().out
+    assert "1 of 3 object handles draw nothing, 1 draw another handle's object" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no suite.json"):
         main([str(tmp_path)])

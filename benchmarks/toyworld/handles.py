@@ -7,8 +7,9 @@ replicates (e.g. the same settings with ``--set seed=1``) or other models. For e
 scene (background handles are left out: they should draw no object) it reads the single-handle prompts' rows and
 prints: how many of those images the oracle scores right (identity), how many hold no object at all, and what
 was found most often. A handle **draws nothing** when every one of its solo images is empty — the failure that
-moves most between training seeds (docs/toy-sd.md). The summary counts those handles and the mean solo identity
-per shape, so a shape that fails more than the others shows at once.
+moves most between training seeds (docs/toy-sd.md) — and **draws another handle's object** when what it draws most
+often is another object of its scene (two handles bound the wrong way round: a swap). The summary counts both and
+gives the mean solo identity per shape, so a shape that fails more than the others shows at once.
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ def solo_rows(run: Path) -> dict[int, list[dict]]:
     return by_handle
 
 
+def _name(concept: dict) -> str:
+    """The oracle's way of writing an object: colour, texture unless plain, shape."""
+    return f"{concept['color']} {concept['texture']} {concept['shape']}".replace(" plain", "")
+
+
 def handle_table(outs: list[Path], variant: str) -> list[dict]:
     """One entry per (output folder, scene, object handle)."""
     table = []
@@ -59,13 +65,15 @@ def handle_table(outs: list[Path], variant: str) -> list[dict]:
                 if concept["kind"] != "object" or not rows:
                     continue
                 found = collections.Counter(r["found"] or "nothing" for r in rows)
+                most = found.most_common(1)[0][0]
+                others = {_name(c) for j, c in enumerate(concepts[run.name]) if j != index and c["kind"] == "object"}
                 table.append({
-                    "out": str(out), "scene": run.name, "handle": index,
-                    "object": f"{concept['color']} {concept['texture']} {concept['shape']}".replace(" plain", ""),
+                    "out": str(out), "scene": run.name, "handle": index, "object": _name(concept),
                     "shape": concept["shape"], "images": len(rows),
                     "identity": sum(r["identity"] for r in rows) / len(rows),
                     "empty": sum(1 for r in rows if r["n_found"] == 0),
-                    "most_found": found.most_common(1)[0][0],
+                    "most_found": most,
+                    "draws_other": most if most in others else None,
                 })
     return table
 
@@ -97,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|")
     for e in table:
         mark = " **(draws nothing)**" if e["empty"] == e["images"] else ""
+        mark += f" **(draws the {e['draws_other']})**" if e["draws_other"] else ""
         print(f"| {Path(e['out']).name} | {e['scene']} | {e['handle']} | {e['object']} | {e['identity']:.2f} | "
               f"{e['empty']}/{e['images']}{mark} | {e['most_found']} |")
     per_shape = summary(table)
@@ -105,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     for shape, s in per_shape.items():
         print(f"| {shape} | {s['handles']} | {s['draw_nothing']} | {s['identity']:.2f} |")
     total = sum(s["draw_nothing"] for s in per_shape.values())
-    print(f"\n{total} of {len(table)} object handles draw nothing; "
+    swapped = sum(1 for e in table if e["draws_other"])
+    print(f"\n{total} of {len(table)} object handles draw nothing, {swapped} draw another handle's object; "
           f"{sum(e['empty'] for e in table)} of {sum(e['images'] for e in table)} solo images are empty")
     if args.json:
         args.json.write_text(json.dumps({"handles": table, "per_shape": per_shape}, indent=1))
