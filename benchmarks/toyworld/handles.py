@@ -20,6 +20,8 @@ import json
 import sys
 from pathlib import Path
 
+from paired import finished_rows, variant_runs  # the same folder: run as a script, it is on sys.path
+
 
 def object_handles(out: Path) -> dict[str, list[dict]]:
     """Scene name → its concepts (in handle order), from ``OUT/suite.json``."""
@@ -33,15 +35,10 @@ def object_handles(out: Path) -> dict[str, list[dict]]:
 
 def solo_rows(run: Path) -> dict[int, list[dict]]:
     """Handle index → the rows of its single-handle images in one finished run (empty if the run failed)."""
-    info, scores = run / "run.json", run / "scores.jsonl"
-    if not info.is_file() or not scores.is_file() or json.loads(info.read_text()).get("status") != "ok":
-        return {}
     by_handle: dict[int, list[dict]] = collections.defaultdict(list)
-    for line in scores.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            if row["kind"] == "single" and len(row["handles"]) == 1:
-                by_handle[row["handles"][0]].append(row)
+    for row in finished_rows(run):
+        if row["kind"] == "single" and len(row["handles"]) == 1:
+            by_handle[row["handles"][0]].append(row)
     return by_handle
 
 
@@ -55,11 +52,7 @@ def handle_table(outs: list[Path], variant: str) -> list[dict]:
     table = []
     for out in outs:
         concepts = object_handles(out)
-        base = out / "runs" / variant
-        if not base.is_dir():
-            raise SystemExit(f"handles.py: {base} does not exist (variants there: "
-                             f"{', '.join(sorted(p.name for p in (out / 'runs').glob('*'))) or 'none'})")
-        for run in sorted(p for p in base.iterdir() if p.is_dir()):
+        for run in variant_runs(out, variant, prog="handles.py"):
             for index, rows in sorted(solo_rows(run).items()):
                 concept = concepts[run.name][index]
                 if concept["kind"] != "object" or not rows:

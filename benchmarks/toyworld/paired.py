@@ -33,20 +33,27 @@ from scenetok.evaluation.toyworld.report import paired_difference, per_run_diffe
 METRICS = ("identity", "identity_soft", "leakage", "scene_leakage", "multi", "fidelity")
 
 
-def read_rows(out: Path, slug: str) -> list[dict]:
-    """Every image row of ``out/runs/slug/*/scores.jsonl`` (runs whose ``run.json`` says ``ok``)."""
+def variant_runs(out: Path, slug: str, prog: str = "paired.py") -> list[Path]:
+    """The run folders (one per scene) of variant ``slug`` in benchmark output ``out``; a missing variant stops
+    the script with the variants that are there."""
     base = out / "runs" / slug
     if not base.is_dir():
-        raise SystemExit(f"paired.py: {base} does not exist (variants there: "
+        raise SystemExit(f"{prog}: {base} does not exist (variants there: "
                          f"{', '.join(sorted(p.name for p in (out / 'runs').glob('*'))) or 'none'})")
-    rows = []
-    for run in sorted(p for p in base.iterdir() if p.is_dir()):
-        info = run / "run.json"
-        scores = run / "scores.jsonl"
-        if not info.is_file() or not scores.is_file() or json.loads(info.read_text()).get("status") != "ok":
-            continue
-        rows += [json.loads(line) for line in scores.read_text().splitlines() if line.strip()]
-    return rows
+    return sorted(p for p in base.iterdir() if p.is_dir())
+
+
+def finished_rows(run: Path) -> list[dict]:
+    """The image rows of one run's ``scores.jsonl``, or none if its ``run.json`` does not say ``ok``."""
+    info, scores = run / "run.json", run / "scores.jsonl"
+    if not info.is_file() or not scores.is_file() or json.loads(info.read_text()).get("status") != "ok":
+        return []
+    return [json.loads(line) for line in scores.read_text().splitlines() if line.strip()]
+
+
+def read_rows(out: Path, slug: str) -> list[dict]:
+    """Every image row of ``out/runs/slug/*/scores.jsonl`` (runs whose ``run.json`` says ``ok``)."""
+    return [row for run in variant_runs(out, slug) for row in finished_rows(run)]
 
 
 def parse_side(text: str) -> tuple[list[Path], str | None]:
